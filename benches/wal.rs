@@ -1,0 +1,2 @@
+//! WAL benchmark: not yet written.
+fn main() {}

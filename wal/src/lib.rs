@@ -1,0 +1,1 @@
+//! tynamo-wal: not yet written.
