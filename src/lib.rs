@@ -10,6 +10,7 @@
 //! - [`client`]: the cluster-aware client library.
 //! - [`node`]: the glommio runtime: executors, transport, timers, the Ready loop.
 //! - [`shard`]: key -> slot -> shard mapping and shard migration.
+//! - [`schema_gen`]: flatbuffers code generated from schema/*.fbs (peer RPC).
 //! - [`controller`]: the controller group's state machine (configurations, rebalancing).
 //!
 //! The write-ahead log lives in its own crate, `tynamo-wal`.
@@ -21,5 +22,6 @@ pub mod kv;
 pub mod node;
 pub mod raft;
 pub mod resp;
+pub mod schema_gen;
 pub mod shard;
 pub mod sim;
