@@ -1076,7 +1076,12 @@ impl RawNode {
             }
             MessageBody::Heartbeat { commit, round } => {
                 self.accept_leader(m.from);
-                self.log.commit_to(commit.min(self.leader_match));
+                // The leader sends min(commit, our acked match): entries we acked in this term
+                // are durable and only this leader could overwrite them, which it never does. So
+                // they still match, even across our crash (that reset leader_match).
+                let matched = commit.min(self.log.last_index());
+                self.leader_match = self.leader_match.max(matched);
+                self.log.commit_to(matched);
                 self.send(m.from, MessageBody::HeartbeatResp { round });
                 Ok(())
             }
@@ -1225,7 +1230,19 @@ impl RawNode {
                             pr.inflights.free_first();
                         }
                     }
-                    ProgressState::Snapshot => pr.snapshot_chunk_sent = false,
+                    ProgressState::Snapshot => {
+                        pr.snapshot_chunk_sent = false;
+                        // Still no ack for a fully sent snapshot: the follower may have crashed
+                        // before making it durable. Start over; a follower that has it answers
+                        // the first chunk with an ack.
+                        if pr.snapshot_offset > 0 && behind {
+                            if let Some(s) = &self.snapshot {
+                                if pr.snapshot_offset >= s.data.len() as u64 {
+                                    pr.snapshot_offset = 0;
+                                }
+                            }
+                        }
+                    }
                 }
                 if pr.state == ProgressState::Snapshot {
                     self.send_snapshot_chunk(m.from);

@@ -268,11 +268,11 @@ impl RaftLog {
         self.committed = meta.index;
         self.applied = meta.index;
         self.epoch += 1;
-        // The snapshot becomes durable with the write that carries it.
-        self.persisted = self
-            .persisted
-            .min(meta.index.saturating_sub(1))
-            .min(self.snapshot_index);
+        // Nothing of the new log is durable until the write carrying the snapshot completes
+        // (then `stable_to` moves `persisted` to the snapshot index). The old `persisted`
+        // described the replaced log: keeping it would let the follower ack entries it no
+        // longer has.
+        self.persisted = 0;
         self.unstable_from = meta.index + 1;
         self.pending_snapshot = Some(snapshot);
     }
