@@ -1222,12 +1222,29 @@ impl RawNode {
                 }
                 pr.acked_round = pr.acked_round.max(round);
                 let behind = pr.match_index < last;
+                // Stalled: this heartbeat left a full heartbeat interval after our last append
+                // to this follower and came back, yet the follower is still behind: that append
+                // or its ack is presumed lost. (Only slow? Then the resend is a duplicate.)
+                let hb_sent_tick = self
+                    .rounds
+                    .iter()
+                    .find(|(r, _)| *r == round)
+                    .map(|&(_, t)| t);
+                let stalled = behind
+                    && hb_sent_tick
+                        .is_some_and(|t| t >= pr.append_tick + self.cfg.heartbeat_ticks as u64);
                 match pr.state {
-                    ProgressState::Probe => pr.probe_sent = false,
+                    ProgressState::Probe => {
+                        if stalled {
+                            pr.probe_sent = false;
+                        }
+                    }
                     ProgressState::Replicate => {
-                        if pr.inflights.full() {
-                            // Answers may have been lost: make room for one more attempt.
-                            pr.inflights.free_first();
+                        if stalled {
+                            // No ack for a whole heartbeat interval while behind: the appends in
+                            // flight (or their acks) are presumed lost; resend from the match
+                            // point. Messages that were only slow are harmless duplicates.
+                            pr.become_probe();
                         }
                     }
                     ProgressState::Snapshot => {
@@ -1244,9 +1261,10 @@ impl RawNode {
                         }
                     }
                 }
+                let probing = pr.state == ProgressState::Probe;
                 if pr.state == ProgressState::Snapshot {
                     self.send_snapshot_chunk(m.from);
-                } else if behind {
+                } else if behind && probing {
                     self.send_append(m.from, true);
                 }
                 self.advance_reads();
@@ -1317,8 +1335,11 @@ impl RawNode {
         let last_new = self.log.append_after_match(prev_index, entries);
         self.leader_match = self.leader_match.max(last_new);
         self.log.commit_to(commit.min(self.leader_match));
-        // Ack now if all of it is durable already (a retransmission); otherwise on_persisted does.
-        self.maybe_ack(self.log.persisted().min(self.leader_match) >= last_new);
+        // Ack now if all of it is durable already (a retransmission); otherwise on_persisted
+        // does, once it is. A partial ack now would only make the leader resend the rest.
+        if self.log.persisted().min(self.leader_match) >= last_new {
+            self.maybe_ack(true);
+        }
     }
 
     /// Acks the durable prefix that matches the leader, when it grew (or when `force`).
@@ -1484,6 +1505,7 @@ impl RawNode {
                 return;
             };
             pr.sent_append(last_sent);
+            pr.append_tick = self.now_ticks;
             let probing = pr.state == ProgressState::Probe;
             self.msgs.push(Message {
                 from: self.id,

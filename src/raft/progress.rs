@@ -105,6 +105,8 @@ pub struct Progress {
     pub recent_active: bool,
     /// Highest heartbeat round this follower acknowledged in the current term.
     pub acked_round: u64,
+    /// When the last AppendEntries left for this follower (leader ticks), to detect loss.
+    pub append_tick: u64,
     pub is_learner: bool,
 }
 
@@ -121,6 +123,7 @@ impl Progress {
             inflights: Inflights::new(inflight_max),
             recent_active: false,
             acked_round: 0,
+            append_tick: 0,
             is_learner,
         }
     }

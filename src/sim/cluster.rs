@@ -515,6 +515,16 @@ impl<A: App> Cluster<A> {
                 .submit(now + latency, hs, snapshot, entries, rd.write_mark(), pm);
         }
         for m in rd.take_messages() {
+            if self.trace {
+                eprintln!(
+                    "t{now} send {} {}->{} t{} {}B",
+                    m.body.name(),
+                    m.from,
+                    m.to,
+                    m.term,
+                    m.size_bytes()
+                );
+            }
             self.net.send(m, now, &mut self.rng);
         }
         for e in rd.take_committed_entries() {

@@ -59,9 +59,11 @@ impl Faults {
                 "net" => f.lossy_net = true,
                 "disk" => f.slow_disk = true,
                 "transfer" => f.transfer = true,
-                other => return Err(format!(
+                other => {
+                    return Err(format!(
                     "unknown fault {other:?} (all, none, crash, partition, net, disk, transfer)"
-                )),
+                ))
+                }
             }
         }
         Ok(f)
