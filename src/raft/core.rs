@@ -41,6 +41,9 @@ use super::types::*;
 const ROUNDS_MAX: usize = 64;
 /// Bytes of committed entries handed out per `Ready`, so one turn stays short.
 const APPLY_BYTES_PER_READY_MAX: u64 = 64 << 20;
+/// Terms and indexes from the network at or above this are malformed: far beyond any real log
+/// (2^62 entries), and it leaves headroom so that `+ 1` never overflows.
+const NUMBER_MAX: u64 = 1 << 62;
 /// Entries in one AppendEntries accepted from the network (a sanity bound far above the config).
 const ENTRIES_PER_MSG_ACCEPT_MAX: usize = 1 << 20;
 
@@ -813,17 +816,15 @@ impl RawNode {
 
     /// The write of a `Ready` is durable.
     pub fn on_persisted(&mut self, mark: WriteMark) {
-        if mark.hard_state.term > self.durable_hs.term
-            || (mark.hard_state.term == self.durable_hs.term && mark.hard_state.vote != NODE_NONE)
-        {
+        // Writes complete in order, so the latest mark carries the latest durable hard state.
+        if mark.hard_state.term >= self.durable_hs.term {
             self.durable_hs = mark.hard_state;
         }
         if self.log.stable_to(mark.log) {
             match self.role {
                 Role::Leader => {
-                    if self.maybe_commit() {
-                        self.need_bcast = true;
-                    }
+                    let moved = self.maybe_commit();
+                    self.need_bcast |= moved;
                 }
                 Role::Follower => self.maybe_ack(false),
                 _ => {}
@@ -898,33 +899,52 @@ impl RawNode {
         if m.from == NODE_NONE || m.from == self.id {
             return Err(Dropped::Malformed("bad sender"));
         }
+        if m.term >= NUMBER_MAX {
+            return Err(Dropped::Malformed("term out of range"));
+        }
         match &m.body {
-            MessageBody::PreVote { last_term, .. } | MessageBody::Vote { last_term, .. } => {
-                if *last_term > m.term {
-                    return Err(Dropped::Malformed("last term above message term"));
+            MessageBody::PreVote {
+                last_term,
+                last_index,
+            }
+            | MessageBody::Vote {
+                last_term,
+                last_index,
+                ..
+            } if *last_term > m.term || *last_index >= NUMBER_MAX => {
+                return Err(Dropped::Malformed("vote request log position"));
+            }
+            MessageBody::AppendResp { index, reject } => {
+                let hint_bad = reject.is_some_and(|h| {
+                    h.rejected_index >= NUMBER_MAX
+                        || h.conflict_index >= NUMBER_MAX
+                        || h.conflict_term > m.term
+                });
+                if *index >= NUMBER_MAX || hint_bad {
+                    return Err(Dropped::Malformed("append response index"));
                 }
             }
             MessageBody::Append {
                 prev_index,
                 prev_term,
                 entries,
-                ..
+                commit,
             } => {
-                if *prev_term > m.term || entries.len() > ENTRIES_PER_MSG_ACCEPT_MAX {
+                if *prev_term > m.term
+                    || *prev_index >= NUMBER_MAX
+                    || *commit >= NUMBER_MAX
+                    || entries.len() > ENTRIES_PER_MSG_ACCEPT_MAX
+                {
                     return Err(Dropped::Malformed("append header"));
                 }
-                let mut expect_index = prev_index
-                    .checked_add(1)
-                    .ok_or(Dropped::Malformed("index overflow"))?;
                 let mut min_term = *prev_term;
-                for e in entries {
+                for (e, expect_index) in entries.iter().zip(prev_index + 1..) {
                     if e.index != expect_index || e.term < min_term || e.term > m.term {
                         return Err(Dropped::Malformed("append entries out of order"));
                     }
                     if e.kind == EntryKind::Conf && decode_conf(&e.data).is_none() {
                         return Err(Dropped::Malformed("bad configuration entry"));
                     }
-                    expect_index += 1;
                     min_term = e.term;
                 }
             }
@@ -938,11 +958,13 @@ impl RawNode {
                     .checked_add(data.len() as u64)
                     .ok_or(Dropped::Malformed("snapshot offset"))?;
                 if meta.index == 0
+                    || meta.index >= NUMBER_MAX
                     || meta.term > m.term
                     || meta.term == 0
                     || end > *total_bytes
                     || *total_bytes > self.cfg.snapshot_size_bytes_max
                     || meta.conf.voters.is_empty()
+                    || meta.conf.members().any(|id| id == NODE_NONE)
                     || meta.conf.voters.len() + meta.conf.learners.len()
                         > super::membership::MEMBERS_MAX
                 {
@@ -1445,8 +1467,10 @@ impl RawNode {
             self.maybe_ack(true);
             return;
         }
+        let mut snap_meta = inc.meta;
+        snap_meta.conf = ConfState::new(snap_meta.conf.voters, snap_meta.conf.learners);
         let snapshot = Snapshot {
-            meta: inc.meta,
+            meta: snap_meta,
             data: Bytes::from(inc.buf),
         };
         self.conf = snapshot.meta.conf.clone();

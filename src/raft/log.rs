@@ -19,10 +19,12 @@
 //! 3. W1 completes. Comparing only (index, term) of memory with W1's last entry would say
 //!    "8..10 durable", yet W2 may still land after W1 and W3 is not durable: a crash now leaves
 //!    term-3 entries on disk while the node has acked term-2 ones.
+//!
 //! Writes are completed in order, and within one epoch memory only grows by appending. So a
 //! completion (e, i) with e equal to the current epoch proves the disk holds exactly memory's
 //! prefix up to i; a completion from an older epoch proves nothing and is ignored: a truncation
 //! always comes with a new write in the new epoch, whose completion will cover it.
+//!
 //! Do not "simplify" the epoch into a term comparison.
 
 use std::collections::VecDeque;
@@ -363,7 +365,8 @@ impl RaftLog {
         debug_assert!(
             self.entries
                 .front()
-                .is_none_or(|e| e.index == self.snapshot_index + 1 && e.term >= self.snapshot_term),
+                .map_or(true, |e| e.index == self.snapshot_index + 1
+                    && e.term >= self.snapshot_term),
             "first entry does not follow the snapshot"
         );
     }
