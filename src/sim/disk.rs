@@ -1,0 +1,145 @@
+//! A simulated disk per replica: writes complete in order after a latency (slow disks have a
+//! longer one); a crash loses every write not yet completed (unsynced).
+
+use std::collections::VecDeque;
+
+use crate::raft::{ConfState, Entry, HardState, InitialState, Message, Snapshot, WriteMark};
+
+struct PendingWrite {
+    done_at: u64,
+    hard_state: Option<HardState>,
+    snapshot: Option<Snapshot>,
+    entries: Vec<Entry>,
+    mark: WriteMark,
+    persisted_messages: Vec<Message>,
+}
+
+/// A completed write: report `mark` to the node, then send the messages.
+pub struct Completion {
+    pub mark: WriteMark,
+    pub persisted_messages: Vec<Message>,
+}
+
+#[derive(Default)]
+pub struct SimDisk {
+    hard_state: HardState,
+    snapshot: Option<Snapshot>,
+    /// Entries after the snapshot, in order.
+    entries: Vec<Entry>,
+    bootstrap_conf: ConfState,
+    pending: VecDeque<PendingWrite>,
+    pub writes: u64,
+}
+
+impl SimDisk {
+    pub fn new(initial: InitialState) -> SimDisk {
+        SimDisk {
+            hard_state: initial.hard_state,
+            snapshot: initial.snapshot,
+            entries: initial.entries,
+            bootstrap_conf: initial.conf,
+            pending: VecDeque::new(),
+            writes: 0,
+        }
+    }
+
+    pub fn submit(
+        &mut self,
+        done_at: u64,
+        hard_state: Option<HardState>,
+        snapshot: Option<Snapshot>,
+        entries: Vec<Entry>,
+        mark: WriteMark,
+        persisted_messages: Vec<Message>,
+    ) {
+        // In order: a write never completes before an earlier one.
+        let done_at = self
+            .pending
+            .back()
+            .map_or(done_at, |w| w.done_at.max(done_at));
+        self.pending.push_back(PendingWrite {
+            done_at,
+            hard_state,
+            snapshot,
+            entries,
+            mark,
+            persisted_messages,
+        });
+    }
+
+    pub fn next_completed(&mut self, now: u64) -> Option<Completion> {
+        if self.pending.front()?.done_at > now {
+            return None;
+        }
+        let w = self.pending.pop_front()?;
+        self.writes += 1;
+        if let Some(s) = w.snapshot {
+            self.entries.clear();
+            self.snapshot = Some(s);
+        }
+        if let Some(first) = w.entries.first() {
+            let base = self.snapshot.as_ref().map_or(0, |s| s.meta.index);
+            let keep = first.index.saturating_sub(base + 1) as usize;
+            self.entries.truncate(keep.min(self.entries.len()));
+            for e in w.entries {
+                if e.index > base {
+                    assert_eq!(
+                        e.index,
+                        base + self.entries.len() as u64 + 1,
+                        "sim disk: gap in the log"
+                    );
+                    self.entries.push(e);
+                }
+            }
+        }
+        if let Some(hs) = w.hard_state {
+            self.hard_state = hs;
+        }
+        Some(Completion {
+            mark: w.mark,
+            persisted_messages: w.persisted_messages,
+        })
+    }
+
+    /// The service made a snapshot durable and the log before it may go.
+    pub fn store_snapshot(&mut self, snapshot: Snapshot) {
+        let index = snapshot.meta.index;
+        let base = self.snapshot.as_ref().map_or(0, |s| s.meta.index);
+        if index <= base {
+            return;
+        }
+        let drop = ((index - base) as usize).min(self.entries.len());
+        self.entries.drain(..drop);
+        self.snapshot = Some(snapshot);
+    }
+
+    /// Power loss: unsynced writes are gone.
+    pub fn crash(&mut self) {
+        self.pending.clear();
+    }
+
+    pub fn pending_writes(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub fn hard_state(&self) -> HardState {
+        self.hard_state
+    }
+
+    pub fn snapshot(&self) -> Option<&Snapshot> {
+        self.snapshot.as_ref()
+    }
+
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    pub fn initial_state(&self) -> InitialState {
+        InitialState {
+            hard_state: self.hard_state,
+            snapshot: self.snapshot.clone(),
+            entries: self.entries.clone(),
+            conf: self.bootstrap_conf.clone(),
+        }
+    }
+}
