@@ -177,9 +177,23 @@ enum Verdict {
     Retry(String),
 }
 
+/// Counters of what the client had to do beyond sending requests once.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClientStats {
+    /// Requests re-sent after `-MOVED`.
+    pub moved: u64,
+    /// Requests re-sent after `-ASK`.
+    pub asked: u64,
+    /// Requests re-sent after `-TRYAGAIN`-like replies or a lost connection.
+    pub retried: u64,
+    /// Connections opened (the first ones included).
+    pub connects: u64,
+}
+
 /// A cluster-aware (or single-server) client for one executor.
 pub struct ClusterClient {
     options: ClientOptions,
+    stats: ClientStats,
     cluster: bool,
     seeds: Vec<SocketAddr>,
     nodes: Vec<Node>,
@@ -220,6 +234,7 @@ impl ClusterClient {
         assert!(options.nodes_max > 0 && options.nodes_max < NO_NODE as usize);
         ClusterClient {
             options,
+            stats: ClientStats::default(),
             cluster,
             seeds: seeds.to_vec(),
             nodes: Vec::new(),
@@ -241,6 +256,11 @@ impl ClusterClient {
         self.nodes
             .get(usize::from(*self.slots.get(usize::from(slot))?))
             .map(|n| n.addr)
+    }
+
+    /// What the client did beyond sending each request once.
+    pub fn stats(&self) -> ClientStats {
+        self.stats
     }
 
     /// Every node the client knows.
@@ -279,6 +299,7 @@ impl ClusterClient {
         if self.nodes[i].conn.is_none() {
             let addr = self.nodes[i].addr;
             let mut conn = Connection::connect(addr, &self.options.connect).await?;
+            self.stats.connects += 1;
             if self.options.exactly_once && self.session.supported != Some(false) {
                 let id = self.session.client_id.to_string();
                 let reply = conn.call(&[b"TYNAMO.SESSION", id.as_bytes()]).await?;
@@ -447,6 +468,7 @@ impl ClusterClient {
                 Err(e) if e.is_retryable() => {
                     last = e.to_string();
                     must_wait = true;
+                    self.stats.retried += 1;
                     self.retry.push(i);
                     continue;
                 }
@@ -520,6 +542,7 @@ impl ClusterClient {
                     }
                     Verdict::Moved(slot, addr) => {
                         *redirects += 1;
+                        self.stats.moved += 1;
                         moved = true;
                         let owner = self.node_index(addr)?;
                         if let Some(entry) = self.slots.get_mut(usize::from(slot)) {
@@ -531,12 +554,14 @@ impl ClusterClient {
                     }
                     Verdict::Ask(addr) => {
                         *redirects += 1;
+                        self.stats.asked += 1;
                         batch.items[i].ask = self.node_index(addr)?;
                         last = format!("{reply}");
                         self.retry.push(i as u32);
                     }
                     Verdict::Retry(why) => {
                         must_wait = true;
+                        self.stats.retried += 1;
                         batch.items[i].ask = NO_NODE;
                         last = why;
                         self.retry.push(i as u32);
@@ -571,7 +596,9 @@ impl ClusterClient {
         let unanswered = self.per_node[node][answered..]
             .iter()
             .filter(|&&e| e != ASKING_MARK);
+        let before = self.retry.len();
         self.retry.extend(unanswered);
+        self.stats.retried += (self.retry.len() - before) as u64;
         Ok(())
     }
 }

@@ -13,6 +13,17 @@ pub mod cluster;
 pub mod connection;
 pub mod error;
 
-pub use cluster::{Batch, ClientOptions, ClusterClient};
+pub use cluster::{Batch, ClientOptions, ClientStats, ClusterClient};
 pub use connection::{ConnectOptions, Connection};
 pub use error::{resolve, ClientError};
+
+/// A glommio executor builder sized for a thread that only does network I/O: `io_memory` kept
+/// small (RLIMIT_MEMLOCK is 8 MiB on our machines and every executor locks its own), unbound
+/// placement (several processes share few CPUs), no spinning before parking.
+pub fn network_executor(name: &str) -> glommio::LocalExecutorBuilder {
+    /// glommio's minimum; network sockets do not use the registered buffers.
+    const IO_MEMORY_BYTES: usize = 64 * 1024;
+    glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .name(name)
+        .io_memory(IO_MEMORY_BYTES)
+}
