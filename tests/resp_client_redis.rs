@@ -393,3 +393,48 @@ fn a_retried_write_carries_the_same_sequence() {
         .collect();
     assert_eq!(words, vec![session.clone(), write.clone(), session, write]);
 }
+
+#[test]
+fn a_dead_server_ends_in_retries_exhausted_after_the_bound() {
+    // Answers the session probe as Redis would, then dies (listener and connection closed).
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 1024];
+        let _ = s.read(&mut buf).unwrap();
+        s.write_all(b"-ERR unknown command 'TYNAMO.SESSION', with args beginning with: \r\n")
+            .unwrap();
+    });
+    let (err, stats) = run(move || async move {
+        let options = ClientOptions {
+            attempts_max: 3,
+            backoff_initial: Duration::from_millis(1),
+            ..ClientOptions::default()
+        };
+        let mut client = ClusterClient::connect_single(addr, options).await.unwrap();
+        server.join().unwrap();
+        let mut batch = Batch::new();
+        for i in 0..50u32 {
+            let key = i.to_string();
+            batch.push(Some(key.as_bytes()), false, &[b"GET", key.as_bytes()]);
+        }
+        (
+            client.execute(&mut batch).await.unwrap_err(),
+            client.stats(),
+        )
+    });
+    match err {
+        ClientError::RetriesExhausted { attempts, last, .. } => {
+            assert_eq!(attempts, 4);
+            assert!(
+                last.starts_with(&format!("cannot connect to {addr}")),
+                "{last}"
+            );
+        }
+        other => panic!("expected RetriesExhausted, got {other}"),
+    }
+    // One connection, then every retry round failed to connect: no connect storm per request.
+    assert_eq!(stats.connects, 1);
+    assert_eq!(stats.retried, 50 * 4);
+}

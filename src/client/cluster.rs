@@ -160,6 +160,9 @@ impl Batch {
 struct Node {
     addr: SocketAddr,
     conn: Option<Connection>,
+    /// Set when connecting failed in the current round: the round's other requests for this
+    /// node wait for the next round instead of each paying a connect timeout.
+    down_this_round: bool,
 }
 
 struct Session {
@@ -223,7 +226,11 @@ impl ClusterClient {
         options: ClientOptions,
     ) -> Result<ClusterClient, ClientError> {
         let mut client = ClusterClient::new(false, &[addr], options);
-        client.nodes.push(Node { addr, conn: None });
+        client.nodes.push(Node {
+            addr,
+            conn: None,
+            down_this_round: false,
+        });
         client.slots.fill(0);
         client.per_node.push(Vec::new());
         client.connection(0).await?;
@@ -288,7 +295,11 @@ impl ClusterClient {
                 message: format!("more than {} nodes in the cluster", self.options.nodes_max),
             });
         }
-        self.nodes.push(Node { addr, conn: None });
+        self.nodes.push(Node {
+            addr,
+            conn: None,
+            down_this_round: false,
+        });
         self.per_node.push(Vec::new());
         Ok((self.nodes.len() - 1) as u16)
     }
@@ -441,6 +452,9 @@ impl ClusterClient {
         for list in &mut self.per_node {
             list.clear();
         }
+        for node in &mut self.nodes {
+            node.down_this_round = false;
+        }
         let (mut must_wait, mut moved, mut last) = (false, false, String::new());
         // First unacknowledged seq of this batch: every write before the batch has its reply.
         let first_unacked = batch
@@ -463,9 +477,15 @@ impl ClusterClient {
             if node == NO_NODE {
                 return Err(ClientError::SlotUnowned { slot: item.slot });
             }
+            if self.nodes[usize::from(node)].down_this_round {
+                self.stats.retried += 1;
+                self.retry.push(i);
+                continue;
+            }
             match self.connection(node).await {
                 Ok(_) => {}
                 Err(e) if e.is_retryable() => {
+                    self.nodes[usize::from(node)].down_this_round = true;
                     last = e.to_string();
                     must_wait = true;
                     self.stats.retried += 1;
