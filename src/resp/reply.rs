@@ -7,9 +7,7 @@
 //! A TynamoDB "node" here is one core's listener (each core has its own port), and the node
 //! listed first for a slot range is the range's Raft leader (the Redis "master").
 
-use super::frame::{
-    put_array_len, put_bulk, put_error, put_integer, put_map_len, put_null, Protocol,
-};
+use super::frame::{put_array_len, put_bulk, put_error, put_integer, put_map_len, Protocol};
 use bytes::{BufMut, BytesMut};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
