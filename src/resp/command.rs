@@ -155,8 +155,10 @@ pub enum CommandError {
     NotInteger,
     InvalidExpire(&'static str),
     NoProto,
-    /// A malformed `TYNAMO.SEQ` / `TYNAMO.SESSION`.
-    Session(&'static str),
+    /// An unknown `HELLO` option (echoed as Redis echoes it).
+    HelloOption(String),
+    /// Any other refusal (a malformed `TYNAMO.SEQ`, a bad `HELLO` version): the text after `ERR `.
+    Invalid(&'static str),
 }
 
 impl fmt::Display for CommandError {
@@ -180,7 +182,8 @@ impl fmt::Display for CommandError {
                 write!(f, "ERR invalid expire time in '{name}' command")
             }
             CommandError::NoProto => write!(f, "NOPROTO unsupported protocol version"),
-            CommandError::Session(why) => write!(f, "ERR {why}"),
+            CommandError::HelloOption(opt) => write!(f, "ERR Syntax error in HELLO option '{opt}'"),
+            CommandError::Invalid(why) => write!(f, "ERR {why}"),
         }
     }
 }
@@ -256,13 +259,13 @@ impl Request {
         let seq = parse_u64(&args[1])?;
         let first_unacked = parse_u64(&args[2])?;
         if seq == 0 || first_unacked == 0 || first_unacked > seq {
-            return Err(CommandError::Session(
+            return Err(CommandError::Invalid(
                 "TYNAMO.SEQ needs 0 < first-unacked <= seq",
             ));
         }
         let command = Command::parse(&args[3..])?;
         if !command.is_write() {
-            return Err(CommandError::Session("TYNAMO.SEQ wraps only writes"));
+            return Err(CommandError::Invalid("TYNAMO.SEQ wraps only writes"));
         }
         Ok(Request {
             sequence: Some(Sequence { seq, first_unacked }),
@@ -370,7 +373,7 @@ impl Command {
         } else if is(n, "TYNAMO.SESSION") {
             arity(args, 2, "tynamo.session")?;
             match parse_u64(&args[1])? {
-                0 => Err(CommandError::Session(
+                0 => Err(CommandError::Invalid(
                     "TYNAMO.SESSION needs a non-zero client id",
                 )),
                 id => Ok(Command::Session(id)),
@@ -559,7 +562,17 @@ impl Command {
     }
 }
 
+/// As Redis' `parseExtendedStringArgumentsOrReply`: an option may repeat (the last expiry
+/// wins) but not conflict (NX with XX, KEEPTTL with an expiry, two kinds of expiry); the expiry
+/// value is checked only after every option parsed, so a syntax error is reported first.
 fn parse_set(args: &[Bytes]) -> Result<Set, CommandError> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Unit {
+        Ex,
+        Px,
+        ExAt,
+        PxAt,
+    }
     let mut set = Set {
         key: args[1].clone(),
         value: args[2].clone(),
@@ -567,42 +580,58 @@ fn parse_set(args: &[Bytes]) -> Result<Set, CommandError> {
         get: false,
         expiry: None,
     };
+    let mut keep_ttl = false;
+    let mut expire: Option<(Unit, &Bytes)> = None;
     let mut i = 3;
     while i < args.len() {
         let opt = &args[i];
         let next = args.get(i + 1);
-        if is(opt, "NX") && set.condition == SetCondition::Always {
+        let unit = if is(opt, "EX") {
+            Some(Unit::Ex)
+        } else if is(opt, "PX") {
+            Some(Unit::Px)
+        } else if is(opt, "EXAT") {
+            Some(Unit::ExAt)
+        } else if is(opt, "PXAT") {
+            Some(Unit::PxAt)
+        } else {
+            None
+        };
+        if is(opt, "NX") && set.condition != SetCondition::IfPresent {
             set.condition = SetCondition::IfAbsent;
-        } else if is(opt, "XX") && set.condition == SetCondition::Always {
+        } else if is(opt, "XX") && set.condition != SetCondition::IfAbsent {
             set.condition = SetCondition::IfPresent;
-        } else if is(opt, "GET") && !set.get {
+        } else if is(opt, "GET") {
             set.get = true;
-        } else if is(opt, "KEEPTTL") && set.expiry.is_none() {
-            set.expiry = Some(Expiry::KeepTtl);
-        } else if set.expiry.is_none()
-            && next.is_some()
-            && (is(opt, "EX") || is(opt, "PX") || is(opt, "EXAT") || is(opt, "PXAT"))
-        {
-            let raw = next.map(|b| b.as_ref()).unwrap_or_default();
-            let v = parse_i64(raw).ok_or(CommandError::NotInteger)?;
-            let v = u64::try_from(v)
-                .ok()
-                .filter(|&v| v > 0)
-                .ok_or(CommandError::InvalidExpire("set"))?;
-            set.expiry = Some(if is(opt, "EX") {
-                Expiry::Seconds(v)
-            } else if is(opt, "PX") {
-                Expiry::Millis(v)
-            } else if is(opt, "EXAT") {
-                Expiry::UnixSeconds(v)
-            } else {
-                Expiry::UnixMillis(v)
-            });
+        } else if is(opt, "KEEPTTL") && expire.is_none() {
+            keep_ttl = true;
+        } else if let (Some(unit), Some(value)) = (unit, next) {
+            if keep_ttl || expire.is_some_and(|(u, _)| u != unit) {
+                return Err(CommandError::Syntax);
+            }
+            expire = Some((unit, value));
             i += 1;
         } else {
             return Err(CommandError::Syntax);
         }
         i += 1;
+    }
+    if keep_ttl {
+        set.expiry = Some(Expiry::KeepTtl);
+    }
+    if let Some((unit, raw)) = expire {
+        let v = parse_i64(raw).ok_or(CommandError::NotInteger)?;
+        let seconds = matches!(unit, Unit::Ex | Unit::ExAt);
+        if v <= 0 || (seconds && v > i64::MAX / 1000) {
+            return Err(CommandError::InvalidExpire("set"));
+        }
+        let v = v as u64;
+        set.expiry = Some(match unit {
+            Unit::Ex => Expiry::Seconds(v),
+            Unit::Px => Expiry::Millis(v),
+            Unit::ExAt => Expiry::UnixSeconds(v),
+            Unit::PxAt => Expiry::UnixMillis(v),
+        });
     }
     Ok(set)
 }
@@ -613,7 +642,7 @@ fn parse_hello(args: &[Bytes]) -> Result<Command, CommandError> {
     let mut client_name = None;
     let mut i = 1;
     if let Some(v) = args.get(1) {
-        let v = parse_i64(v).ok_or(CommandError::Session(
+        let v = parse_i64(v).ok_or(CommandError::Invalid(
             "Protocol version is not an integer or out of range",
         ))?;
         protocol = Some(match v {
@@ -631,7 +660,10 @@ fn parse_hello(args: &[Bytes]) -> Result<Command, CommandError> {
             client_name = Some(args[i + 1].clone());
             i += 2;
         } else {
-            return Err(CommandError::Syntax);
+            return Err(CommandError::HelloOption(lossy_prefix(
+                &args[i],
+                ECHO_BYTES_MAX,
+            )));
         }
     }
     Ok(Command::Hello {
@@ -745,6 +777,14 @@ mod tests {
         );
         assert_eq!(err(&["hello", "4"]), "NOPROTO unsupported protocol version");
         assert_eq!(
+            err(&["hello", "3", "FOO"]),
+            "ERR Syntax error in HELLO option 'FOO'"
+        );
+        assert_eq!(
+            err(&["hello", "x"]),
+            "ERR Protocol version is not an integer or out of range"
+        );
+        assert_eq!(
             err(&["ping", "a", "b"]),
             "ERR wrong number of arguments for 'ping' command"
         );
@@ -778,6 +818,18 @@ mod tests {
             })
         );
         assert!(r.command.is_write());
+        // Repeats are allowed as Redis allows them; the last expiry wins.
+        let repeated = parse(&[
+            "set", "k", "v", "GET", "GET", "NX", "NX", "EX", "0", "EX", "5",
+        ])
+        .unwrap();
+        let Command::Set(s) = repeated.command else {
+            panic!()
+        };
+        assert_eq!(
+            (s.get, s.condition, s.expiry),
+            (true, SetCondition::IfAbsent, Some(Expiry::Seconds(5)))
+        );
         assert_eq!(r.command.first_key().map(|k| &k[..]), Some(&b"k"[..]));
     }
 

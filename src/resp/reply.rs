@@ -46,6 +46,10 @@ pub struct Topology {
     pub epoch: u64,
 }
 
+/// The `INFO` section cluster tools require: `redis-cli --cluster` refuses a node whose INFO
+/// lacks `cluster_enabled:1` ("is not configured as a cluster node").
+pub const INFO_CLUSTER_SECTION: &str = "# Cluster\r\ncluster_enabled:1\r\n";
+
 /// `-MOVED <slot> <ip>:<port>`: the slot is served elsewhere; the client updates its map.
 pub fn put_moved(out: &mut BytesMut, slot: u16, owner: SocketAddr) {
     put_redirect(out, "MOVED", slot, owner);
