@@ -141,8 +141,10 @@ fn plain_redis_gets_plain_writes_and_lost_connections_are_retried() {
         assert!(!client.exactly_once());
         assert_eq!(client.call(&[b"SET", b"a", b"1"]).await.unwrap(), ok());
         // Kill our connection from the server side; the next request must reconnect and succeed.
-        let killed = redis_cli(port, &["CLIENT", "KILL", "TYPE", "normal"]);
-        assert_eq!(killed, "1");
+        let killed: u32 = redis_cli(port, &["CLIENT", "KILL", "TYPE", "normal"])
+            .parse()
+            .unwrap();
+        assert!(killed >= 1);
         assert_eq!(client.call(&[b"GET", b"a"]).await.unwrap(), bulk("1"));
         let stats = client.stats();
         assert!(stats.retried >= 1 && stats.connects == 2, "{stats:?}");

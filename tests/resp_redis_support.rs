@@ -73,40 +73,53 @@ pub struct RedisServer {
 }
 
 impl RedisServer {
+    /// Starts redis-server on a free port. A port taken between choosing and binding it (by a
+    /// test running in parallel) makes redis-server exit: then another port is tried.
     pub fn start(extra: &[&str]) -> RedisServer {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--daemonize",
-                "no",
-            ])
-            .args(["--dir", dir.path().to_str().expect("utf-8 tempdir")])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn redis-server");
-        let server = RedisServer {
-            port,
-            child,
-            _dir: dir,
-        };
-        wait_until(
-            "redis-server to answer PING",
-            Duration::from_secs(10),
-            || {
-                TcpStream::connect(("127.0.0.1", port)).is_ok()
+        const ATTEMPTS: usize = 5;
+        for _ in 0..ATTEMPTS {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let port = free_port();
+            let child = Command::new("redis-server")
+                .args([
+                    "--port",
+                    &port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--daemonize",
+                    "no",
+                ])
+                .args(["--dir", dir.path().to_str().expect("utf-8 tempdir")])
+                .args(extra)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn redis-server");
+            let mut server = RedisServer {
+                port,
+                child,
+                _dir: dir,
+            };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Ok(Some(_)) = server.child.try_wait() {
+                    break; // exited: most likely the port was taken; try another
+                }
+                if TcpStream::connect(("127.0.0.1", port)).is_ok()
                     && redis_cli(port, &["PING"]) == "PONG"
-            },
-        );
-        server
+                {
+                    return server;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "redis-server on port {port} did not answer PING within 10 s"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        panic!("redis-server failed to start {ATTEMPTS} times");
     }
 
     pub fn addr(&self) -> SocketAddr {
