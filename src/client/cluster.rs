@@ -414,10 +414,22 @@ impl ClusterClient {
         let (mut attempts, mut redirects) = (0u32, 0u32);
         let mut backoff = self.options.backoff_initial;
         while !self.pending.is_empty() {
-            let (must_wait, moved, last) = self.round(batch, &mut redirects).await?;
+            let (must_wait, stale_map, last) = match self.round(batch, &mut redirects).await {
+                Ok(outcome) => outcome,
+                Err(e) => {
+                    // Requests may be queued or in flight on any node: their replies would be
+                    // read as answers to later requests. Drop those connections.
+                    for node in &mut self.nodes {
+                        if node.conn.as_ref().is_some_and(|c| c.in_flight() > 0) {
+                            node.conn = None;
+                        }
+                    }
+                    return Err(e);
+                }
+            };
             std::mem::swap(&mut self.pending, &mut self.retry);
-            if moved {
-                // Best effort: the MOVED entries already point at the new owners.
+            if stale_map {
+                // Best effort: MOVED entries already point at the new owners.
                 let _ = self.refresh_slots().await;
             }
             if self.pending.is_empty() {
@@ -442,7 +454,7 @@ impl ClusterClient {
     }
 
     /// One send/receive round over `self.pending`; what must be re-sent goes to `self.retry`.
-    /// Returns (a backoff is due, a MOVED was seen, last failure).
+    /// Returns (a backoff is due, the slot map needs a refresh, last failure).
     async fn round(
         &mut self,
         batch: &mut Batch,
@@ -475,7 +487,12 @@ impl ClusterClient {
                 self.slots[usize::from(item.slot)]
             };
             if node == NO_NODE {
-                return Err(ClientError::SlotUnowned { slot: item.slot });
+                // Part of the cluster is unknown or down: re-read the map, then retry.
+                last = ClientError::SlotUnowned { slot: item.slot }.to_string();
+                (must_wait, moved) = (true, true);
+                self.stats.retried += 1;
+                self.retry.push(i);
+                continue;
             }
             if self.nodes[usize::from(node)].down_this_round {
                 self.stats.retried += 1;

@@ -30,6 +30,9 @@ use tynamo::resp::frame::{self, Frame};
 
 /// Requests per batch while filling the key space (`--load`) and in the final scan.
 const FILL_BATCH: usize = 256;
+/// Pause after a batch failed as a whole, so that a target refusing everything (e.g. a cluster
+/// with unowned slots) is not hammered in a tight loop; the client already backed off inside.
+const ERROR_PAUSE: Duration = Duration::from_millis(10);
 /// How often each thread publishes its recent latencies for the progress line.
 const PROGRESS_PERIOD: Duration = Duration::from_millis(500);
 
@@ -399,11 +402,14 @@ async fn drive(state: Rc<ThreadState>, c: usize, mut client: ClusterClient, star
                     break;
                 }
                 let kind = client_error_kind(&e);
-                let mut m = state.measured.borrow_mut();
-                for _ in 0..count {
-                    m.error(kind);
+                {
+                    let mut m = state.measured.borrow_mut();
+                    for _ in 0..count {
+                        m.error(kind);
+                    }
                 }
                 shared.errors.fetch_add(count as u64, Ordering::Relaxed);
+                glommio::timer::sleep(ERROR_PAUSE).await;
             }
         }
     }
