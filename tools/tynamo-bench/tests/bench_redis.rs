@@ -331,8 +331,9 @@ fn every_workload_sends_its_mix_and_verifies() {
     }
     let redis = RedisServer::start(&[]);
     let addr = format!("127.0.0.1:{}", redis.port);
-    // (workload, extra args, operation types that must appear, that must not)
-    let cases: &[(&str, &[&str], &[&str], &[&str])] = &[
+    /// (workload, extra args, operation types that must appear, that must not)
+    type Case<'a> = (&'a str, &'a [&'a str], &'a [&'a str], &'a [&'a str]);
+    let cases: &[Case<'_>] = &[
         (
             "b",
             &["--dist", "zipfian:0.5"],
