@@ -15,7 +15,6 @@
 use crate::report::{new_histogram, Measured};
 use crate::verify::{self, Ledger};
 use crate::workload::{format_key, Choice, Dist, KeyChooser, OpKind, Rmw, ValueSize, Workload};
-use bytes::BytesMut;
 use hdrhistogram::Histogram;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -261,10 +260,6 @@ fn owned_key(key: u64, c: usize, connections: usize, keys: u64) -> u64 {
     }
 }
 
-fn put_key_bulk(out: &mut BytesMut, key: &[u8]) {
-    frame::put_bulk(out, key);
-}
-
 /// `--load`: connection `c` writes every key it owns once (version 1 when verifying).
 async fn fill(
     state: Rc<ThreadState>,
@@ -290,7 +285,7 @@ async fn fill(
                 .unwrap_or(0);
             batch.push_with(Some(&key_buf), true, 3, |out| {
                 frame::put_bulk(out, b"SET");
-                put_key_bulk(out, &key_buf);
+                frame::put_bulk(out, &key_buf);
                 if version > 0 {
                     verify::put_value(out, key, version, size);
                 } else {
@@ -473,7 +468,7 @@ fn next_op(
             let version = ledger.map(|l| l.borrow_mut().issue(key)).unwrap_or(0);
             batch.push_with(Some(key_buf), true, 3, |out| {
                 frame::put_bulk(out, b"SET");
-                put_key_bulk(out, key_buf);
+                frame::put_bulk(out, key_buf);
                 if version > 0 {
                     verify::put_value(out, key, version, size);
                 } else {
