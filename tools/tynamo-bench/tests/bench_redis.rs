@@ -104,7 +104,7 @@ fn verified_run_against_redis_reports_every_request() {
     assert!(stdout.contains("#[Mean    ="));
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    assert_eq!(summary["ops"], serde_json::json!(5000.0));
+    assert_eq!(summary["ops"], serde_json::json!(5000));
     assert_eq!(summary["verify"]["ok"], serde_json::json!(true));
     assert!(std::fs::read_to_string(hgrm.join("get.hgrm"))
         .unwrap()
