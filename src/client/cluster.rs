@@ -17,6 +17,11 @@
 //!
 //! A single (non-cluster) server is the degenerate map where node 0 owns every slot; MOVED is
 //! still followed if it ever answers one.
+//!
+//! Limit: a batch is written to a node in full before its replies are read. A server that
+//! stops reading while its replies are not being read could then stall until `io_timeout` once
+//! a batch's requests and replies exceed the socket buffers (a few MiB on Linux); Redis keeps
+//! reading, and so must a TynamoDB core (bounded by its own per-connection limits).
 
 use super::connection::{ConnectOptions, Connection};
 use super::error::{resolve, ClientError};
@@ -107,7 +112,11 @@ impl Batch {
         self.items.is_empty()
     }
 
-    /// Adds a request routed by `key` (`None`: any node). Returns its index.
+    /// Adds a request routed by `key` (`None`: slot 0's owner). Returns its index.
+    ///
+    /// `write` must be true exactly for the writes `Command::is_write` names (SET, APPEND, DEL,
+    /// INCR, MSET): those are the ones sent under `TYNAMO.SEQ` for exactly-once, and the server
+    /// refuses the wrapper around anything else.
     pub fn push(&mut self, key: Option<&[u8]>, write: bool, args: &[&[u8]]) -> usize {
         self.push_with(key, write, args.len(), |out| {
             for a in args {
