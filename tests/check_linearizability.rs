@@ -282,6 +282,22 @@ fn random_linearizable_history(
     ops_per_client: usize,
     keys: usize,
 ) -> Vec<Record> {
+    random_history_with_mix(seed, clients, ops_per_client, keys, Mix::All)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mix {
+    All,
+    AppendsAndGets,
+}
+
+fn random_history_with_mix(
+    seed: u64,
+    clients: u64,
+    ops_per_client: usize,
+    keys: usize,
+    mix: Mix,
+) -> Vec<Record> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     struct Planned {
         record: Record,
@@ -297,11 +313,12 @@ fn random_linearizable_history(
             // Unique linearization points: time * clients + client.
             let point = (invoke + rng.gen_range(0..20)) * clients + client;
             let complete = point / clients + rng.gen_range(1..20);
-            let op = match rng.gen_range(0..10) {
-                0..=3 => OpKind::Get,
-                4..=5 => OpKind::Put,
-                6..=8 => OpKind::Append,
-                _ => OpKind::Delete,
+            let op = match (mix, rng.gen_range(0..10)) {
+                (_, 0..=3) => OpKind::Get,
+                (Mix::AppendsAndGets, _) => OpKind::Append,
+                (Mix::All, 4..=5) => OpKind::Put,
+                (Mix::All, 6..=8) => OpKind::Append,
+                (Mix::All, _) => OpKind::Delete,
             };
             let value = match op {
                 OpKind::Put | OpKind::Append => {
@@ -369,6 +386,13 @@ fn random_histories_of_a_linearizable_service_pass() {
         let history = random_linearizable_history(seed, 6, 40, 3);
         let report = check_history(&history, &CheckConfig::default());
         assert_eq!(report.verdict, Verdict::Linearizable, "seed {seed}");
+        let history = random_history_with_mix(seed, 6, 40, 2, Mix::AppendsAndGets);
+        let report = check_history(&history, &CheckConfig::default());
+        assert_eq!(
+            report.verdict,
+            Verdict::Linearizable,
+            "seed {seed}, appends"
+        );
     }
 }
 
@@ -396,10 +420,10 @@ fn a_corrupted_read_in_a_random_history_is_caught() {
 
 #[test]
 fn thousands_of_operations_on_one_key_check_within_the_step_budget() {
-    // 6 clients x 600 ops on a single key: 3600 operations, about five in flight at any time,
-    // with puts, appends, deletes, timeouts and failures. (The search is exponential in the
-    // number of concurrent appends on one key: at 10 clients it needs millions of steps.)
-    let history = random_linearizable_history(7, 6, 600, 1);
+    // 8 clients x 500 ops on a single key: 4000 operations, about seven in flight at any time,
+    // with puts, appends, deletes, timeouts and failures. (With puts, deletes and appends mixed
+    // the search grows quickly with concurrency: 10 clients on one key need millions of steps.)
+    let history = random_linearizable_history(7, 8, 500, 1);
     let config = CheckConfig {
         steps_max_per_key: 1_000_000,
         time_budget: None,
@@ -407,7 +431,19 @@ fn thousands_of_operations_on_one_key_check_within_the_step_budget() {
     };
     let report = check_history(&history, &config);
     assert_eq!(report.verdict, Verdict::Linearizable);
-    assert!(report.ops_checked > 3000, "{}", report.ops_checked);
+    assert!(report.ops_checked > 3500, "{}", report.ops_checked);
+
+    // Appends only, 12 clients: pending reads pin the order of concurrent appends, so the
+    // search takes about one step per operation.
+    let history = random_history_with_mix(7, 12, 250, 1, Mix::AppendsAndGets);
+    let report = check_history(&history, &config);
+    assert_eq!(report.verdict, Verdict::Linearizable);
+    assert!(
+        report.steps < 3 * report.ops_checked as u64,
+        "{} steps for {} ops",
+        report.steps,
+        report.ops_checked
+    );
 }
 
 #[test]
@@ -422,4 +458,70 @@ fn an_exhausted_budget_gives_unknown_not_a_verdict() {
         Verdict::Unknown { keys } => assert_eq!(keys, vec![JsonBytes::from("k0")]),
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn appends_seen_in_an_impossible_order_are_caught() {
+    // Two reads, one after the other, see the two appends in opposite orders.
+    assert_not_linearizable(
+        &[
+            append(1, "k", "a", 0, 10),
+            append(2, "k", "b", 0, 10),
+            get(3, "k", Some("ab"), 11, 12),
+            get(3, "k", Some("ba"), 13, 14),
+        ],
+        "k",
+    );
+    // Reads during the appends may see a prefix of the final order only.
+    assert_linearizable(&[
+        append(1, "k", "a", 0, 10),
+        append(2, "k", "b", 0, 10),
+        get(3, "k", Some("b"), 1, 2),
+        get(3, "k", Some("ba"), 11, 12),
+    ]);
+    assert_not_linearizable(
+        &[
+            append(1, "k", "a", 0, 10),
+            append(2, "k", "b", 0, 10),
+            get(3, "k", Some("a"), 1, 2),
+            get(3, "k", Some("ba"), 11, 12),
+        ],
+        "k",
+    );
+    // A concurrent put may reset the value between the reads.
+    assert_linearizable(&[
+        append(1, "k", "a", 0, 10),
+        append(2, "k", "b", 0, 10),
+        get(3, "k", Some("a"), 1, 2),
+        put(4, "k", "", 0, 10),
+        get(3, "k", Some("b"), 11, 12),
+    ]);
+    // A timed-out put may too, but not before its call.
+    let late_put = rec(
+        4,
+        OpKind::Put,
+        "k",
+        Some(""),
+        5,
+        None,
+        None,
+        Status::Timeout,
+    );
+    assert_linearizable(&[
+        append(1, "k", "a", 0, 10),
+        append(2, "k", "b", 0, 10),
+        get(3, "k", Some("a"), 1, 2),
+        late_put.clone(),
+        get(3, "k", Some("b"), 11, 12),
+    ]);
+    assert_not_linearizable(
+        &[
+            append(1, "k", "a", 0, 3),
+            append(2, "k", "b", 0, 3),
+            get(3, "k", Some("a"), 1, 2),
+            late_put,
+            get(3, "k", Some("b"), 3, 4),
+        ],
+        "k",
+    );
 }

@@ -302,6 +302,9 @@ fn rolling_hash(bytes: &[u8]) -> u64 {
 
 const NIL: u32 = u32::MAX;
 
+/// Pending reads whose results are checked against a new state at each search step.
+const PENDING_READS_CHECKED_MAX: usize = 64;
+
 /// The event list: nodes 0..2n are events in time order, node 2n is the head sentinel.
 struct Events {
     next: Vec<u32>,
@@ -465,6 +468,8 @@ struct Search<'a> {
     /// The linearized calls, the state before each, and whether it was forced (no branching).
     calls: Vec<(u32, State, bool)>,
     state: State,
+    /// Whether the key has any put or delete (if not, its value only grows).
+    has_resets: bool,
 }
 
 impl<'a> Search<'a> {
@@ -491,6 +496,9 @@ impl<'a> Search<'a> {
             cache: HashMap::new(),
             calls: Vec::new(),
             state: None,
+            has_resets: ops
+                .iter()
+                .any(|op| matches!(op.input, Input::Put(_) | Input::Delete)),
         }
     }
 
@@ -520,6 +528,68 @@ impl<'a> Search<'a> {
         None
     }
 
+    /// Whether moving to `new_state` (by linearizing call node `call`) makes some pending read
+    /// impossible.
+    ///
+    /// A read not yet linearized comes after every operation linearized from here on. If no
+    /// put or delete can be linearized before it (none is pending with a call before the read's
+    /// return), only appends can change the value until then, so the current value must be a
+    /// prefix of what the read returned, and a present value can never become missing. Without
+    /// this, concurrent appends are tried in all their orders (k! for k of them) before a read
+    /// far ahead reveals the one that happened.
+    fn contradicts_pending_reads(&self, new_state: &State, call: u32) -> bool {
+        let head_next = self.events.next[self.events.head as usize];
+        // The earliest call of a pending put or delete (other than the one being linearized).
+        let mut reset_call_time = u64::MAX;
+        if self.has_resets {
+            let mut node = head_next;
+            while node != NIL {
+                let n = node as usize;
+                if self.events.matching[n] != NIL && node != call {
+                    let op = &self.ops[self.events.op[n] as usize];
+                    if matches!(op.input, Input::Put(_) | Input::Delete) {
+                        reset_call_time = op.call;
+                        break;
+                    }
+                }
+                node = self.events.next[n];
+            }
+        }
+        let empty = Bytes::new();
+        let current = match new_state {
+            None if !self.missing_equals_empty => return false,
+            None => &empty,
+            Some(value) => value,
+        };
+        // Pending reads in time order, up to the first pending reset (a read returning before it
+        // has its call before it too). Bounded, so a step costs O(window), not O(history).
+        let mut node = head_next;
+        let mut reads_checked = 0;
+        while node != NIL && reads_checked < PENDING_READS_CHECKED_MAX {
+            let n = node as usize;
+            let op = &self.ops[self.events.op[n] as usize];
+            let is_call = self.events.matching[n] != NIL;
+            let time = if is_call { op.call } else { op.ret };
+            if time >= reset_call_time {
+                break;
+            }
+            if let (true, Input::Get(seen)) = (is_call, &op.input) {
+                if op.ret < reset_call_time {
+                    reads_checked += 1;
+                    let possible = match seen {
+                        Some(seen) => seen.starts_with(current),
+                        None => self.missing_equals_empty && current.is_empty(),
+                    };
+                    if !possible {
+                        return true;
+                    }
+                }
+            }
+            node = self.events.next[n];
+        }
+        false
+    }
+
     /// Linearizes the operation of call node `call` next, if the model accepts it and the
     /// resulting configuration was not seen before.
     fn try_linearize(&mut self, call: u32, forced: bool) -> bool {
@@ -528,6 +598,10 @@ impl<'a> Search<'a> {
         else {
             return false;
         };
+        let is_read = matches!(self.ops[op].input, Input::Get(_));
+        if !is_read && self.contradicts_pending_reads(&new_state, call) {
+            return false;
+        }
         let (mut new_finite, mut new_timed_out) =
             (self.finite_set.clone(), self.timed_out_set.clone());
         let bit = self.class_index[op];
