@@ -347,3 +347,41 @@ fn a_snapshot_is_due_after_the_configured_log_bytes() {
     r.sm.mark_snapshot_taken();
     assert!(!r.sm.snapshot_due());
 }
+
+#[test]
+fn a_moved_shard_refuses_retries_its_old_owner_had_forgotten() {
+    let config = Config {
+        session_results_max: 2,
+        ..config()
+    };
+    let probe = StateMachine::new(config.clone(), []);
+    let moved_key = "moved";
+    let moved = probe.shard_of(moved_key.as_bytes());
+    let other_key = (0..100)
+        .map(|i| format!("other{i}"))
+        .find(|k| probe.shard_of(k.as_bytes()) != moved)
+        .unwrap();
+    let other = probe.shard_of(other_key.as_bytes());
+    let mut old = Replica::new(config.clone(), [moved, other]);
+    let mut new = Replica::new(config.clone(), []);
+    // The client has a session with both groups (sequence numbers are the client's own).
+    old.one(1, 5, 0, Op::OpenSession);
+    new.one(1, 5, 0, Op::OpenSession);
+    assert_eq!(old.one(2, 5, 1, append(moved_key, "a")), Outcome::Int(1));
+    // Two more writes elsewhere slide seq 1 out of the old owner's window.
+    old.one(3, 5, 2, append(&other_key, "x"));
+    old.one(4, 5, 3, append(&other_key, "y"));
+
+    old.admin(ShardAdmin::SetState {
+        shard: moved,
+        state: ShardState::Exporting,
+    });
+    let blob = old.sm.export_shard(moved).unwrap();
+    assert_eq!(new.admin(ShardAdmin::Import { blob }), Outcome::Ok);
+    // A late retry of seq 1 must not append a second "a".
+    assert!(matches!(
+        new.one(5, 5, 1, append(moved_key, "a")),
+        Outcome::Err(KvError::SequenceTooOld { seq: 1, .. })
+    ));
+    assert_eq!(new.get(moved_key), Outcome::Value(Some(b("a"))));
+}

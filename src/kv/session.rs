@@ -222,29 +222,28 @@ impl Sessions {
         })
     }
 
-    /// The session entries a shard's new owner needs for exactly-once: for every session with a
-    /// remembered write on `shard`, its floor and those writes. A retry of a write has the same
-    /// key, so writes on other shards never matter to the new owner.
+    /// The session entries a shard's new owner needs for exactly-once: every session, with its
+    /// floor and its remembered writes on `shard`. A retry of a write has the same key, so
+    /// writes on other shards never matter to the new owner; the floor does, even for a session
+    /// with no write on `shard` left in its window: a write on `shard` may have slid out of it,
+    /// and the new owner must refuse its retry rather than apply it again.
     pub(crate) fn export_for_shard(&self, shard: u16) -> Vec<(u64, Session)> {
         self.iter()
-            .filter_map(|(client_id, session)| {
+            .map(|(client_id, session)| {
                 let results: Vec<Remembered> = session
                     .results
                     .iter()
                     .filter(|r| r.shard == shard)
                     .copied()
                     .collect();
-                if results.is_empty() {
-                    return None;
-                }
-                Some((
+                (
                     client_id,
                     Session {
                         last_active_ms: session.last_active_ms,
                         seq_floor: session.seq_floor,
                         results,
                     },
-                ))
+                )
             })
             .collect()
     }
