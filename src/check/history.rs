@@ -21,6 +21,7 @@
 
 use std::fmt;
 use std::io::{BufRead, Read, Write};
+use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
@@ -210,6 +211,18 @@ pub enum HistoryError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{}: {source}", path.display())]
+    File {
+        path: PathBuf,
+        #[source]
+        source: Box<HistoryError>,
+    },
+    #[error("{}: {source}", path.display())]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Reads a whole history (JSON lines; blank lines are skipped), validating every record.
@@ -244,6 +257,41 @@ pub fn read_history(reader: impl BufRead) -> Result<Vec<Record>, HistoryError> {
             .map_err(|message| HistoryError::Parse { line, message })?;
         records.push(record);
     }
+}
+
+/// Reads a history file.
+pub fn read_history_file(path: &Path) -> Result<Vec<Record>, HistoryError> {
+    let file = std::fs::File::open(path).map_err(|source| HistoryError::File {
+        path: path.to_path_buf(),
+        source: Box::new(HistoryError::Io { line: 0, source }),
+    })?;
+    read_history(std::io::BufReader::new(file)).map_err(|e| HistoryError::File {
+        path: path.to_path_buf(),
+        source: Box::new(e),
+    })
+}
+
+/// Reads every `*.jsonl` file of a directory (the simulator's `--history-out DIR`, e.g. one
+/// file per client or per run), in file name order, as one history. The files must share one
+/// clock.
+pub fn read_history_dir(dir: &Path) -> Result<Vec<Record>, HistoryError> {
+    let dir_error = |source| HistoryError::Dir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut paths = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(dir_error)? {
+        let path = entry.map_err(dir_error)?.path();
+        if path.is_file() && path.extension().is_some_and(|e| e == "jsonl") {
+            paths.push(path);
+        }
+    }
+    paths.sort();
+    let mut records = Vec::new();
+    for path in paths {
+        records.extend(read_history_file(&path)?);
+    }
+    Ok(records)
 }
 
 /// Writes records as JSON lines, one per `write` call; flush (or drop the inner writer) at the
@@ -326,5 +374,28 @@ mod tests {
         let backwards =
             r#"{"client":1,"op":"get","key":"k","invoke":5,"complete":2,"status":"ok"}"#;
         assert!(read_history(backwards.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn a_directory_of_histories_reads_as_one_and_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let line = |client: u64, t: u64| {
+            format!(
+                r#"{{"client":{client},"op":"put","key":"k","value":"v","invoke":{t},"complete":{},"status":"ok"}}"#,
+                t + 1
+            ) + "\n"
+        };
+        std::fs::write(dir.path().join("b.jsonl"), line(2, 10)).unwrap();
+        std::fs::write(dir.path().join("a.jsonl"), line(1, 0) + &line(1, 5)).unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "not a history").unwrap();
+        let records = read_history_dir(dir.path()).unwrap();
+        let invokes: Vec<u64> = records.iter().map(|r| r.invoke).collect();
+        assert_eq!(invokes, vec![0, 5, 10]);
+        std::fs::write(dir.path().join("c.jsonl"), "{oops\n").unwrap();
+        let error = read_history_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            error.contains("c.jsonl") && error.contains("line 1"),
+            "{error}"
+        );
     }
 }

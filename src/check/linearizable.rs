@@ -16,13 +16,26 @@
 //!
 //! Status handling: `fail` operations are dropped (definitely not applied). `timeout` writes
 //! get a return time of +infinity (possibly applied, at any time after their call: the search
-//! may linearize them anywhere later or, having infinite return, leave them out: a call at the
-//! end that is never lifted does not block success). `timeout` reads are dropped (they change
+//! may linearize them anywhere later or leave them out: the search succeeds once every
+//! operation with a finite return is linearized). `timeout` reads are dropped (they change
 //! nothing and their result is unknown).
 //!
-//! Cost: each search step clones the bitset (n/64 words) for the cache; memory is at most
-//! `steps_max` cache entries of (n/8 + value) bytes. Histories from a correct service rarely
-//! backtrack: a few thousand operations on a key check in milliseconds.
+//! Reductions on top of Porcupine, each sound (argued where it is implemented) and each tested
+//! against histories that are linearizable by construction:
+//! - a read that sees the current state is taken without branching (partial-order reduction);
+//! - a timed-out put or append whose value no read contains is dropped before the search;
+//! - a new state is refused when it contradicts a pending read that no put or delete can
+//!   precede (appends only grow a value, so the state must be a prefix of what it read):
+//!   concurrent appends are not tried in all their orders;
+//! - the memo cache treats timed-out writes as optional: a configuration is pruned when one
+//!   with the same finite operations and state, and a subset of its timed-out ones, was seen.
+//!
+//! Cost sketch (2-core CI machine, from the tests): 4000 operations on one key with 8 clients
+//! (puts, appends, deletes, gets, 5% timeouts) take ~0.5M steps, ~0.3 s; appends and gets only
+//! take about one step per operation even at 12 clients. Mixed writes at 10+ concurrent
+//! clients on one key can need millions of steps: the step budget then gives `Unknown`, so
+//! workloads should spread clients over keys. Memory: one cache entry per step of about
+//! n/8 bytes plus the value (values are shared `Bytes`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};

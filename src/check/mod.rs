@@ -20,7 +20,7 @@ pub mod history;
 pub mod linearizable;
 
 pub use history::{
-    read_history, write_history, ClientId, HistoryError, HistoryWriter, JsonBytes, OpKind, Record,
-    Status,
+    read_history, read_history_dir, read_history_file, write_history, ClientId, HistoryError,
+    HistoryWriter, JsonBytes, OpKind, Record, Status,
 };
 pub use linearizable::{check_history, CheckConfig, CheckReport, Verdict};
