@@ -36,7 +36,7 @@ use super::codec::{put_bytes, Reader};
 use super::command::{ShardState, FIELD_BYTES_MAX};
 use super::error::DecodeError;
 use super::session::{decode_session, encode_session, Session};
-use super::state_machine::{Config, ConfigError, ShardData, StateMachine};
+use super::state_machine::{detach, Config, ConfigError, ShardData, StateMachine};
 use crate::shard::key_shard;
 
 const SNAPSHOT_MAGIC: u32 = u32::from_le_bytes(*b"TYKV");
@@ -560,8 +560,9 @@ impl Restorer {
                             "key at body offset {key_offset} belongs to shard {key_shard}, not {shard}"
                         )));
                     }
+                    let key = detach(key, body.len());
                     self.last_key = Some(key.clone());
-                    data.insert(key, value);
+                    data.insert(key, detach(value, body.len()));
                 }
                 self.key_count += u64::from(count);
             }

@@ -248,7 +248,7 @@ impl StateMachine {
                 self.sessions.expire(self.log_time_ms);
                 outcomes.reserve(commands.len());
                 for command in commands {
-                    outcomes.push(self.apply_command(command));
+                    outcomes.push(self.apply_command(command, payload.len()));
                 }
             }
             Entry::Admin(admin) => outcomes.push(self.apply_admin(admin)),
@@ -262,7 +262,7 @@ impl StateMachine {
         outcomes
     }
 
-    fn apply_command(&mut self, command: Command) -> Outcome {
+    fn apply_command(&mut self, command: Command, payload_bytes: usize) -> Outcome {
         let Command { client_id, seq, op } = command;
         let now_ms = self.log_time_ms;
         match op {
@@ -295,7 +295,7 @@ impl StateMachine {
             }
         }
         let (shard, outcome) = match self.write_shard(&op) {
-            Ok(shard) => (shard, self.execute_write(shard, op)),
+            Ok(shard) => (shard, self.execute_write(shard, op, payload_bytes)),
             Err(error) => (0, Outcome::Err(error)),
         };
         if client_id != 0 {
@@ -412,7 +412,8 @@ impl StateMachine {
         Ok(())
     }
 
-    fn execute_write(&mut self, shard: u16, op: Op) -> Outcome {
+    fn execute_write(&mut self, shard: u16, op: Op, payload_bytes: usize) -> Outcome {
+        let keep = |field: Bytes| detach(field, payload_bytes);
         let value_bytes_max = self.config.value_bytes_max as usize;
         let data = &mut self
             .shards
@@ -421,7 +422,7 @@ impl StateMachine {
             .data;
         match op {
             Op::Put { key, value } => {
-                data.insert(key, value);
+                data.insert(keep(key), keep(value));
                 Outcome::Ok
             }
             Op::Append { key, value } => {
@@ -434,7 +435,7 @@ impl StateMachine {
                     });
                 }
                 let new = match old {
-                    None => value,
+                    None => keep(value),
                     Some(old) => {
                         // One copy of the old value per append; an append-heavy key pays
                         // O(size) per append, bounded by value_bytes_max.
@@ -444,7 +445,7 @@ impl StateMachine {
                         joined.freeze()
                     }
                 };
-                data.insert(key, new);
+                data.insert(keep(key), new);
                 Outcome::Int(length as i64)
             }
             Op::Delete { key } => Outcome::Int(i64::from(data.remove(&key).is_some())),
@@ -459,7 +460,7 @@ impl StateMachine {
                 let Some(new) = current.checked_add(delta) else {
                     return Outcome::Err(KvError::IntegerOverflow);
                 };
-                data.insert(key, Bytes::from(new.to_string()));
+                data.insert(keep(key), Bytes::from(new.to_string()));
                 Outcome::Int(new)
             }
             Op::Cas { key, expected, new } => {
@@ -467,14 +468,14 @@ impl StateMachine {
                     return Outcome::Bool(false);
                 }
                 match new {
-                    Some(value) => data.insert(key, value),
+                    Some(value) => data.insert(keep(key), keep(value)),
                     None => data.remove(&key),
                 };
                 Outcome::Bool(true)
             }
             Op::MPut { pairs } => {
                 for (key, value) in pairs {
-                    data.insert(key, value);
+                    data.insert(keep(key), keep(value));
                 }
                 Outcome::Ok
             }
@@ -620,6 +621,21 @@ impl StateMachine {
     }
 }
 
+/// The form of a key or value field to store in the map.
+///
+/// A decoded field is a slice of the whole entry payload (or snapshot frame), and storing it
+/// keeps that whole buffer alive for as long as the key lives: one 10-byte value from a 1 MiB
+/// batch would pin the MiB. So a field that is less than half of its buffer is copied (a
+/// memcpy of the field, cheap next to the map insert), and a large value, the case where
+/// zero-copy pays, is kept as the slice it is.
+pub(crate) fn detach(field: Bytes, buffer_bytes: usize) -> Bytes {
+    if field.len() * 2 >= buffer_bytes {
+        field
+    } else {
+        Bytes::copy_from_slice(&field)
+    }
+}
+
 /// Parses a decimal i64 the way Redis does: optional '-', digits, no leading zeros, no spaces.
 fn parse_i64(bytes: &[u8]) -> Option<i64> {
     if bytes.is_empty() || bytes.len() > 20 {
@@ -683,6 +699,42 @@ mod tests {
         for bad in [&b""[..], b"-", b"01", b"-0", b" 1", b"1a", b"+1"] {
             assert_eq!(parse_i64(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn small_fields_are_copied_and_large_values_kept_in_place() {
+        use crate::kv::command::{encode_batch, Command};
+        let mut sm = StateMachine::new(Config::default(), 0..64);
+        let big = Bytes::from(vec![7u8; 4096]);
+        let put = |key: &str, value: Bytes| Command {
+            client_id: 0,
+            seq: 0,
+            op: Op::Put {
+                key: Bytes::copy_from_slice(key.as_bytes()),
+                value,
+            },
+        };
+        let payload = encode_batch(
+            1,
+            &[put("small", Bytes::from_static(b"v")), put("big", big)],
+        );
+        sm.apply_entry(1, &payload);
+        let in_payload = |b: &Bytes| {
+            let start = payload.as_ptr() as usize;
+            (start..start + payload.len()).contains(&(b.as_ptr() as usize))
+        };
+        let get = |key: &'static [u8]| match sm.read(
+            &Op::Get {
+                key: Bytes::from_static(key),
+            },
+            ReadConsistency::Stale,
+        ) {
+            Outcome::Value(Some(v)) => v,
+            other => panic!("{other:?}"),
+        };
+        // The 1-byte value must not pin the 4 KiB payload; the 4 KiB value is the payload.
+        assert!(!in_payload(&get(b"small")));
+        assert!(in_payload(&get(b"big")));
     }
 
     #[test]
