@@ -11,7 +11,12 @@
 //! imported or dropped whole, and iteration order is deterministic for snapshots and hashes.
 //! Why a BTreeMap and not a hash map: deterministic snapshot order for free and no rehash pause
 //! on the apply path; a lookup is ~log2(n) key comparisons (20 at 1M keys), well inside the few
-//! microseconds of leader CPU the budget in DESIGN.md allows per write.
+//! microseconds of leader CPU the budget in DESIGN.md allows per write. Measured on this 2-core
+//! machine (test profile, shared, noisy), batches of 64 puts of 256 B values: decode ~0.2 us
+//! per command; apply ~0.8 us per put at 1k keys and ~1.6 us at 100k keys without a session;
+//! a session (dedup check, result window, activity index) adds ~0.7-1.3 us. If apply shows in
+//! profiles, the first candidates are the session activity index (a BTreeSet touched per
+//! write) and a hash map for data with sorting at snapshot time.
 //!
 //! Log time: each batch carries the proposing leader's clock (ms); `log_time_ms` is the max seen,
 //! so it never goes backwards even across leader changes with skewed clocks, and session expiry
