@@ -392,7 +392,7 @@ impl Entry {
 }
 
 /// Encodes a batch entry. Panics (a programmer error) on an empty or oversized batch or an
-/// oversized field: the server checks [`super::Limits`] before proposing.
+/// oversized field: the server checks [`super::Config::check_op`] before proposing.
 pub fn encode_batch(timestamp_ms: u64, commands: &[Command]) -> Bytes {
     assert!(!commands.is_empty() && commands.len() <= BATCH_COMMANDS_MAX as usize);
     let size = 2

@@ -109,6 +109,96 @@ impl Config {
     }
 }
 
+impl Config {
+    /// Checks an op against the size limits and the one-shard rule, and returns its shard
+    /// (None for session ops). The state machine applies exactly this check, so a server may
+    /// call it before proposing to refuse a bad request without a round through the log.
+    pub fn check_op(&self, op: &Op) -> Result<Option<u16>, KvError> {
+        let shard = match op {
+            Op::Get { key } | Op::Exists { key } | Op::Delete { key } | Op::Incr { key, .. } => {
+                self.check_key(key)?;
+                key_shard(key, self.shard_count)
+            }
+            Op::Put { key, value } | Op::Append { key, value } => {
+                self.check_key(key)?;
+                self.check_value(value.len())?;
+                key_shard(key, self.shard_count)
+            }
+            Op::Cas { key, new, .. } => {
+                self.check_key(key)?;
+                if let Some(value) = new {
+                    self.check_value(value.len())?;
+                }
+                key_shard(key, self.shard_count)
+            }
+            Op::MGet { keys } => {
+                self.check_count(keys.len())?;
+                for key in keys {
+                    self.check_key(key)?;
+                }
+                self.common_shard(keys.iter())?
+            }
+            Op::MPut { pairs } => {
+                self.check_count(pairs.len())?;
+                for (key, value) in pairs {
+                    self.check_key(key)?;
+                    self.check_value(value.len())?;
+                }
+                self.common_shard(pairs.iter().map(|(k, _)| k))?
+            }
+            Op::OpenSession | Op::CloseSession => return Ok(None),
+        };
+        Ok(Some(shard))
+    }
+
+    fn check_key(&self, key: &Bytes) -> Result<(), KvError> {
+        if key.len() > self.key_bytes_max as usize {
+            return Err(KvError::KeyTooLarge {
+                size_bytes: key.len() as u64,
+                size_bytes_max: u64::from(self.key_bytes_max),
+            });
+        }
+        Ok(())
+    }
+
+    fn check_value(&self, size_bytes: usize) -> Result<(), KvError> {
+        if size_bytes > self.value_bytes_max as usize {
+            return Err(KvError::ValueTooLarge {
+                size_bytes: size_bytes as u64,
+                size_bytes_max: u64::from(self.value_bytes_max),
+            });
+        }
+        Ok(())
+    }
+
+    fn check_count(&self, count: usize) -> Result<(), KvError> {
+        if count == 0 || count > self.multi_keys_max as usize {
+            return Err(KvError::TooManyKeys {
+                count: count as u64,
+                count_max: u64::from(self.multi_keys_max),
+            });
+        }
+        Ok(())
+    }
+
+    fn common_shard<'k>(&self, mut keys: impl Iterator<Item = &'k Bytes>) -> Result<u16, KvError> {
+        let Some(first) = keys.next() else {
+            unreachable!("check_count refused an empty key list");
+        };
+        let shard_first = key_shard(first, self.shard_count);
+        for key in keys {
+            let shard_other = key_shard(key, self.shard_count);
+            if shard_other != shard_first {
+                return Err(KvError::CrossShard {
+                    shard_first,
+                    shard_other,
+                });
+            }
+        }
+        Ok(shard_first)
+    }
+}
+
 /// How a read may be served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReadConsistency {
@@ -314,89 +404,12 @@ impl StateMachine {
 
     /// Checks limits and routing of a write; returns its shard. Nothing is changed on error.
     fn write_shard(&self, op: &Op) -> Result<u16, KvError> {
-        let shard = match op {
-            Op::Put { key, value } => {
-                self.check_key(key)?;
-                self.check_value(value.len())?;
-                self.shard_of(key)
-            }
-            Op::Append { key, .. }
-            | Op::Delete { key }
-            | Op::Incr { key, .. }
-            | Op::Cas { key, .. } => {
-                self.check_key(key)?;
-                if let Op::Cas { new: Some(v), .. } = op {
-                    self.check_value(v.len())?;
-                }
-                self.shard_of(key)
-            }
-            Op::MPut { pairs } => {
-                self.check_count(pairs.len())?;
-                for (key, value) in pairs {
-                    self.check_key(key)?;
-                    self.check_value(value.len())?;
-                }
-                self.common_shard(pairs.iter().map(|(k, _)| k))?
-            }
-            Op::Get { .. }
-            | Op::Exists { .. }
-            | Op::MGet { .. }
-            | Op::OpenSession
-            | Op::CloseSession => unreachable!("not a data write"),
-        };
+        let shard = self
+            .config
+            .check_op(op)?
+            .expect("session ops are handled before data writes");
         self.check_shard(shard, ReadConsistency::Linearizable)?;
         Ok(shard)
-    }
-
-    fn check_key(&self, key: &Bytes) -> Result<(), KvError> {
-        if key.len() > self.config.key_bytes_max as usize {
-            return Err(KvError::KeyTooLarge {
-                size_bytes: key.len() as u64,
-                size_bytes_max: u64::from(self.config.key_bytes_max),
-            });
-        }
-        Ok(())
-    }
-
-    fn check_value(&self, size_bytes: usize) -> Result<(), KvError> {
-        if size_bytes > self.config.value_bytes_max as usize {
-            return Err(KvError::ValueTooLarge {
-                size_bytes: size_bytes as u64,
-                size_bytes_max: u64::from(self.config.value_bytes_max),
-            });
-        }
-        Ok(())
-    }
-
-    fn check_count(&self, count: usize) -> Result<(), KvError> {
-        if count > self.config.multi_keys_max as usize {
-            return Err(KvError::TooManyKeys {
-                count: count as u64,
-                count_max: u64::from(self.config.multi_keys_max),
-            });
-        }
-        Ok(())
-    }
-
-    fn common_shard<'k>(&self, mut keys: impl Iterator<Item = &'k Bytes>) -> Result<u16, KvError> {
-        let Some(first) = keys.next() else {
-            // The decoder rejects empty multi-key commands; a hand-built one gets a clear error.
-            return Err(KvError::TooManyKeys {
-                count: 0,
-                count_max: u64::from(self.config.multi_keys_max),
-            });
-        };
-        let shard_first = self.shard_of(first);
-        for key in keys {
-            let shard_other = self.shard_of(key);
-            if shard_other != shard_first {
-                return Err(KvError::CrossShard {
-                    shard_first,
-                    shard_other,
-                });
-            }
-        }
-        Ok(shard_first)
     }
 
     fn check_shard(&self, shard: u16, consistency: ReadConsistency) -> Result<(), KvError> {
@@ -505,8 +518,7 @@ impl StateMachine {
     fn try_read(&self, op: &Op, consistency: ReadConsistency) -> Result<Outcome, KvError> {
         match op {
             Op::Get { key } | Op::Exists { key } => {
-                self.check_key(key)?;
-                let shard = self.shard_of(key);
+                let shard = self.config.check_op(op)?.expect("a data op has a shard");
                 self.check_shard(shard, consistency)?;
                 let value = self.shards.get(&shard).and_then(|s| s.data.get(key));
                 Ok(match op {
@@ -515,11 +527,7 @@ impl StateMachine {
                 })
             }
             Op::MGet { keys } => {
-                self.check_count(keys.len())?;
-                for key in keys {
-                    self.check_key(key)?;
-                }
-                let shard = self.common_shard(keys.iter())?;
+                let shard = self.config.check_op(op)?.expect("a data op has a shard");
                 self.check_shard(shard, consistency)?;
                 let data = &self.shards.get(&shard).expect("checked").data;
                 Ok(Outcome::Values(
