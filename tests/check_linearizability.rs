@@ -525,3 +525,32 @@ fn appends_seen_in_an_impossible_order_are_caught() {
         "k",
     );
 }
+
+#[test]
+fn an_operation_completing_at_the_end_of_time_is_still_checked() {
+    // Completion time u64::MAX must not be mistaken for "timed out".
+    let late_get = rec(
+        1,
+        OpKind::Get,
+        "k",
+        None,
+        0,
+        Some(u64::MAX),
+        Some("nonsense"),
+        Status::Ok,
+    );
+    let timed_out = rec(
+        2,
+        OpKind::Put,
+        "k",
+        Some("v"),
+        0,
+        None,
+        None,
+        Status::Timeout,
+    );
+    assert_not_linearizable(&[late_get.clone(), timed_out.clone()], "k");
+    let mut fine = late_get;
+    fine.result = Some(JsonBytes::from("v"));
+    assert_linearizable(&[fine, timed_out]);
+}

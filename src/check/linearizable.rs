@@ -104,7 +104,11 @@ enum Input {
 #[derive(Debug, Clone)]
 struct KeyOp {
     call: u64,
+    /// u64::MAX for a timed-out operation (it returns "at infinity").
     ret: u64,
+    /// Possibly applied, possibly not: need not be linearized. An explicit flag, not `ret ==
+    /// u64::MAX`, so a completed operation stamped u64::MAX stays mandatory.
+    timed_out: bool,
     input: Input,
     record: usize,
 }
@@ -196,7 +200,9 @@ pub fn check_history(records: &[Record], config: &CheckConfig) -> CheckReport {
         if r.status == Status::Fail {
             continue;
         }
-        let timed_out = r.status == Status::Timeout;
+        // A completed record without a complete time (not validated) is treated as timed out:
+        // its return time is unknown.
+        let timed_out = r.status == Status::Timeout || r.complete.is_none();
         let value = || r.value.as_ref().map(|v| v.0.clone()).unwrap_or_default();
         let input = match r.op {
             OpKind::Put => Input::Put(value()),
@@ -207,12 +213,12 @@ pub fn check_history(records: &[Record], config: &CheckConfig) -> CheckReport {
         };
         let ret = match (timed_out, r.complete) {
             (false, Some(complete)) => complete.max(r.invoke),
-            // A validated record always has a complete time unless it timed out.
             _ => u64::MAX,
         };
         by_key.entry(&r.key).or_default().push(KeyOp {
             call: r.invoke,
             ret,
+            timed_out,
             input,
             record: i,
         });
@@ -277,7 +283,7 @@ const UNOBSERVED_LENGTHS_MAX: usize = 64;
 /// read: dropping them keeps the search near-linear. Empty values are kept (always "contained").
 fn drop_unobserved_timeouts(ops: &mut Vec<KeyOp>) {
     let is_candidate = |op: &KeyOp| {
-        op.ret == u64::MAX && matches!(&op.input, Input::Put(v) | Input::Append(v) if !v.is_empty())
+        op.timed_out && matches!(&op.input, Input::Put(v) | Input::Append(v) if !v.is_empty())
     };
     if !ops.iter().any(is_candidate) {
         return;
@@ -420,10 +426,12 @@ impl Events {
     fn new(ops: &[KeyOp]) -> Events {
         let n = ops.len();
         // (time, 0 = call / 1 = return, op): calls first at equal times.
+        // Kind 0 = call, 1 = return, 2 = timed-out return: calls first at equal times, and
+        // timed-out returns after every real one (they are "at infinity").
         let mut order: Vec<(u64, u8, u32)> = Vec::with_capacity(2 * n);
         for (i, op) in ops.iter().enumerate() {
             order.push((op.call, 0, i as u32));
-            order.push((op.ret, 1, i as u32));
+            order.push((op.ret, if op.timed_out { 2 } else { 1 }, i as u32));
         }
         order.sort_unstable();
         let nodes = 2 * n;
@@ -580,7 +588,7 @@ impl<'a> Search<'a> {
         let mut class_index = Vec::with_capacity(ops.len());
         let (mut finite_count, mut timed_out_count) = (0usize, 0usize);
         for op in ops {
-            if op.ret == u64::MAX {
+            if op.timed_out {
                 class_index.push(timed_out_count);
                 timed_out_count += 1;
             } else {
@@ -606,7 +614,7 @@ impl<'a> Search<'a> {
     }
 
     fn timed_out(&self, op: usize) -> bool {
-        self.ops[op].ret == u64::MAX
+        self.ops[op].timed_out
     }
 
     /// A read that may be linearized now and sees the current state.
@@ -783,6 +791,7 @@ mod tests {
         let op = |input, ret| KeyOp {
             call: 0,
             ret,
+            timed_out: ret == u64::MAX,
             input,
             record: 0,
         };
