@@ -426,6 +426,7 @@ fn thousands_of_operations_on_one_key_check_within_the_step_budget() {
     let history = random_linearizable_history(7, 8, 500, 1);
     let config = CheckConfig {
         steps_max_per_key: 1_000_000,
+        memo_bytes_max_per_key: 1 << 30,
         time_budget: None,
         missing_equals_empty: false,
     };
@@ -451,6 +452,7 @@ fn an_exhausted_budget_gives_unknown_not_a_verdict() {
     let history = random_linearizable_history(3, 8, 50, 1);
     let config = CheckConfig {
         steps_max_per_key: 10,
+        memo_bytes_max_per_key: 1 << 30,
         time_budget: None,
         missing_equals_empty: false,
     };
@@ -458,6 +460,16 @@ fn an_exhausted_budget_gives_unknown_not_a_verdict() {
         Verdict::Unknown { keys } => assert_eq!(keys, vec![JsonBytes::from("k0")]),
         other => panic!("{other:?}"),
     }
+    let config = CheckConfig {
+        steps_max_per_key: u64::MAX,
+        memo_bytes_max_per_key: 1000,
+        time_budget: None,
+        missing_equals_empty: false,
+    };
+    assert!(matches!(
+        check_history(&history, &config).verdict,
+        Verdict::Unknown { .. }
+    ));
 }
 
 #[test]

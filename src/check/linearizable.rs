@@ -36,8 +36,10 @@
 //! 3000). A step costs a bitset clone and an Fx hash of it; states carry an incrementally
 //! updated fingerprint, so long values are not rehashed. Mixed writes at 10+ concurrent
 //! clients on one key can need millions of steps: the step budget then gives `Unknown`, so
-//! workloads should spread clients over keys. Memory: one cache entry per step of about
-//! n/8 bytes plus the value (values are shared `Bytes`).
+//! workloads should spread clients over keys. Memory: at most one cache entry per step, of
+//! about n/8 bytes plus the value (values are shared `Bytes`), bounded by
+//! `memo_bytes_max_per_key` (512 MiB by default; a 4000-operation key reaches it after ~0.8M
+//! entries).
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -52,6 +54,8 @@ use super::history::{JsonBytes, OpKind, Record, Status};
 pub struct CheckConfig {
     /// Search steps allowed per key before the key's verdict is Unknown.
     pub steps_max_per_key: u64,
+    /// Memory the memo cache of one key may use (estimated) before its verdict is Unknown.
+    pub memo_bytes_max_per_key: usize,
     /// Wall-clock budget for the whole check; None = only the step limit.
     pub time_budget: Option<Duration>,
     /// Treat a missing key and an empty value as equal (Porcupine's and Jepsen's KV models
@@ -63,6 +67,7 @@ impl Default for CheckConfig {
     fn default() -> Self {
         CheckConfig {
             steps_max_per_key: 2_000_000,
+            memo_bytes_max_per_key: 512 << 20,
             time_budget: Some(Duration::from_secs(60)),
             missing_equals_empty: false,
         }
@@ -408,6 +413,9 @@ impl Hasher for FxHasher {
     }
 }
 
+/// Hash table slot, vectors' headers and the state handle of one memo entry, roughly.
+const MEMO_ENTRY_OVERHEAD_BYTES: usize = 96;
+
 /// Pending reads whose results are checked against a new state at each search step.
 const PENDING_READS_CHECKED_MAX: usize = 64;
 
@@ -515,7 +523,7 @@ fn check_key(ops: &[KeyOp], config: &CheckConfig, deadline: Option<Instant>) -> 
     let mut entry = NIL;
     while search.pending_finite > 0 {
         steps += 1;
-        if steps > config.steps_max_per_key {
+        if steps > config.steps_max_per_key || search.memo_bytes > config.memo_bytes_max_per_key {
             return (KeyVerdict::Unknown, steps);
         }
         if steps % 4096 == 0 && deadline.is_some_and(|d| Instant::now() >= d) {
@@ -581,6 +589,8 @@ struct Search<'a> {
     state: State,
     /// Whether the key has any put or delete (if not, its value only grows).
     has_resets: bool,
+    /// Estimated memory held by `cache`.
+    memo_bytes: usize,
 }
 
 impl<'a> Search<'a> {
@@ -610,6 +620,7 @@ impl<'a> Search<'a> {
             has_resets: ops
                 .iter()
                 .any(|op| matches!(op.input, Input::Put(_) | Input::Delete)),
+            memo_bytes: 0,
         }
     }
 
@@ -729,6 +740,8 @@ impl<'a> Search<'a> {
             return false;
         }
         seen.retain(|x| !is_subset(&new_timed_out, x));
+        self.memo_bytes +=
+            (self.finite_set.len() + new_timed_out.len()) * 8 + MEMO_ENTRY_OVERHEAD_BYTES;
         seen.push(new_timed_out);
         let previous = std::mem::replace(&mut self.state, new_state);
         self.calls.push((call, previous, forced));
