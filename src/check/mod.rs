@@ -21,6 +21,6 @@ pub mod linearizable;
 
 pub use history::{
     read_history, read_history_dir, read_history_file, write_history, ClientId, HistoryError,
-    HistoryWriter, JsonBytes, OpKind, Record, Status,
+    HistoryWriter, JsonBytes, OpId, OpKind, Record, Recorder, Status,
 };
 pub use linearizable::{check_history, CheckConfig, CheckReport, Verdict};
