@@ -545,10 +545,10 @@ fn check_key(ops: &[KeyOp], config: &CheckConfig, deadline: Option<Instant>) -> 
             entry = search.events.next[search.events.head as usize];
         }
         // With a finite operation pending, its return is in the list, so a scan always stops at
-        // a return before the end of the list.
+        // a return before the end of the list; the end is handled like a return all the same.
         debug_assert_ne!(entry, NIL);
         let e = entry as usize;
-        if search.events.matching[e] != NIL {
+        if entry != NIL && search.events.matching[e] != NIL {
             // A call: try to linearize its operation here.
             if search.try_linearize(entry, false) {
                 restart = true;
