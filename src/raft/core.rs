@@ -466,6 +466,9 @@ impl RawNode {
             self.transfer_elapsed += 1;
             if self.transfer_elapsed >= self.cfg.election_ticks {
                 self.transferee = NODE_NONE;
+                if !self.conf.is_voter(self.id) {
+                    self.hand_off_leadership();
+                }
             }
         }
         if self.election_elapsed >= self.cfg.election_ticks {
@@ -846,12 +849,6 @@ impl RawNode {
         if self.role != Role::Leader {
             return;
         }
-        if !self.conf.is_voter(self.id) {
-            // Removed (or demoted): a replica outside the voters cannot lead.
-            self.stats.leader_step_downs += 1;
-            self.become_follower(self.term, NODE_NONE);
-            return;
-        }
         let last = self.log.last_index();
         let inflight_max = self.cfg.max_inflight_msgs;
         let members: Vec<NodeId> = self.conf.members().filter(|&m| m != self.id).collect();
@@ -870,6 +867,36 @@ impl RawNode {
         }
         self.maybe_commit();
         self.need_bcast = true;
+        if !self.conf.is_voter(self.id) {
+            self.hand_off_leadership();
+        }
+    }
+
+    /// This leader applied its own removal. Stepping down at once could strand the group: the
+    /// remaining voters may not know yet that the removal committed (so they still count us),
+    /// and our log may be longer than theirs (so we would refuse them our vote). Instead we keep
+    /// leading without counting ourselves, take no proposals, keep replicating (which carries
+    /// the commit index), and hand over to the most caught-up voter with TimeoutNow.
+    fn hand_off_leadership(&mut self) {
+        let Some((&to, _)) = self
+            .progress
+            .iter()
+            .filter(|(id, _)| self.conf.is_voter(**id))
+            .max_by_key(|(id, p)| (p.match_index, std::cmp::Reverse(**id)))
+        else {
+            return;
+        };
+        self.transferee = to;
+        self.transfer_elapsed = 0;
+        let caught_up = self
+            .progress
+            .get(&to)
+            .is_some_and(|p| p.match_index == self.log.last_index());
+        if caught_up {
+            self.send_timeout_now(to);
+        } else {
+            self.send_append(to, true);
+        }
     }
 
     // ----- step ------------------------------------------------------------------------------

@@ -307,6 +307,9 @@ fn change_membership(c: &mut Cluster<HashApp>, voters_target: usize) {
 
 fn partition(c: &mut Cluster<HashApp>, ids: &[NodeId]) {
     c.net.heal();
+    if ids.len() < 2 {
+        return;
+    }
     match c.rng.gen_range(0..3) {
         0 => {
             // A random split in two.
