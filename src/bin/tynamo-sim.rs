@@ -80,19 +80,12 @@ fn main() -> ExitCode {
                 }
             };
             failed += 1;
-            let code = if matches!(failure, Failure::Safety(_)) {
-                1
-            } else {
-                2
+            // Safety failures outrank liveness failures in the exit code.
+            exit = match failure {
+                Failure::Safety(_) => 1,
+                Failure::Liveness(_) if exit == 0 => 2,
+                Failure::Liveness(_) => exit,
             };
-            if exit == 0 || code == 1 {
-                exit = exit
-                    .max(code)
-                    .min(if code == 1 { 1 } else { exit.max(code) });
-            }
-            if code == 1 {
-                exit = 1;
-            }
             eprintln!("seed {seed} nodes {nodes}: FAILED: {failure}");
             if first_failure.is_none() {
                 first_failure = Some(format!(
