@@ -343,6 +343,12 @@ impl<A: App> Cluster<A> {
     /// Registers a linearizable read at the leader. Returns its id.
     pub fn read(&mut self) -> Option<u64> {
         let leader = self.leader()?;
+        self.read_at(leader)
+    }
+
+    /// Registers a read at `leader`, which may be a stale leader that does not know it was
+    /// deposed: it must not answer with an index that misses an acknowledged write.
+    pub fn read_at(&mut self, leader: NodeId) -> Option<u64> {
         let i = self.idx(leader);
         let ctx = self.next_id;
         let incarnation = self.nodes[i].incarnation;

@@ -158,7 +158,15 @@ pub fn run_seed(seed: u64, opts: &RunOptions) -> Result<RunSummary, Failure> {
             let _ = c.propose(Bytes::from(data));
         }
         if c.rng.gen_bool(0.05) {
-            let _ = c.read();
+            // Any node that believes it leads, stale leaders included.
+            let leaders: Vec<NodeId> = ids
+                .iter()
+                .copied()
+                .filter(|&id| c.raft(id).is_some_and(|r| r.role() == Role::Leader))
+                .collect();
+            if let Some(&l) = leaders.choose(&mut c.rng) {
+                let _ = c.read_at(l);
+            }
         }
         if f.crash && c.rng.gen_bool(0.004) {
             let id = *ids.choose(&mut c.rng).unwrap_or(&1);
