@@ -8,7 +8,8 @@
 //!    stored log), `entries()` (truncate the stored log from the first entry's index, then
 //!    append), `hard_state()`. Writes complete (become durable) in the order they were started.
 //!    `must_write()` says whether a write is needed at all; a write with nothing in it is still
-//!    an ordering barrier for `persisted_messages`.
+//!    an ordering barrier for `persisted_messages`. `must_sync()` says whether it needs an
+//!    fsync (a commit-index-only change does not); unsynced writes still complete in order.
 //! 2. Send `messages()` at once: they do not depend on the write (the leader's AppendEntries
 //!    leave before its own fsync: the leader counts itself only once `on_persisted` says so).
 //! 3. Send `persisted_messages()` only after this write and every earlier one are durable:
@@ -109,6 +110,8 @@ pub struct Ready {
     committed_entries: Vec<Entry>,
     read_states: Vec<ReadState>,
     mark: WriteMark,
+    /// The hard state of the previous `Ready`, to tell a commit-only change apart.
+    prev_hard_state: HardState,
 }
 
 impl Ready {
@@ -118,6 +121,18 @@ impl Ready {
             || !self.entries.is_empty()
             || self.snapshot.is_some()
             || !self.persisted_messages.is_empty()
+    }
+    /// The write must be fsynced before `on_persisted`: it carries entries, a snapshot, a new
+    /// term or vote, or messages that promise durability. A write whose only change is the
+    /// commit index need not be synced (like etcd's `MustSync`): a lost commit index is
+    /// learned again from the leader.
+    pub fn must_sync(&self) -> bool {
+        !self.entries.is_empty()
+            || self.snapshot.is_some()
+            || !self.persisted_messages.is_empty()
+            || self.hard_state.is_some_and(|hs| {
+                hs.term != self.prev_hard_state.term || hs.vote != self.prev_hard_state.vote
+            })
     }
     pub fn hard_state(&self) -> Option<HardState> {
         self.hard_state
@@ -789,6 +804,7 @@ impl RawNode {
         self.need_round = false;
         let mut rd = Ready::default();
         let hs = self.hard_state();
+        rd.prev_hard_state = self.last_hs;
         if hs != self.last_hs {
             rd.hard_state = Some(hs);
             self.last_hs = hs;
