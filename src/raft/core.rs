@@ -1226,9 +1226,12 @@ impl RawNode {
         pr.recent_active = true;
         match m.body {
             MessageBody::AppendResp {
-                index,
-                reject: Some(hint),
+                reject: Some(hint), ..
             } => {
+                if hint.rejected_index > self.log.last_index() {
+                    // We never sent a prev_index beyond our log, which only grows.
+                    return Err(Dropped::Malformed("reject of an index we never sent"));
+                }
                 let next = if hint.conflict_term > 0 {
                     let idx = self
                         .log
@@ -1241,9 +1244,9 @@ impl RawNode {
                 } else {
                     hint.conflict_index
                 };
-                let _ = index;
+                let next = next.clamp(1, self.log.last_index() + 1);
                 let pr = self.progress.get_mut(&m.from).ok_or(Dropped::UnknownPeer)?;
-                if pr.maybe_decr_to(hint.rejected_index, next.max(1)) {
+                if pr.maybe_decr_to(hint.rejected_index, next) {
                     self.send_append(m.from, true);
                 }
                 Ok(())
@@ -1547,7 +1550,11 @@ impl RawNode {
             if pr.is_paused() {
                 return;
             }
-            let next = pr.next_index;
+            debug_assert!(
+                pr.next_index >= 1 && pr.next_index <= last + 1,
+                "next index out of the log"
+            );
+            let next = pr.next_index.clamp(1, last + 1);
             if next > last && !allow_empty {
                 return;
             }
