@@ -897,3 +897,52 @@ fn same_seed_same_run() {
     let other = run_seed(43, &opts).unwrap();
     assert_ne!(a.digest, other.digest);
 }
+
+#[test]
+fn learner_is_promoted_only_after_catching_up() {
+    let mut cfg = ClusterConfig::new(3);
+    cfg.raft.promote_lag_entries_max = 5;
+    let mut c: Sim = Cluster::new(cfg, 31);
+    wait_leader(&mut c);
+    let new = c.add_node();
+    c.propose_conf_change(ConfChange::AddLearner(new)).unwrap();
+    let ok = c
+        .run_until(ELECTION * 10, |c| {
+            c.ids()
+                .iter()
+                .all(|&id| c.raft(id).unwrap().conf().is_learner(new))
+        })
+        .unwrap();
+    assert!(ok);
+    // Cut the learner off and move the log well past the lag limit.
+    c.net.isolate(new, c.ids());
+    for i in 0..20u8 {
+        commit(&mut c, &[i]);
+    }
+    let refused = c.propose_conf_change(ConfChange::PromoteLearner(new));
+    assert!(
+        matches!(refused, Err(tynamo::raft::ProposeError::LearnerBehind { id, .. }) if id == new),
+        "{refused:?}"
+    );
+    // A learner never counts: the group committed all of that without it.
+    assert!(!c.raft(c.leader().unwrap()).unwrap().conf().is_voter(new));
+    c.net.heal();
+    let target = c.checker.committed_len();
+    wait_all_applied(&mut c, target);
+    // The leader learns of the catch-up with the learner's next acks.
+    let mut accepted = false;
+    for _ in 0..ELECTION {
+        if c.propose_conf_change(ConfChange::PromoteLearner(new))
+            .is_ok()
+        {
+            accepted = true;
+            break;
+        }
+        c.step().unwrap();
+    }
+    assert!(accepted, "promotion of a caught-up learner refused");
+    let ok = c
+        .run_until(ELECTION * 10, |c| c.raft(new).unwrap().conf().is_voter(new))
+        .unwrap();
+    assert!(ok, "the caught-up learner was not promoted");
+}

@@ -794,9 +794,12 @@ impl RawNode {
             }
             if self.need_bcast {
                 self.need_bcast = false;
-                let ids: Vec<NodeId> = self.progress.keys().copied().collect();
-                for id in ids {
+                // Walk the followers in id order without allocating: a group has at most a
+                // handful, and `send_append` needs `&mut self`.
+                let mut next = self.progress.keys().next().copied();
+                while let Some(id) = next {
                     self.send_append(id, false);
+                    next = self.progress.range(id + 1..).next().map(|(&k, _)| k);
                 }
             }
         }
