@@ -143,3 +143,88 @@ impl SimDisk {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::{EntryKind, WriteMark};
+    use bytes::Bytes;
+
+    fn ent(index: u64, term: u64) -> Entry {
+        Entry {
+            index,
+            term,
+            kind: EntryKind::Normal,
+            data: Bytes::new(),
+        }
+    }
+
+    #[test]
+    fn writes_complete_in_order_and_a_crash_loses_unsynced_ones() {
+        let mut d = SimDisk::new(InitialState::default());
+        d.submit(
+            10,
+            None,
+            None,
+            vec![ent(1, 1), ent(2, 1)],
+            WriteMark::default(),
+            vec![],
+        );
+        // A later write with a shorter latency still completes after the first.
+        d.submit(
+            3,
+            Some(HardState {
+                term: 1,
+                vote: 0,
+                commit: 2,
+            }),
+            None,
+            vec![ent(3, 1)],
+            WriteMark::default(),
+            vec![],
+        );
+        assert!(d.next_completed(5).is_none());
+        assert!(d.next_completed(10).is_some());
+        assert_eq!(d.entries().len(), 2);
+        d.submit(
+            20,
+            None,
+            None,
+            vec![ent(2, 2)],
+            WriteMark::default(),
+            vec![],
+        );
+        assert!(d.next_completed(10).is_some());
+        assert_eq!(d.entries().len(), 3);
+        d.crash();
+        assert_eq!(d.pending_writes(), 0);
+        let s = d.initial_state();
+        assert_eq!(
+            s.entries
+                .iter()
+                .map(|e| (e.index, e.term))
+                .collect::<Vec<_>>(),
+            vec![(1, 1), (2, 1), (3, 1)]
+        );
+        assert_eq!(s.hard_state.commit, 2);
+    }
+
+    #[test]
+    fn a_write_truncates_from_its_first_entry() {
+        let mut d = SimDisk::new(InitialState::default());
+        d.submit(
+            0,
+            None,
+            None,
+            vec![ent(1, 1), ent(2, 1), ent(3, 1)],
+            WriteMark::default(),
+            vec![],
+        );
+        d.submit(0, None, None, vec![ent(2, 2)], WriteMark::default(), vec![]);
+        while d.next_completed(0).is_some() {}
+        assert_eq!(
+            d.entries().iter().map(|e| e.term).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+    }
+}
