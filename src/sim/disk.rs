@@ -3,7 +3,9 @@
 
 use std::collections::VecDeque;
 
-use crate::raft::{ConfState, Entry, HardState, InitialState, Message, Snapshot, WriteMark};
+use crate::raft::{
+    ConfState, Entry, HardState, InitialState, LogStore, Message, Snapshot, WriteMark,
+};
 
 struct PendingWrite {
     done_at: u64,
@@ -73,27 +75,8 @@ impl SimDisk {
         }
         let w = self.pending.pop_front()?;
         self.writes += 1;
-        if let Some(s) = w.snapshot {
-            self.entries.clear();
-            self.snapshot = Some(s);
-        }
-        if let Some(first) = w.entries.first() {
-            let base = self.snapshot.as_ref().map_or(0, |s| s.meta.index);
-            let keep = first.index.saturating_sub(base + 1) as usize;
-            self.entries.truncate(keep.min(self.entries.len()));
-            for e in w.entries {
-                if e.index > base {
-                    assert_eq!(
-                        e.index,
-                        base + self.entries.len() as u64 + 1,
-                        "sim disk: gap in the log"
-                    );
-                    self.entries.push(e);
-                }
-            }
-        }
-        if let Some(hs) = w.hard_state {
-            self.hard_state = hs;
+        if let Err(never) = self.write(w.snapshot, w.entries, w.hard_state) {
+            match never {}
         }
         Some(Completion {
             mark: w.mark,
@@ -103,14 +86,9 @@ impl SimDisk {
 
     /// The service made a snapshot durable and the log before it may go.
     pub fn store_snapshot(&mut self, snapshot: Snapshot) {
-        let index = snapshot.meta.index;
-        let base = self.snapshot.as_ref().map_or(0, |s| s.meta.index);
-        if index <= base {
-            return;
+        if let Err(never) = self.compact(snapshot) {
+            match never {}
         }
-        let drop = ((index - base) as usize).min(self.entries.len());
-        self.entries.drain(..drop);
-        self.snapshot = Some(snapshot);
     }
 
     /// Power loss: unsynced writes are gone.
@@ -141,6 +119,58 @@ impl SimDisk {
             entries: self.entries.clone(),
             conf: self.bootstrap_conf.clone(),
         }
+    }
+}
+
+/// The durable part of the simulated disk: what survives a crash.
+impl LogStore for SimDisk {
+    type Error = std::convert::Infallible;
+
+    fn initial_state(&self) -> Result<InitialState, Self::Error> {
+        Ok(SimDisk::initial_state(self))
+    }
+
+    fn write(
+        &mut self,
+        snapshot: Option<Snapshot>,
+        entries: Vec<Entry>,
+        hard_state: Option<HardState>,
+    ) -> Result<(), Self::Error> {
+        if let Some(s) = snapshot {
+            self.entries.clear();
+            self.snapshot = Some(s);
+        }
+        if let Some(first) = entries.first() {
+            let base = self.snapshot.as_ref().map_or(0, |s| s.meta.index);
+            let keep = first.index.saturating_sub(base + 1) as usize;
+            self.entries.truncate(keep.min(self.entries.len()));
+            for e in entries {
+                if e.index > base {
+                    assert_eq!(
+                        e.index,
+                        base + self.entries.len() as u64 + 1,
+                        "sim disk: gap in the log"
+                    );
+                    self.entries.push(e);
+                }
+            }
+        }
+        if let Some(hs) = hard_state {
+            self.hard_state = hs;
+        }
+        Ok(())
+    }
+
+    fn compact(&mut self, snapshot: Snapshot) -> Result<(), Self::Error> {
+        let index = snapshot.meta.index;
+        let base = self.snapshot.as_ref().map_or(0, |s| s.meta.index);
+        if index <= base {
+            return Ok(());
+        }
+        let drop = ((index - base) as usize).min(self.entries.len());
+        self.entries.drain(..drop);
+        self.snapshot = Some(snapshot);
+        Ok(())
     }
 }
 
