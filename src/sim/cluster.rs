@@ -75,6 +75,9 @@ pub struct SimNode<A: App> {
     pub app: A,
     pub incarnation: u32,
     pub slow_disk: bool,
+    /// Clock skew: this replica misses a tick with this probability (per million), so its
+    /// clock runs slow against the others (the lease must tolerate it, see `lease_drift_ticks`).
+    pub tick_skip_per_million: u32,
     applied_since_snapshot: u64,
 }
 
@@ -160,6 +163,7 @@ impl<A: App> Cluster<A> {
                 app: A::default(),
                 incarnation: 0,
                 slow_disk: false,
+                tick_skip_per_million: 0,
                 applied_since_snapshot: 0,
             });
         }
@@ -244,6 +248,7 @@ impl<A: App> Cluster<A> {
             app: A::default(),
             incarnation: 0,
             slow_disk: false,
+            tick_skip_per_million: 0,
             applied_since_snapshot: 0,
         });
         id
@@ -384,8 +389,12 @@ impl<A: App> Cluster<A> {
         self.now += 1;
         self.steps += 1;
         for n in &mut self.nodes {
+            let skip = n.tick_skip_per_million > 0
+                && self.rng.gen_range(0..1_000_000) < n.tick_skip_per_million;
             if let Some(r) = n.raft.as_mut() {
-                r.tick();
+                if !skip {
+                    r.tick();
+                }
             }
         }
         self.settle()?;
