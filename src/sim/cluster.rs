@@ -568,16 +568,26 @@ impl<A: App> Cluster<A> {
             }
         }
         for rs in rd.take_read_states() {
-            if let Some(r) = self.reads.remove(&rs.ctx) {
+            if let Some(r) = self.reads.get_mut(&rs.ctx) {
                 self.checker.on_read(id, rs.index, r.acked_at_start)?;
-                self.read_outcomes.insert(
-                    rs.ctx,
-                    ReadOutcome::Ready {
-                        node: id,
-                        index: rs.index,
-                    },
-                );
+                r.index = Some(rs.index);
             }
+        }
+        // A confirmed read is served once the state machine has caught up with its index.
+        let applied = self.nodes[i]
+            .raft
+            .as_ref()
+            .map_or(0, |r| r.status().applied);
+        let served: Vec<(u64, Index)> = self
+            .reads
+            .iter()
+            .filter(|(_, r)| r.node == id && r.index.is_some_and(|x| x <= applied))
+            .map(|(&ctx, r)| (ctx, r.index.unwrap_or(0)))
+            .collect();
+        for (ctx, index) in served {
+            self.reads.remove(&ctx);
+            self.read_outcomes
+                .insert(ctx, ReadOutcome::Ready { node: id, index });
         }
         let every = self.cfg.snapshot_every_entries;
         let node = &mut self.nodes[i];
@@ -644,9 +654,7 @@ impl<A: App> Cluster<A> {
         let gone: Vec<u64> = self
             .reads
             .iter()
-            .filter(|(_, r)| {
-                r.deadline <= now || !alive(r.node, r.incarnation) || r.index.is_some()
-            })
+            .filter(|(_, r)| r.deadline <= now || !alive(r.node, r.incarnation))
             .map(|(&id, _)| id)
             .collect();
         for id in gone {
