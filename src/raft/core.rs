@@ -921,7 +921,9 @@ impl RawNode {
     // ----- step ------------------------------------------------------------------------------
 
     /// Feeds one message from the network. Malformed, misaddressed or stale messages are
-    /// dropped, counted, and reported in the `Err`; the node's state is unchanged by them.
+    /// dropped, counted, and reported in the `Err`; they never panic the node, and they change
+    /// nothing beyond what any message of that term would (a newer term is still adopted, and
+    /// a stale leader is told about it).
     pub fn step(&mut self, m: Message) -> Result<(), Dropped> {
         let result = self.step_inner(m);
         if let Err(d) = result {
@@ -1139,8 +1141,7 @@ impl RawNode {
                 entries,
             } => {
                 self.accept_leader(m.from);
-                self.handle_append(prev_index, prev_term, commit, &entries);
-                Ok(())
+                self.handle_append(prev_index, prev_term, commit, &entries)
             }
             MessageBody::Heartbeat { commit, round } => {
                 self.accept_leader(m.from);
@@ -1362,7 +1363,7 @@ impl RawNode {
         prev_term: Term,
         commit: Index,
         entries: &[Entry],
-    ) {
+    ) -> Result<(), Dropped> {
         let committed = self.log.committed;
         // Our committed prefix matches every leader's log (leader completeness).
         self.leader_match = self.leader_match.max(committed);
@@ -1395,14 +1396,19 @@ impl RawNode {
                     reject: Some(hint),
                 },
             );
-            return;
+            return Ok(());
         }
-        debug_assert!(
-            entries
-                .iter()
-                .all(|e| e.index > self.leader_match || self.log.match_term(e.index, e.term)),
-            "the same leader sent a conflicting entry at or below its matched index"
-        );
+        // This leader's log only grows, so nothing it sends can conflict with what it already
+        // matched with us; a message that does is broken and would make us cut acked entries.
+        let contradicts = entries
+            .iter()
+            .take_while(|e| e.index <= self.leader_match)
+            .any(|e| !self.log.match_term(e.index, e.term));
+        if contradicts {
+            return Err(Dropped::Malformed(
+                "append contradicts entries the leader already matched",
+            ));
+        }
         let last_new = self.log.append_after_match(prev_index, entries);
         self.leader_match = self.leader_match.max(last_new);
         self.log.commit_to(commit.min(self.leader_match));
@@ -1411,6 +1417,7 @@ impl RawNode {
         if self.log.persisted().min(self.leader_match) >= last_new {
             self.maybe_ack(true);
         }
+        Ok(())
     }
 
     /// Acks the durable prefix that matches the leader, when it grew (or when `force`).
