@@ -300,7 +300,6 @@ pub struct RawNode {
     randomized_election_ticks: u32,
     // Candidate.
     votes: BTreeMap<NodeId, bool>,
-    transfer_campaign: bool,
     // Follower.
     /// Highest index known to match the current leader's log (reset when the term changes).
     leader_match: Index,
@@ -371,7 +370,6 @@ impl RawNode {
             heartbeat_elapsed: 0,
             randomized_election_ticks: cfg.election_ticks,
             votes: BTreeMap::new(),
-            transfer_campaign: false,
             leader_match: 0,
             acked_index: 0,
             incoming_snapshot: None,
@@ -1763,7 +1761,6 @@ impl RawNode {
         self.need_round = false;
         self.need_bcast = false;
         self.uncommitted_bytes = 0;
-        self.transfer_campaign = false;
     }
 
     fn become_follower(&mut self, term: Term, leader: NodeId) {
@@ -1824,7 +1821,6 @@ impl RawNode {
         self.reset_common(self.term + 1);
         self.role = Role::Candidate;
         self.vote = self.id;
-        self.transfer_campaign = transfer;
         self.votes.insert(self.id, true);
         let (last_index, last_term) = (self.log.last_index(), self.log.last_term());
         for v in self.conf.voters.clone() {
