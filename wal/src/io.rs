@@ -136,10 +136,13 @@ pub async fn close_rc(file: Rc<DmaFile>, path: &Path) -> Result<()> {
     }
 }
 
-/// Devices (st_dev) whose io_uring poll support glommio has already probed in this process.
-static PROBED_DEVICES: std::sync::Mutex<Vec<u64>> = std::sync::Mutex::new(Vec::new());
+thread_local! {
+    /// Devices (st_dev) whose io_uring poll support glommio has probed on this thread. glommio
+    /// keeps its verdict per thread (one executor per thread), so the probe is per thread too.
+    static PROBED_DEVICES: std::cell::RefCell<Vec<u64>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
-/// glommio 0.9 decides once per device and process whether DMA I/O may use the polled ring, by
+/// glommio 0.9 decides once per device and executor thread whether DMA I/O may use the polled ring, by
 /// reading the first `alignment` bytes of the first DMA file opened there. If that file is
 /// empty the read succeeds at EOF without touching the device, the device is wrongly marked
 /// pollable, and every later DMA read fails with EOPNOTSUPP (seen on this machine's virtio
@@ -149,13 +152,8 @@ pub async fn probe_device_once(dir: &Path) -> Result<()> {
     let dev = std::fs::metadata(dir)
         .map_err(io_err("stat", dir, None))?
         .dev();
-    {
-        let probed = PROBED_DEVICES
-            .lock()
-            .map_err(|_| Error::InvalidOptions("probe registry poisoned".into()))?;
-        if probed.contains(&dev) {
-            return Ok(());
-        }
+    if PROBED_DEVICES.with(|p| p.borrow().contains(&dev)) {
+        return Ok(());
     }
     let path = dir.join(".iopoll-probe");
     std::fs::write(&path, [0u8; 4096]).map_err(io_err("write", &path, Some(0)))?;
@@ -164,8 +162,6 @@ pub async fn probe_device_once(dir: &Path) -> Result<()> {
         .map_err(io_err("open", &path, None))?;
     file.close().await.map_err(io_err("close", &path, None))?;
     std::fs::remove_file(&path).map_err(io_err("remove", &path, None))?;
-    if let Ok(mut probed) = PROBED_DEVICES.lock() {
-        probed.push(dev);
-    }
+    PROBED_DEVICES.with(|p| p.borrow_mut().push(dev));
     Ok(())
 }

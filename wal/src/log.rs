@@ -19,8 +19,8 @@
 //!
 //! # Truncation is append-only
 //! A record whose index is at most last+1 overwrites the suffix from its index on (etcd's WAL
-//! does the same on replay). `truncate_suffix` inside the tail segment is therefore only an
-//! in-memory cut: the new records appended after it persist the cut. A cut in an older segment
+//! does the same on replay). `truncate_suffix` inside the tail segment appends a truncation
+//! marker record (no payload) and syncs it. A cut in an older segment
 //! seals the tail, starts a new segment whose header says `first_index = from`, and removes the
 //! superseded segments. Nothing is ever rewritten in place except the identical partial block.
 //!
@@ -50,8 +50,8 @@ use crate::error::{io_err, Error, Result};
 use crate::io::{close_rc, create_zeroed, open_rw, sync_data, sync_dir, write_all, write_all_rc};
 use crate::notify::Notify;
 use crate::record::{
-    align_down_u64, align_up_u64, RecordHeader, SegmentHeader, KIND_SEAL, RECORD_HEADER_BYTES,
-    SEGMENT_HEADER_BYTES,
+    align_down_u64, align_up_u64, RecordHeader, SegmentHeader, KIND_SEAL, KIND_TRUNCATE,
+    KIND_USER_MAX, RECORD_HEADER_BYTES, SEGMENT_HEADER_BYTES,
 };
 use crate::segment::{
     classify, scan_segment, segment_path, spare_file_name, FileKind, ScannedRecord,
@@ -129,7 +129,7 @@ impl WalOptions {
 pub struct EntryRef<'a> {
     pub index: u64,
     pub term: u64,
-    /// Caller-defined kind, 0..=254 (255 is reserved for the seal record).
+    /// Caller-defined kind, 0..=253 (254 and 255 are reserved for the log's own records).
     pub kind: u8,
     pub payload: &'a [u8],
 }
@@ -220,6 +220,8 @@ struct State {
     /// (segment seq, offset): everything below the offset in that segment is durable.
     durable_offset: (u32, u64),
     io_busy: bool,
+    /// Set while truncate/compact replace the tail segment: appends wait before staging.
+    structural: bool,
     in_flight: Vec<InFlight>,
     next_seq: u32,
     spares: Vec<PathBuf>,
@@ -464,6 +466,7 @@ impl Wal {
                 tail_offset: SEGMENT_HEADER_BYTES,
                 durable_offset: (0, SEGMENT_HEADER_BYTES),
                 io_busy: false,
+                structural: false,
                 in_flight: Vec::new(),
                 next_seq,
                 spares: spare_paths,
@@ -655,7 +658,14 @@ impl Wal {
     /// durable, with their index range. Appends issued while a sync is in flight share the next
     /// sync. Call `truncate_suffix` first to replace a conflicting suffix.
     pub async fn append(&self, entries: &[EntryRef<'_>]) -> Result<RangeInclusive<u64>> {
-        let (range, my_counter) = self.stage(entries)?;
+        let (range, my_counter) = loop {
+            let seen = self.notify.generation();
+            if self.st.borrow().structural {
+                self.notify.changed(seen).await;
+                continue;
+            }
+            break self.stage(entries)?;
+        };
         loop {
             let seen = self.notify.generation();
             {
@@ -708,10 +718,10 @@ impl Wal {
                     e.index, e.term
                 )));
             }
-            if e.kind == KIND_SEAL {
+            if e.kind > KIND_USER_MAX {
                 return Err(Error::InvalidArgument(format!(
-                    "entry {} uses the reserved kind {KIND_SEAL}",
-                    e.index
+                    "entry {} uses kind {}, above {KIND_USER_MAX} (reserved)",
+                    e.index, e.kind
                 )));
             }
             if e.payload.len() > self.opts.entry_bytes_max as usize {
@@ -1008,9 +1018,9 @@ impl Wal {
         Ok(())
     }
 
-    /// Removes entries from `from` on (Raft log conflict). `first_index <= from <=
-    /// last_index + 1`. Inside the tail segment this is an in-memory cut that the next append
-    /// persists (the log is append-only); a cut in an older segment is durable on return.
+    /// Removes entries from `from` on (Raft log conflict), durably: `first_index <= from <=
+    /// last_index + 1`. Inside the tail segment a truncation marker record is appended and
+    /// synced (the log is append-only); a cut in an older segment starts a new segment.
     pub async fn truncate_suffix(&self, from: u64) -> Result<()> {
         let guard = self.lock_io().await?;
         let r = self.truncate_locked(from).await;
@@ -1024,10 +1034,13 @@ impl Wal {
     }
 
     async fn truncate_locked(&self, from: u64) -> Result<()> {
-        let (first, last, tail_first) = {
+        let (first, last, tail_first, marker_fits) = {
             let st = self.st.borrow();
             let tail_first = st.segments.back().map_or(st.first_index, |s| s.first_index);
-            (st.first_index, st.last_index(), tail_first)
+            let capacity = st.segments.back().map_or(0, |s| s.size_bytes);
+            let fits =
+                st.tail_offset + RecordHeader::record_bytes(0) as u64 + SEAL_BYTES <= capacity;
+            (st.first_index, st.last_index(), tail_first, fits)
         };
         if from < first || from > last + 1 {
             return Err(Error::InvalidArgument(format!(
@@ -1038,12 +1051,28 @@ impl Wal {
         if from == last + 1 {
             return Ok(());
         }
-        if from < tail_first {
+        if from >= tail_first && marker_fits {
+            // Inside the tail segment: a truncation marker, written and synced like an entry.
+            // The in-memory cut happens now, so that appends staged while the marker is
+            // written line up behind it.
+            {
+                let mut st = self.st.borrow_mut();
+                st.put_record(from, 0, KIND_TRUNCATE, &[]);
+                st.stage_counter += 1;
+                cut_index(&mut st, from);
+            }
+            return self.run_round().await;
+        }
+        // The cut is in an older segment (or the tail has no room for a marker): seal the
+        // tail, start a new segment whose header says it begins at `from`, then remove the
+        // segments it supersedes. Staging is frozen meanwhile.
+        self.st.borrow_mut().structural = true;
+        let r = async {
             self.run_round().await?;
             self.seal_tail().await?;
             self.start_segment(from).await?;
-            // Remove the segments the new one supersedes, newest first, so that a crash leaves
-            // a contiguous log that the new segment's header truncates again on recovery.
+            // Newest first, so that a crash leaves a contiguous log that the new segment's
+            // header truncates again on recovery.
             loop {
                 let victim = {
                     let mut st = self.st.borrow_mut();
@@ -1059,13 +1088,16 @@ impl Wal {
                     None => break,
                 }
             }
-            sync_dir(&self.dir).await?;
+            sync_dir(&self.dir).await
         }
-        let mut st = self.st.borrow_mut();
-        let keep = (from - st.first_index) as usize;
-        st.index.truncate(keep);
-        st.durable_index = st.durable_index.min(from - 1);
-        Ok(())
+        .await;
+        {
+            let mut st = self.st.borrow_mut();
+            cut_index(&mut st, from);
+            st.structural = false;
+        }
+        self.notify.notify_all();
+        r
     }
 
     /// Drops whole segments whose entries are all at or below `upto` (a snapshot covers them).
@@ -1091,17 +1123,22 @@ impl Wal {
         }
         self.run_round().await?;
         if upto >= last {
-            self.seal_tail().await?;
+            self.st.borrow_mut().structural = true;
+            let r = async {
+                self.seal_tail().await?;
+                self.st.borrow_mut().index.clear();
+                self.start_segment(upto + 1).await
+            }
+            .await;
             {
                 let mut st = self.st.borrow_mut();
                 st.index.clear();
-            }
-            self.start_segment(upto + 1).await?;
-            {
-                let mut st = self.st.borrow_mut();
                 st.first_index = upto + 1;
                 st.durable_index = upto;
+                st.structural = false;
             }
+            self.notify.notify_all();
+            r?;
         }
         // Oldest first: a crash leaves a suffix of the segments.
         let mut removed = 0;
@@ -1290,11 +1327,21 @@ impl Wal {
     }
 }
 
+/// Drops entries from `from` on from the in-memory index.
+fn cut_index(st: &mut State, from: u64) {
+    let keep = (from - st.first_index) as usize;
+    st.index.truncate(keep);
+    st.durable_index = st.durable_index.min(from - 1);
+}
+
 fn apply_record(index: &mut VecDeque<IndexEntry>, first_index: u64, seq: u32, r: &ScannedRecord) {
     // The scan guarantees first_index <= r.index <= last + 1 within the segment, and the
     // segment's start was reconciled with the log before its records are applied.
     let keep = r.index.saturating_sub(first_index) as usize;
     index.truncate(keep);
+    if r.kind == KIND_TRUNCATE {
+        return;
+    }
     index.push_back(IndexEntry {
         term: r.term,
         offset: r.offset,

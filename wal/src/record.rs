@@ -24,8 +24,13 @@ pub const SEGMENT_HEADER_BYTES: u64 = 4096;
 /// Size of the meaningful part of the segment header.
 pub const SEGMENT_HEADER_USED_BYTES: usize = 32;
 
-/// Record kind reserved for the seal record that closes a segment. User entry kinds are 0..=254.
+/// Record kind reserved for the seal record that closes a segment.
 pub const KIND_SEAL: u8 = 255;
+/// Record kind reserved for a truncation marker: "the log ends before this record's index".
+/// It persists `truncate_suffix` inside the tail segment without rewriting anything.
+pub const KIND_TRUNCATE: u8 = 254;
+/// Largest kind a caller may use for its entries.
+pub const KIND_USER_MAX: u8 = 253;
 
 const _: () = assert!(std::mem::size_of::<RecordHeader>() == RECORD_HEADER_BYTES);
 const _: () = assert!(RECORD_HEADER_BYTES % RECORD_ALIGN_BYTES == 0);

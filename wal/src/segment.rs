@@ -6,7 +6,9 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::record::{RecordHeader, KIND_SEAL, RECORD_ALIGN_BYTES, SEGMENT_HEADER_BYTES};
+use crate::record::{
+    RecordHeader, KIND_SEAL, KIND_TRUNCATE, RECORD_ALIGN_BYTES, SEGMENT_HEADER_BYTES,
+};
 
 const SEGMENT_SUFFIX: &str = ".wal";
 const SPARE_PREFIX: &str = "spare-";
@@ -77,8 +79,9 @@ pub struct TornTail {
 /// The verdict of scanning one segment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SegmentScan {
-    /// Valid records in file order. Indexes may go back (a later record overwrites the suffix
-    /// from its index on: that is how `truncate_suffix` is persisted, append-only).
+    /// Valid records in file order, truncation markers included. Indexes may go back: a later
+    /// record overwrites the suffix from its index on, and a truncation marker (kind
+    /// `KIND_TRUNCATE`) removes it; that is how `truncate_suffix` is persisted, append-only.
     pub records: Vec<ScannedRecord>,
     /// Offset just past the last valid record (where the next record goes).
     pub end_offset: u64,
@@ -119,6 +122,8 @@ pub fn scan_segment(
             let index = h.index.get();
             if h.kind == KIND_SEAL {
                 index == last_index && h.payload_len.get() == 0
+            } else if h.kind == KIND_TRUNCATE {
+                index >= first_index && index <= last_index + 1 && h.payload_len.get() == 0
             } else {
                 index >= first_index && index <= last_index + 1
             }
@@ -141,7 +146,11 @@ pub fn scan_segment(
             offset,
             payload_len,
         });
-        last_index = h.index.get();
+        last_index = if h.kind == KIND_TRUNCATE {
+            h.index.get() - 1
+        } else {
+            h.index.get()
+        };
         offset += RecordHeader::record_bytes(payload_len as usize) as u64;
     }
     // `offset` is the first position without a valid record.
