@@ -166,16 +166,22 @@ pub fn scan_segment(
     let mut drop_end = offset;
     let at = usize::try_from(offset).unwrap_or(usize::MAX);
     if let Some(b) = bytes.get(at..) {
-        if RecordHeader::looks_like_start(b, seq) {
-            // A torn record of ours: its claimed extent is part of what we drop.
-            let claimed = b
-                .get(8..12)
-                .map(|l| u32::from_le_bytes([l[0], l[1], l[2], l[3]]))
-                .unwrap_or(0);
-            let claimed_end = offset.saturating_add(RecordHeader::record_bytes(
-                (claimed as usize).min(bytes.len()),
-            ) as u64);
+        let field = |r: std::ops::Range<usize>| {
+            b.get(r)
+                .map(|x| u32::from_le_bytes([x[0], x[1], x[2], x[3]]))
+        };
+        let magic_ok = field(0..4) == Some(crate::record::RECORD_MAGIC);
+        let seq_ok = field(12..16) == Some(seq);
+        if magic_ok && seq_ok {
+            // A torn or damaged record of ours: its claimed extent is part of what we drop.
+            let claimed = field(8..12).unwrap_or(0) as usize;
+            let claimed_end =
+                offset.saturating_add(RecordHeader::record_bytes(claimed.min(bytes.len())) as u64);
             drop_end = drop_end.max(claimed_end.min(len));
+        } else if magic_ok || seq_ok {
+            // One of the two identifying fields is intact: a damaged header of ours (or, rarely,
+            // a leftover of a recycled file). Drop the header.
+            drop_end = drop_end.max((offset + crate::record::RECORD_HEADER_BYTES as u64).min(len));
         }
     }
     let mut probe = offset + RECORD_ALIGN_BYTES as u64;
