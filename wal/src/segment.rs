@@ -178,9 +178,15 @@ pub fn scan_segment(
             let claimed_end =
                 offset.saturating_add(RecordHeader::record_bytes(claimed.min(bytes.len())) as u64);
             drop_end = drop_end.max(claimed_end.min(len));
+        } else if field(12..16)
+            .and_then(|other| RecordHeader::check(b, other, payload_bytes_max))
+            .is_some()
+        {
+            // An intact record of another generation: a leftover of a recycled file, not a
+            // write of ours. The log simply ends here.
         } else if magic_ok || seq_ok {
-            // One of the two identifying fields is intact: a damaged header of ours (or, rarely,
-            // a leftover of a recycled file). Drop the header.
+            // One of the two identifying fields is intact but the record does not check out:
+            // a damaged header of ours. Drop the header.
             drop_end = drop_end.max((offset + crate::record::RECORD_HEADER_BYTES as u64).min(len));
         }
     }
