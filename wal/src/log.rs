@@ -61,6 +61,8 @@ use crate::segment::{
 const SEAL_BYTES: u64 = RECORD_HEADER_BYTES as u64;
 /// Initial capacity of a staging buffer; it grows to the largest batch seen.
 const STAGING_BYTES_MIN: usize = 64 << 10;
+/// Staging buffers kept for reuse.
+const BUFFER_POOL_MAX: usize = 4;
 /// Largest DMA alignment we support: the segment header block is this big.
 const ALIGNMENT_MAX: u64 = SEGMENT_HEADER_BYTES;
 /// `durable_offset` in record headers is a u32.
@@ -226,7 +228,9 @@ struct State {
     next_seq: u32,
     spares: Vec<PathBuf>,
     next_spare: u64,
-    staging_capacity: usize,
+    /// Staging buffers returned after their write, reused so that the hot path does not
+    /// fault in fresh pages for every batch. At most `BUFFER_POOL_MAX`.
+    buffer_pool: Vec<DmaBuffer>,
     stats: WalStats,
 }
 
@@ -297,11 +301,50 @@ impl State {
         if need <= chunk.buf.len() {
             return;
         }
-        let cap = align_up_u64((need.max(chunk.buf.len() * 2)) as u64, ALIGNMENT_MAX) as usize;
-        let mut buf = glommio::allocate_dma_buffer(cap);
+        let want = need.max(chunk.buf.len() * 2);
+        let mut buf = self.take_buffer(need, want);
+        let chunk = self.open_chunk();
         buf.as_bytes_mut()[..chunk.len].copy_from_slice(&chunk.buf.as_bytes()[..chunk.len]);
-        chunk.buf = buf;
-        self.staging_capacity = self.staging_capacity.max(cap);
+        let old = std::mem::replace(&mut chunk.buf, buf);
+        self.give_buffer(old);
+    }
+
+    /// A staging buffer of at least `need` bytes: the largest pooled one that fits, or a new
+    /// one of `want` bytes (rounded up to 4096).
+    fn take_buffer(&mut self, need: usize, want: usize) -> DmaBuffer {
+        let best = self
+            .buffer_pool
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.len() >= need)
+            .max_by_key(|(_, b)| b.len())
+            .map(|(i, _)| i);
+        match best {
+            Some(i) => self.buffer_pool.swap_remove(i),
+            None => {
+                let cap = align_up_u64(want.max(need).max(STAGING_BYTES_MIN) as u64, ALIGNMENT_MAX);
+                glommio::allocate_dma_buffer(cap as usize)
+            }
+        }
+    }
+
+    /// Returns a buffer to the pool, keeping the largest ones.
+    fn give_buffer(&mut self, buf: DmaBuffer) {
+        if self.buffer_pool.len() < BUFFER_POOL_MAX {
+            self.buffer_pool.push(buf);
+            return;
+        }
+        let smallest = self
+            .buffer_pool
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, b)| b.len())
+            .map(|(i, b)| (i, b.len()));
+        if let Some((i, len)) = smallest {
+            if len < buf.len() {
+                self.buffer_pool[i] = buf;
+            }
+        }
     }
 
     /// Encodes one record at the tail. The caller has checked it fits in the tail segment.
@@ -471,7 +514,7 @@ impl Wal {
                 next_seq,
                 spares: spare_paths,
                 next_spare,
-                staging_capacity: STAGING_BYTES_MIN,
+                buffer_pool: Vec::new(),
                 stats: WalStats::default(),
             }),
             notify: Notify::default(),
@@ -782,11 +825,11 @@ impl Wal {
             file: None,
             size_bytes: self.opts.segment_bytes,
         });
-        let cap = st.staging_capacity;
+        let buf = st.take_buffer(STAGING_BYTES_MIN, STAGING_BYTES_MIN);
         st.staged.push(Chunk {
             seq,
             base: SEGMENT_HEADER_BYTES,
-            buf: glommio::allocate_dma_buffer(cap),
+            buf,
             len: 0,
             carried: 0,
         });
@@ -809,8 +852,9 @@ impl Wal {
             let end = last.base + last.len as u64;
             let base = align_down_u64(end, align);
             let carried = (end - base) as usize;
-            let cap = st.staging_capacity;
-            let mut buf = glommio::allocate_dma_buffer(cap);
+            let last_len = last.len;
+            let mut buf = st.take_buffer(carried.max(1), last_len);
+            let last = &chunks[chunks.len() - 1];
             let from = (base - last.base) as usize;
             buf.as_bytes_mut()[..carried]
                 .copy_from_slice(&last.buf.as_bytes()[from..from + carried]);
@@ -830,6 +874,7 @@ impl Wal {
         let mut last_end = (0u32, 0u64);
         // Readers find in-flight bytes here until the writes complete.
         let mut writes = Vec::with_capacity(chunks.len());
+        let mut used: Vec<Rc<DmaBuffer>> = Vec::with_capacity(chunks.len());
         {
             let mut st = self.st.borrow_mut();
             for mut c in chunks {
@@ -843,6 +888,7 @@ impl Wal {
                     len: c.len,
                     buf: buf.clone(),
                 });
+                used.push(buf.clone());
                 writes.push((c.seq, c.base, c.len, c.carried, buf));
             }
         }
@@ -887,6 +933,11 @@ impl Wal {
         .await;
         let mut st = self.st.borrow_mut();
         st.in_flight.clear();
+        for buf in used {
+            if let Ok(b) = Rc::try_unwrap(buf) {
+                st.give_buffer(b);
+            }
+        }
         result?;
         st.durable_counter = target_counter;
         st.durable_index = target_index;
@@ -978,14 +1029,20 @@ impl Wal {
         }
         st.tail_offset = SEGMENT_HEADER_BYTES;
         st.durable_offset = (seq, SEGMENT_HEADER_BYTES);
-        let cap = st.staging_capacity;
-        st.staged = vec![Chunk {
-            seq,
-            base: SEGMENT_HEADER_BYTES,
-            buf: glommio::allocate_dma_buffer(cap),
-            len: 0,
-            carried: 0,
-        }];
+        let buf = st.take_buffer(STAGING_BYTES_MIN, STAGING_BYTES_MIN);
+        let old: Vec<Chunk> = std::mem::replace(
+            &mut st.staged,
+            vec![Chunk {
+                seq,
+                base: SEGMENT_HEADER_BYTES,
+                buf,
+                len: 0,
+                carried: 0,
+            }],
+        );
+        for c in old {
+            st.give_buffer(c.buf);
+        }
         st.staged_bytes = 0;
         Ok(())
     }
