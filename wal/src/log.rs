@@ -61,6 +61,15 @@ use crate::segment::{
 const SEAL_BYTES: u64 = RECORD_HEADER_BYTES as u64;
 /// Initial capacity of a staging buffer; it grows to the largest batch seen.
 const STAGING_BYTES_MIN: usize = 64 << 10;
+/// Writes up to this size are copied out of the staging buffer (which is kept for reuse);
+/// larger ones are written from it directly.
+const COPY_OUT_BYTES_MAX: usize = 128 << 10;
+/// Spare capacity given to a staging buffer sized for a whole batch.
+const STAGING_HEADROOM_BYTES: usize = 32 << 10;
+/// A large staging buffer is written whole (zeros past the records) when its unused tail is at
+/// most this: up to ~1% more bytes on a multi-MiB write, instead of a fresh multi-MiB buffer
+/// (page faults) for every batch, since trimming a DmaBuffer is permanent.
+const STAGING_SLACK_WRITTEN_BYTES_MAX: usize = 48 << 10;
 /// Staging buffers kept for reuse.
 const BUFFER_POOL_MAX: usize = 4;
 /// Largest DMA alignment we support: the segment header block is this big.
@@ -297,11 +306,24 @@ impl State {
     /// Makes room for `more` bytes in the open chunk (growing its DMA buffer when needed).
     fn reserve(&mut self, more: usize) {
         let chunk = self.open_chunk();
+        let want = (chunk.len + more).max(chunk.buf.len() * 2);
+        self.reserve_with(more, want);
+    }
+
+    /// Makes room for a whole batch of `more` bytes at once, with `STAGING_HEADROOM_BYTES`
+    /// to spare: a large staging buffer is written whole when its slack is that small, so it
+    /// keeps its capacity for the next batch of about the same size.
+    fn reserve_batch(&mut self, more: usize) {
+        let need = self.open_chunk().len + more;
+        self.reserve_with(more, need + STAGING_HEADROOM_BYTES);
+    }
+
+    fn reserve_with(&mut self, more: usize, want: usize) {
+        let chunk = self.open_chunk();
         let need = chunk.len + more;
         if need <= chunk.buf.len() {
             return;
         }
-        let want = need.max(chunk.buf.len() * 2);
         let mut buf = self.take_buffer(need, want);
         let chunk = self.open_chunk();
         buf.as_bytes_mut()[..chunk.len].copy_from_slice(&chunk.buf.as_bytes()[..chunk.len]);
@@ -357,16 +379,25 @@ impl State {
             SEGMENT_HEADER_BYTES
         };
         debug_assert!(durable <= u64::from(u32::MAX));
-        let header = RecordHeader::new(tail_seq, index, term, kind, durable as u32, payload);
         self.reserve(record_bytes);
         let offset = self.tail_offset;
         let chunk = self.open_chunk();
         debug_assert_eq!(chunk.base + chunk.len as u64, offset);
         let at = chunk.len;
         let dst = &mut chunk.buf.as_bytes_mut()[at..at + record_bytes];
-        dst[..RECORD_HEADER_BYTES].copy_from_slice(header.as_bytes());
-        dst[RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + payload.len()].copy_from_slice(payload);
-        dst[RECORD_HEADER_BYTES + payload.len()..].fill(0);
+        let (head, body) = dst.split_at_mut(RECORD_HEADER_BYTES);
+        body[..payload.len()].copy_from_slice(payload);
+        body[payload.len()..].fill(0);
+        // The CRC reads the copy (still in cache), so the source payload is read only once.
+        let header = RecordHeader::new(
+            tail_seq,
+            index,
+            term,
+            kind,
+            durable as u32,
+            &body[..payload.len()],
+        );
+        head.copy_from_slice(header.as_bytes());
         chunk.len += record_bytes;
         self.tail_offset += record_bytes as u64;
         self.staged_bytes += record_bytes;
@@ -790,6 +821,7 @@ impl Wal {
                 staged_bytes_max: self.opts.staged_bytes_max,
             });
         }
+        st.reserve_batch(bytes_total - entries.len() * SEAL_BYTES as usize + SEAL_BYTES as usize);
         for e in entries {
             let record_bytes = RecordHeader::record_bytes(e.payload.len()) as u64;
             let capacity = st.segments.back().map_or(0, |s| s.size_bytes);
@@ -841,47 +873,44 @@ impl Wal {
     /// the I/O lock. Any error here is fatal for the log (the caller poisons it).
     async fn run_round(&self) -> Result<()> {
         let align = self.alignment.get();
-        let (chunks, target_counter, target_index) = {
+        let mut unsynced: Option<(Rc<DmaFile>, PathBuf)> = None;
+        let mut last_end = (0u32, 0u64);
+        // (seq, base, len, carried, buffer) per segment touched. Readers find the bytes in
+        // `in_flight` until the writes complete.
+        let mut writes = Vec::new();
+        let mut used: Vec<Rc<DmaBuffer>> = Vec::new();
+        let (target_counter, target_index) = {
             let mut st = self.st.borrow_mut();
             if st.staged_bytes == 0 {
                 return Ok(());
             }
             let chunks = std::mem::take(&mut st.staged);
-            // The next open chunk starts with the partial last block, rewritten unchanged.
-            let last = &chunks[chunks.len() - 1];
-            let end = last.base + last.len as u64;
-            let base = align_down_u64(end, align);
-            let carried = (end - base) as usize;
-            let last_len = last.len;
-            let mut buf = st.take_buffer(carried.max(1), last_len);
-            let last = &chunks[chunks.len() - 1];
-            let from = (base - last.base) as usize;
-            buf.as_bytes_mut()[..carried]
-                .copy_from_slice(&last.buf.as_bytes()[from..from + carried]);
-            st.staged.push(Chunk {
-                seq: last.seq,
-                base,
-                buf,
-                len: carried,
-                carried,
-            });
-            st.staged_bytes = 0;
-            st.stats.rounds += 1;
-            (chunks, st.stage_counter, st.last_index())
-        };
-
-        let mut unsynced: Option<(Rc<DmaFile>, PathBuf)> = None;
-        let mut last_end = (0u32, 0u64);
-        // Readers find in-flight bytes here until the writes complete.
-        let mut writes = Vec::with_capacity(chunks.len());
-        let mut used: Vec<Rc<DmaBuffer>> = Vec::with_capacity(chunks.len());
-        {
-            let mut st = self.st.borrow_mut();
             for mut c in chunks {
                 let aligned = align_up_u64(c.len as u64, align) as usize;
-                c.buf.as_bytes_mut()[c.len..aligned].fill(0);
-                c.buf.trim_to_size(aligned);
-                let buf = Rc::new(c.buf);
+                let segment_bytes = st.segment(c.seq).map_or(0, |s| s.size_bytes);
+                let buf = if aligned <= COPY_OUT_BYTES_MAX {
+                    // Small write: copy it out and keep the staging buffer whole for reuse
+                    // (trimming a DmaBuffer is permanent).
+                    let mut w = glommio::allocate_dma_buffer(aligned);
+                    w.as_bytes_mut()[..c.len].copy_from_slice(&c.buf.as_bytes()[..c.len]);
+                    w.as_bytes_mut()[c.len..].fill(0);
+                    st.give_buffer(c.buf);
+                    w
+                } else {
+                    // Large write: write the staging buffer itself. Its whole capacity goes
+                    // out (zeros past the records, harmless beyond the log's end: recovery
+                    // reads zeros as the end) when the slack is small, so that the buffer
+                    // keeps its size for the next batch.
+                    let full = c.buf.len();
+                    let slack_ok = full - aligned <= STAGING_SLACK_WRITTEN_BYTES_MAX
+                        && c.base + full as u64 <= segment_bytes
+                        && full as u64 % align == 0;
+                    let out = if slack_ok { full } else { aligned };
+                    c.buf.as_bytes_mut()[c.len..out].fill(0);
+                    c.buf.trim_to_size(out);
+                    c.buf
+                };
+                let buf = Rc::new(buf);
                 st.in_flight.push(InFlight {
                     seq: c.seq,
                     base: c.base,
@@ -891,7 +920,29 @@ impl Wal {
                 used.push(buf.clone());
                 writes.push((c.seq, c.base, c.len, c.carried, buf));
             }
-        }
+            // The next open chunk starts with the partial last block, rewritten unchanged.
+            let (seq, base_last, len_last, ref last_buf) = match writes.last() {
+                Some((seq, base, len, _, buf)) => (*seq, *base, *len, buf.clone()),
+                None => return Ok(()),
+            };
+            let end = base_last + len_last as u64;
+            let base = align_down_u64(end, align);
+            let carried = (end - base) as usize;
+            let mut buf = st.take_buffer(carried.max(1), len_last + len_last / 8);
+            let from = (base - base_last) as usize;
+            buf.as_bytes_mut()[..carried]
+                .copy_from_slice(&last_buf.as_bytes()[from..from + carried]);
+            st.staged.push(Chunk {
+                seq,
+                base,
+                buf,
+                len: carried,
+                carried,
+            });
+            st.staged_bytes = 0;
+            st.stats.rounds += 1;
+            (st.stage_counter, st.last_index())
+        };
         let result: Result<()> = async {
             for (seq, base, len, carried, buf) in writes {
                 let (file, path, first_index) = {
