@@ -264,6 +264,9 @@ pub struct Wal {
     st: RefCell<State>,
     notify: Notify,
     report: RecoveryReport,
+    /// Fault injection for unit tests: the next fdatasync fails.
+    #[cfg(test)]
+    fail_next_sync: Cell<bool>,
 }
 
 struct IoGuard<'a> {
@@ -558,6 +561,8 @@ impl Wal {
             }),
             notify: Notify::default(),
             report: RecoveryReport::default(),
+            #[cfg(test)]
+            fail_next_sync: Cell::new(false),
         };
         wal.finish_open(tail_scan, to_remove, report).await
     }
@@ -1006,6 +1011,13 @@ impl Wal {
 
     async fn sync_counted(&self, file: &DmaFile, path: &Path) -> Result<()> {
         self.st.borrow_mut().stats.fdatasyncs += 1;
+        #[cfg(test)]
+        if self.fail_next_sync.replace(false) {
+            return Err(Error::SyncFailed {
+                path: path.to_path_buf(),
+                source: std::io::Error::other("injected fdatasync failure"),
+            });
+        }
         sync_data(file, path).await
     }
 
@@ -1464,4 +1476,70 @@ fn apply_record(index: &mut VecDeque<IndexEntry>, first_index: u64, seq: u32, r:
         payload_len: r.payload_len,
         seq,
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run<F, Fut>(f: F)
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + 'static,
+    {
+        glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .io_memory(512 << 10)
+            .spawn(f)
+            .expect("spawn executor")
+            .join()
+            .expect("executor panicked");
+    }
+
+    #[test]
+    fn fdatasync_failure_stops_the_log_and_reopen_recovers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().to_path_buf();
+        run(move || async move {
+            let opts = WalOptions {
+                segment_bytes: 64 << 10,
+                entry_bytes_max: 1024,
+                staged_bytes_max: 1 << 20,
+                spare_segments_max: 1,
+            };
+            let e = |i: u64| EntryRef {
+                index: i,
+                term: 1,
+                kind: 0,
+                payload: b"x",
+            };
+            let wal = Wal::open(&path, opts.clone()).await.expect("open");
+            wal.append(&[e(1)]).await.expect("append 1");
+            wal.fail_next_sync.set(true);
+            match wal.append(&[e(2)]).await {
+                Err(Error::SyncFailed { path: p, .. }) => assert!(p.starts_with(&path)),
+                other => panic!("expected SyncFailed, got {other:?}"),
+            }
+            // Never retried: every later call reports the stopped log.
+            assert!(matches!(
+                wal.append(&[e(3)]).await,
+                Err(Error::Poisoned { .. })
+            ));
+            assert!(matches!(
+                wal.truncate_suffix(2).await,
+                Err(Error::Poisoned { .. })
+            ));
+            assert!(matches!(
+                wal.entries(1, 2, 10).await,
+                Err(Error::Poisoned { .. })
+            ));
+            assert_eq!(wal.durable_index(), 1);
+            wal.close().await.expect("close");
+            // Reopening runs recovery; entry 2 was written, so it may or may not be there.
+            let wal = Wal::open(&path, opts).await.expect("reopen");
+            assert!((1..=2).contains(&wal.last_index()));
+            let next = wal.last_index() + 1;
+            wal.append(&[e(next)]).await.expect("append after reopen");
+            wal.close().await.expect("close");
+        });
+    }
 }
