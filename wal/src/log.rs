@@ -1331,6 +1331,21 @@ impl Wal {
             }
             plan
         };
+        let files: Vec<(u32, Rc<DmaFile>, PathBuf)> = {
+            let st = self.st.borrow();
+            let mut files: Vec<(u32, Rc<DmaFile>, PathBuf)> = Vec::new();
+            for (_, e) in &plan {
+                if files.iter().any(|(s, _, _)| *s == e.seq) {
+                    continue;
+                }
+                if let Some(seg) = st.segment(e.seq) {
+                    if let Some(f) = &seg.file {
+                        files.push((e.seq, f.clone(), seg.path.clone()));
+                    }
+                }
+            }
+            files
+        };
         let mut out = Vec::with_capacity(plan.len());
         let mut i = 0;
         while i < plan.len() {
@@ -1352,24 +1367,19 @@ impl Wal {
                 end += RecordHeader::record_bytes(plan[j].1.payload_len as usize) as u64;
                 j += 1;
             }
-            let (file, path) = {
-                let st = self.st.borrow();
-                let seg = st.segment(seq);
-                (
-                    seg.and_then(|s| s.file.clone()),
-                    seg.map_or_else(|| segment_path(&self.dir, seq), |s| s.path.clone()),
-                )
+            // Handles taken when the plan was made: a compaction running meanwhile may drop
+            // the segment from the log, but the open file stays readable.
+            let Some((_, file, path)) = files.iter().find(|(s, _, _)| *s == seq) else {
+                return Err(Error::InvalidArgument(format!("segment {seq} is not open")));
             };
-            let file =
-                file.ok_or_else(|| Error::InvalidArgument(format!("segment {seq} is not open")))?;
             let data = file
                 .read_at(start, (end - start) as usize)
                 .await
-                .map_err(io_err("read", &path, Some(start)))?;
+                .map_err(io_err("read", path, Some(start)))?;
             let bytes = Bytes::copy_from_slice(&data);
             for (idx, meta) in &plan[i..j] {
                 let rel = (meta.offset - start) as usize;
-                out.push(self.decode_checked(&bytes, rel, *idx, meta, &path)?);
+                out.push(self.decode_checked(&bytes, rel, *idx, meta, path)?);
             }
             i = j;
         }
