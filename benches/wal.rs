@@ -68,7 +68,7 @@ impl Run {
 }
 
 /// Each cell alternates this many raw and WAL slices.
-const SLICES: usize = 8;
+const SLICES: usize = 20;
 
 fn secs_per_run() -> f64 {
     std::env::var("WAL_BENCH_SECS")

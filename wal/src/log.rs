@@ -901,11 +901,15 @@ impl Wal {
             for mut c in chunks {
                 let aligned = align_up_u64(c.len as u64, align) as usize;
                 let segment_bytes = st.segment(c.seq).map_or(0, |s| s.size_bytes);
-                let buf = if aligned <= COPY_OUT_BYTES_MAX {
+                // Staging buffers are multiples of 4096 long, so `aligned` fits; the copy-out
+                // path also covers the case where it would not.
+                let buf = if aligned <= COPY_OUT_BYTES_MAX || c.buf.len() < aligned {
                     // Small write: copy it out and keep the staging buffer whole for reuse
                     // (trimming a DmaBuffer is permanent).
-                    let mut w = glommio::allocate_dma_buffer(aligned);
+                    let mut w = glommio::allocate_dma_buffer(aligned.max(align as usize));
                     w.as_bytes_mut()[..c.len].copy_from_slice(&c.buf.as_bytes()[..c.len]);
+                    // (A chunk is never empty; if it were, one zero block past the log's end
+                    // is written, which is harmless: glommio cannot allocate 0 bytes.)
                     w.as_bytes_mut()[c.len..].fill(0);
                     st.give_buffer(c.buf);
                     w
