@@ -239,8 +239,13 @@ struct State {
     /// (segment seq, offset): everything below the offset in that segment is durable.
     durable_offset: (u32, u64),
     io_busy: bool,
-    /// Set while truncate/compact replace the tail segment: appends wait before staging.
+    /// Set while truncate/compact replace the tail segment, or a pipelined append stages its
+    /// slices: other appends wait before staging.
     structural: bool,
+    /// File written since its last fdatasync (a pipelined append writes before it syncs).
+    unsynced: Option<(Rc<DmaFile>, PathBuf)>,
+    /// (segment seq, offset) just past the last written record.
+    written_end: (u32, u64),
     in_flight: Vec<InFlight>,
     next_seq: u32,
     spares: Vec<PathBuf>,
@@ -552,6 +557,8 @@ impl Wal {
                 durable_offset: (0, SEGMENT_HEADER_BYTES),
                 io_busy: false,
                 structural: false,
+                unsynced: None,
+                written_end: (0, SEGMENT_HEADER_BYTES),
                 in_flight: Vec::new(),
                 next_seq,
                 spares: spare_paths,
@@ -628,6 +635,7 @@ impl Wal {
             let mut st = self.st.borrow_mut();
             st.tail_offset = end;
             st.durable_offset = (seq, end);
+            st.written_end = (seq, end);
             let base = align_down_u64(end, align);
             let carried = (end - base) as usize;
             let mut buf = glommio::allocate_dma_buffer(STAGING_BYTES_MIN);
@@ -885,19 +893,27 @@ impl Wal {
     /// One group-commit round: write everything staged, then one fdatasync. The caller holds
     /// the I/O lock. Any error here is fatal for the log (the caller poisons it).
     async fn run_round(&self) -> Result<()> {
+        self.write_staged(true).await
+    }
+
+    /// Writes everything staged; with `sync`, then fdatasyncs and advances the durable marks
+    /// (also covering earlier writes made without `sync`). The caller holds the I/O lock.
+    async fn write_staged(&self, sync: bool) -> Result<()> {
         let align = self.alignment.get();
-        let mut unsynced: Option<(Rc<DmaFile>, PathBuf)> = None;
-        let mut last_end = (0u32, 0u64);
         // (seq, base, len, carried, buffer) per segment touched. Readers find the bytes in
         // `in_flight` until the writes complete.
         let mut writes = Vec::new();
         let mut used: Vec<Rc<DmaBuffer>> = Vec::new();
         let (target_counter, target_index) = {
             let mut st = self.st.borrow_mut();
-            if st.staged_bytes == 0 {
+            if st.staged_bytes == 0 && (!sync || st.unsynced.is_none()) {
                 return Ok(());
             }
-            let chunks = std::mem::take(&mut st.staged);
+            let chunks = if st.staged_bytes > 0 {
+                std::mem::take(&mut st.staged)
+            } else {
+                Vec::new()
+            };
             for mut c in chunks {
                 let aligned = align_up_u64(c.len as u64, align) as usize;
                 let segment_bytes = st.segment(c.seq).map_or(0, |s| s.size_bytes);
@@ -938,28 +954,33 @@ impl Wal {
                 writes.push((c.seq, c.base, c.len, c.carried, buf));
             }
             // The next open chunk starts with the partial last block, rewritten unchanged.
-            let (seq, base_last, len_last, ref last_buf) = match writes.last() {
-                Some((seq, base, len, _, buf)) => (*seq, *base, *len, buf.clone()),
-                None => return Ok(()),
-            };
-            let end = base_last + len_last as u64;
-            let base = align_down_u64(end, align);
-            let carried = (end - base) as usize;
-            let mut buf = st.take_buffer(carried.max(1), len_last + len_last / 8);
-            let from = (base - base_last) as usize;
-            buf.as_bytes_mut()[..carried]
-                .copy_from_slice(&last_buf.as_bytes()[from..from + carried]);
-            st.staged.push(Chunk {
-                seq,
-                base,
-                buf,
-                len: carried,
-                carried,
-            });
-            st.staged_bytes = 0;
-            st.stats.rounds += 1;
+            if let Some((seq, base_last, len_last, last_buf)) = writes
+                .last()
+                .map(|(seq, base, len, _, buf)| (*seq, *base, *len, buf.clone()))
+            {
+                let end = base_last + len_last as u64;
+                let base = align_down_u64(end, align);
+                let carried = (end - base) as usize;
+                let mut buf = st.take_buffer(carried.max(1), len_last + len_last / 8);
+                let from = (base - base_last) as usize;
+                buf.as_bytes_mut()[..carried]
+                    .copy_from_slice(&last_buf.as_bytes()[from..from + carried]);
+                st.staged.push(Chunk {
+                    seq,
+                    base,
+                    buf,
+                    len: carried,
+                    carried,
+                });
+                st.staged_bytes = 0;
+            }
+            if sync {
+                st.stats.rounds += 1;
+            }
             (st.stage_counter, st.last_index())
         };
+        let mut unsynced = self.st.borrow_mut().unsynced.take();
+        let mut last_end = self.st.borrow().written_end;
         let result: Result<()> = async {
             for (seq, base, len, carried, buf) in writes {
                 let (file, path, first_index) = {
@@ -993,8 +1014,10 @@ impl Wal {
                 last_end = (seq, base + len as u64);
                 unsynced = Some((file, path));
             }
-            if let Some((f, p)) = unsynced.take() {
-                self.sync_counted(&f, &p).await?;
+            if sync {
+                if let Some((f, p)) = unsynced.take() {
+                    self.sync_counted(&f, &p).await?;
+                }
             }
             Ok(())
         }
@@ -1006,10 +1029,14 @@ impl Wal {
                 st.give_buffer(b);
             }
         }
+        st.written_end = last_end;
+        st.unsynced = unsynced;
         result?;
-        st.durable_counter = target_counter;
-        st.durable_index = target_index;
-        st.durable_offset = last_end;
+        if sync {
+            st.durable_counter = target_counter;
+            st.durable_index = target_index;
+            st.durable_offset = last_end;
+        }
         Ok(())
     }
 
@@ -1104,6 +1131,7 @@ impl Wal {
         }
         st.tail_offset = SEGMENT_HEADER_BYTES;
         st.durable_offset = (seq, SEGMENT_HEADER_BYTES);
+        st.written_end = (seq, SEGMENT_HEADER_BYTES);
         let buf = st.take_buffer(STAGING_BYTES_MIN, STAGING_BYTES_MIN);
         let old: Vec<Chunk> = std::mem::replace(
             &mut st.staged,
