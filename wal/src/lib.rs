@@ -145,6 +145,9 @@ mod snapshot;
 
 pub use error::{Error, Result};
 pub use hard_state::{HardState, HardStateFile};
+/// Call before the first glommio DMA open on a device from an executor thread if that open
+/// may be of an empty file (see its docs): `Wal`, `HardStateFile` and `SnapshotStore` do.
+pub use io::probe_device_once;
 pub use log::{Entry, EntryRef, RecoveryReport, Wal, WalOptions, WalStats};
 pub use snapshot::{Snapshot, SnapshotMeta, SnapshotReport, SnapshotStore};
 
