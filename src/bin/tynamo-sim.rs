@@ -23,7 +23,7 @@ struct Args {
     /// Group sizes to run each seed with, e.g. `3` or `3,5`.
     #[arg(long, default_value = "3", value_delimiter = ',')]
     nodes: Vec<usize>,
-    /// `all`, `none`, or a comma list of crash,partition,net,disk,transfer.
+    /// `all`, `none`, or a comma list of crash,partition,net,disk,transfer,membership.
     #[arg(long, default_value = "all")]
     faults: String,
     /// Ticks of the fault phase per seed.

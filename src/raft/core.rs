@@ -451,11 +451,11 @@ impl RawNode {
 
     fn tick_election(&mut self) {
         self.election_elapsed = self.election_elapsed.saturating_add(1);
-        if self.election_elapsed >= self.randomized_election_ticks {
+        // A non-voter never campaigns, and its clock keeps running: resetting it would keep it
+        // "in lease" of a leader long gone and make it refuse the votes a new leader needs.
+        if self.election_elapsed >= self.randomized_election_ticks && self.conf.is_voter(self.id) {
             self.election_elapsed = 0;
-            if self.conf.is_voter(self.id) {
-                self.campaign(false);
-            }
+            self.campaign(false);
         }
     }
 
