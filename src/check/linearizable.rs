@@ -30,14 +30,17 @@
 //! - the memo cache treats timed-out writes as optional: a configuration is pruned when one
 //!   with the same finite operations and state, and a subset of its timed-out ones, was seen.
 //!
-//! Cost sketch (2-core CI machine, from the tests): 4000 operations on one key with 8 clients
-//! (puts, appends, deletes, gets, 5% timeouts) take ~0.5M steps, ~0.3 s; appends and gets only
-//! take about one step per operation even at 12 clients. Mixed writes at 10+ concurrent
+//! Cost sketch (2-core CI machine, test profile, from the tests): 4000 operations on one key
+//! with 8 clients (puts, appends, deletes, gets, 5% timeouts) take ~0.4M steps, ~0.25 s;
+//! appends and gets only take about one step per operation even at 12 clients (~20 ms for
+//! 3000). A step costs a bitset clone and an Fx hash of it; states carry an incrementally
+//! updated fingerprint, so long values are not rehashed. Mixed writes at 10+ concurrent
 //! clients on one key can need millions of steps: the step budget then gives `Unknown`, so
 //! workloads should spread clients over keys. Memory: one cache entry per step of about
 //! n/8 bytes plus the value (values are shared `Bytes`).
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -106,27 +109,73 @@ struct KeyOp {
     record: usize,
 }
 
-type State = Option<Bytes>;
+/// The value of the key in the sequential model, with a fingerprint for the memo cache.
+///
+/// The cache hashes every new state; hashing the whole value made long append chains cost
+/// O(length) per search step (most of the time, measured). The fingerprint is a polynomial
+/// hash that an append extends in O(appended bytes); equality still compares the values, so
+/// a fingerprint collision costs a comparison, never a wrong verdict.
+#[derive(Debug, Clone)]
+struct State {
+    value: Option<Bytes>,
+    fingerprint: u64,
+}
+
+impl PartialEq for State {
+    fn eq(&self, other: &State) -> bool {
+        self.fingerprint == other.fingerprint && self.value == other.value
+    }
+}
+
+impl Eq for State {}
+
+impl std::hash::Hash for State {
+    fn hash<H: std::hash::Hasher>(&self, hasher: &mut H) {
+        hasher.write_u64(self.fingerprint);
+    }
+}
+
+impl State {
+    const MISSING: State = State {
+        value: None,
+        fingerprint: 0,
+    };
+
+    fn present(value: Bytes) -> State {
+        let fingerprint = rolling_hash(&value);
+        State {
+            value: Some(value),
+            fingerprint,
+        }
+    }
+}
 
 /// The sequential model of one key: a value or missing.
 fn step(state: &State, input: &Input, missing_equals_empty: bool) -> Option<State> {
     match input {
-        Input::Put(value) => Some(Some(value.clone())),
-        Input::Append(value) => Some(Some(match state {
-            None => value.clone(),
+        Input::Put(value) => Some(State::present(value.clone())),
+        Input::Append(value) => Some(match &state.value {
+            None => State::present(value.clone()),
             Some(old) => {
                 let mut joined = BytesMut::with_capacity(old.len() + value.len());
                 joined.extend_from_slice(old);
                 joined.extend_from_slice(value);
-                joined.freeze()
+                // rolling_hash(old ++ value) = rolling_hash(old) * BASE^len(value) + rolling_hash(value)
+                let shift = value
+                    .iter()
+                    .fold(state.fingerprint, |h, _| h.wrapping_mul(HASH_BASE));
+                State {
+                    value: Some(joined.freeze()),
+                    fingerprint: shift.wrapping_add(rolling_hash(value)),
+                }
             }
-        })),
-        Input::Delete => Some(None),
+        }),
+        Input::Delete => Some(State::MISSING),
         Input::Get(seen) => {
             let equal = if missing_equals_empty {
-                state.as_deref().unwrap_or_default() == seen.as_deref().unwrap_or_default()
+                state.value.as_deref().unwrap_or_default() == seen.as_deref().unwrap_or_default()
             } else {
-                state == seen
+                state.value == *seen
             };
             equal.then(|| state.clone())
         }
@@ -242,6 +291,16 @@ fn drop_unobserved_timeouts(ops: &mut Vec<KeyOp>) {
         .collect();
     results.sort_unstable();
     results.dedup();
+    // A result that is a prefix of another adds no substrings; in sorted order a prefix sits
+    // right before the strings it starts (appends make most results prefixes of later ones).
+    let results: Vec<&[u8]> = (0..results.len())
+        .filter(|&i| {
+            results
+                .get(i + 1)
+                .map_or(true, |next| !next.starts_with(results[i]))
+        })
+        .map(|i| results[i])
+        .collect();
     let mut by_length: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
     for (i, op) in ops.iter().enumerate() {
         if let (true, Input::Put(v) | Input::Append(v)) = (is_candidate(op), &op.input) {
@@ -314,6 +373,34 @@ fn rolling_hash(bytes: &[u8]) -> u64 {
 }
 
 const NIL: u32 = u32::MAX;
+
+/// The Firefox/rustc hash: a multiply and rotate per word. The memo cache hashes a bitset of
+/// the linearized operations at every search step; SipHash took a quarter of the search time.
+/// Keys come from the history being checked, so flooding resistance is not needed here.
+#[derive(Default)]
+struct FxHasher(u64);
+
+impl Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u64(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+
+    fn write_usize(&mut self, word: usize) {
+        self.write_u64(word as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
 
 /// Pending reads whose results are checked against a new state at each search step.
 const PENDING_READS_CHECKED_MAX: usize = 64;
@@ -463,6 +550,9 @@ fn check_key(ops: &[KeyOp], config: &CheckConfig, deadline: Option<Instant>) -> 
     (KeyVerdict::Ok, steps)
 }
 
+/// (linearized finite operations, state) -> sets of linearized timed-out operations.
+type MemoCache = HashMap<(Vec<u64>, State), Vec<Vec<u64>>, BuildHasherDefault<FxHasher>>;
+
 /// The state of the depth-first search over one key's operations.
 struct Search<'a> {
     ops: &'a [KeyOp],
@@ -477,7 +567,7 @@ struct Search<'a> {
     /// it. A configuration is hopeless if one seen before had the same finite set and state
     /// and a subset of its timed-out ops: a timed-out write not yet applied may always be left
     /// out (applied after everything), so fewer applied timed-out ops means as many futures.
-    cache: HashMap<(Vec<u64>, State), Vec<Vec<u64>>>,
+    cache: MemoCache,
     /// The linearized calls, the state before each, and whether it was forced (no branching).
     calls: Vec<(u32, State, bool)>,
     state: State,
@@ -506,9 +596,9 @@ impl<'a> Search<'a> {
             finite_set: vec![0u64; finite_count.div_ceil(64)],
             timed_out_set: vec![0u64; timed_out_count.div_ceil(64)],
             pending_finite: finite_count,
-            cache: HashMap::new(),
+            cache: HashMap::default(),
             calls: Vec::new(),
-            state: None,
+            state: State::MISSING,
             has_resets: ops
                 .iter()
                 .any(|op| matches!(op.input, Input::Put(_) | Input::Delete)),
@@ -569,7 +659,7 @@ impl<'a> Search<'a> {
             }
         }
         let empty = Bytes::new();
-        let current = match new_state {
+        let current = match &new_state.value {
             None if !self.missing_equals_empty => return false,
             None => &empty,
             Some(value) => value,
@@ -664,5 +754,55 @@ impl<'a> Search<'a> {
                 return Some(self.events.next[call as usize]);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_appended_state_has_the_fingerprint_of_its_value() {
+        let mut state = State::MISSING;
+        for part in ["ab", "", "c", "defg"] {
+            state = step(&state, &Input::Append(Bytes::from(part)), false).unwrap();
+        }
+        let direct = State::present(Bytes::from("abcdefg"));
+        assert_eq!(state.fingerprint, direct.fingerprint);
+        assert_eq!(state, direct);
+        // Equal fingerprints alone do not make states equal.
+        let forged = State {
+            value: Some(Bytes::from("other")),
+            fingerprint: direct.fingerprint,
+        };
+        assert_ne!(forged, direct);
+    }
+
+    #[test]
+    fn unobserved_timed_out_writes_are_dropped_and_observed_ones_kept() {
+        let op = |input, ret| KeyOp {
+            call: 0,
+            ret,
+            input,
+            record: 0,
+        };
+        let mut ops = vec![
+            op(Input::Append(Bytes::from("seen")), u64::MAX),
+            op(Input::Put(Bytes::from("unseen")), u64::MAX),
+            op(Input::Put(Bytes::from("")), u64::MAX),
+            op(Input::Put(Bytes::from("finite")), 5),
+            op(Input::Get(Some(Bytes::from("x-seen-y"))), 9),
+            op(Input::Get(Some(Bytes::from("x-se"))), 9),
+        ];
+        drop_unobserved_timeouts(&mut ops);
+        let kept: Vec<String> = ops
+            .iter()
+            .map(|op| match &op.input {
+                Input::Put(v) | Input::Append(v) => String::from_utf8(v.to_vec()).unwrap(),
+                Input::Get(_) => "get".into(),
+                Input::Delete => "delete".into(),
+            })
+            .collect();
+        assert_eq!(kept, ["seen", "", "finite", "get", "get"]);
     }
 }
