@@ -8,11 +8,13 @@
 //! - `invariants.rs`: the safety checker.
 //! - `run.rs`: one seed with a fault schedule and a liveness phase (used by `tynamo-sim`).
 //! - `app.rs`: the application trait the KV service implements, and a hashing default.
+//! - `kv/`: the KV service as that application, simulated clients and checked histories.
 
 mod app;
 mod cluster;
 mod disk;
 mod invariants;
+pub mod kv;
 mod network;
 mod run;
 
