@@ -13,8 +13,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::raft::{
-    ConfChange, Config, Index, InitialState, Message, NodeId, ProposeError, RawNode, ReadError, Role,
-    Term,
+    ConfChange, Config, Index, InitialState, Message, NodeId, ProposeError, RawNode, ReadError,
+    Role, Term,
 };
 
 use super::app::{mix, App};

@@ -46,6 +46,13 @@ impl KvProfile for SimProfile {
     const SNAPSHOT_THRESHOLD_BYTES: u64 = 1024;
 }
 
+/// No snapshots: restarts replay the whole log (the "persist" scenarios).
+pub struct LogOnlyProfile;
+
+impl KvProfile for LogOnlyProfile {
+    const SNAPSHOT_THRESHOLD_BYTES: u64 = u64::MAX;
+}
+
 /// TEST ONLY, broken on purpose: the adapter strips the client id from every data write before
 /// the state machine sees it, so a retried write is applied again. The checker must catch it.
 pub struct NoSessionCheck;

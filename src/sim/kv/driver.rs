@@ -16,7 +16,7 @@
 //! (a small log-bytes threshold), it serialises the state, compacts the Raft log and stores the
 //! snapshot on the replica's simulated disk, as the node runtime does at the end of a loop turn.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use bytes::Bytes;
 use rand::{Rng, SeedableRng};
@@ -120,6 +120,17 @@ pub struct KvStats {
     pub crashes: u64,
 }
 
+/// An operation a test scripts for one client (the value of a put or append is generated,
+/// unique as always).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScriptOp {
+    Get(usize),
+    StaleGet(usize),
+    Put(usize),
+    Append(usize),
+    Delete(usize),
+}
+
 #[derive(Clone, Debug)]
 enum ClientOp {
     OpenSession,
@@ -182,6 +193,11 @@ struct SimClient {
     target: NodeId,
     /// Replicas this client can reach (None: all).
     reach: Option<Vec<NodeId>>,
+    /// Round-robin position among the reachable replicas, advanced by every rotation, so that
+    /// redirects between two confused replicas cannot keep a client away from the leader.
+    rotation: usize,
+    /// Operations a test queued; taken before random ones, even when not accepting.
+    script: VecDeque<ScriptOp>,
     phase: Phase,
 }
 
@@ -209,6 +225,8 @@ impl<P: KvProfile> KvSim<P> {
                 ops_started: 0,
                 target: i % nodes + 1,
                 reach: None,
+                rotation: i as usize,
+                script: VecDeque::new(),
                 phase: Phase::Opening(Request {
                     op: ClientOp::OpenSession,
                     seq: 0,
@@ -257,6 +275,41 @@ impl<P: KvProfile> KvSim<P> {
         self.clients.len()
     }
 
+    /// Queues operations for client `client` (0-based); they run one at a time, before any
+    /// random operation and even when the clients do not accept new ones. Keys are `k<n>`.
+    pub fn script(&mut self, client: usize, ops: &[ScriptOp]) {
+        self.clients[client].script.extend(ops.iter().copied());
+    }
+
+    /// Client `client` has nothing in flight and nothing queued.
+    pub fn client_done(&self, client: usize) -> bool {
+        let c = &self.clients[client];
+        c.script.is_empty() && matches!(c.phase, Phase::Thinking { .. })
+    }
+
+    /// One line per busy client: its target and request state, for failure messages.
+    pub fn describe_clients(&self) -> String {
+        let mut out = String::new();
+        for c in &self.clients {
+            let req = match &c.phase {
+                Phase::Thinking { .. } => continue,
+                Phase::Opening(req) | Phase::Busy(req) => req,
+            };
+            out.push_str(&format!(
+                "\n  client {} -> node {}: {:?} seq {} invoked {} sends {} maybe applied {} {:?}",
+                c.id,
+                c.target,
+                req.op,
+                req.seq,
+                req.invoke,
+                req.sends,
+                req.maybe_applied,
+                req.attempt
+            ));
+        }
+        out
+    }
+
     /// The id client `client` (0-based) records in the history.
     pub fn client_id(&self, client: usize) -> u64 {
         self.clients[client].id
@@ -267,11 +320,9 @@ impl<P: KvProfile> KvSim<P> {
         matches!(self.clients[client].phase, Phase::Busy(_))
     }
 
-    /// No client has an operation or a session opening in flight.
+    /// No client has an operation, a queued operation or a session opening in flight.
     pub fn idle(&self) -> bool {
-        self.clients
-            .iter()
-            .all(|c| matches!(c.phase, Phase::Thinking { .. }))
+        (0..self.clients.len()).all(|i| self.client_done(i))
     }
 
     /// Operations completed so far.
@@ -355,10 +406,15 @@ impl<P: KvProfile> KvSim<P> {
     ) -> Result<(), Violation> {
         let now = self.cluster.now;
         if let Phase::Thinking { until } = self.clients[i].phase {
-            if !self.accepting || now < until {
+            let scripted = self.clients[i].script.front().copied();
+            if now < until || (scripted.is_none() && !self.accepting) {
                 return Ok(());
             }
-            self.start_op(i);
+            let op = match self.clients[i].script.pop_front() {
+                Some(op) => op,
+                None => self.random_op(),
+            };
+            self.start_op(i, op);
         }
         let (req, opening) = match &self.clients[i].phase {
             Phase::Opening(req) => (req.clone(), true),
@@ -434,42 +490,51 @@ impl<P: KvProfile> KvSim<P> {
         }
     }
 
-    fn start_op(&mut self, i: usize) {
-        let now = self.cluster.now;
+    fn random_op(&mut self) -> ScriptOp {
         let mix = self.cfg.mix;
-        let key_index = self.rng.gen_range(0..self.cfg.keys);
-        let key = Bytes::from(format!("k{key_index}"));
+        let key = self.rng.gen_range(0..self.cfg.keys);
         let mut pick = self.rng.gen_range(0..mix.total().max(1));
+        let mut take = |weight: u32| {
+            let hit = pick < weight;
+            pick -= weight.min(pick);
+            hit
+        };
+        if take(mix.get) {
+            ScriptOp::Get(key)
+        } else if take(mix.stale_get) {
+            ScriptOp::StaleGet(key)
+        } else if take(mix.put) {
+            ScriptOp::Put(key)
+        } else if take(mix.append) {
+            ScriptOp::Append(key)
+        } else {
+            ScriptOp::Delete(key)
+        }
+    }
+
+    fn start_op(&mut self, i: usize, op: ScriptOp) {
+        let now = self.cluster.now;
         let c = &mut self.clients[i];
         c.ops_started += 1;
         let value = Bytes::from(format!("{}.{};", c.id, c.ops_started));
-        let mut take = |weight: u32| {
-            let hit = pick < weight;
-            pick = pick.saturating_sub(weight);
-            hit
+        let key = |k: usize| Bytes::from(format!("k{k}"));
+        let write = |kind, k, value| ClientOp::Write {
+            kind,
+            key: key(k),
+            value,
         };
-        let op = if take(mix.get) {
-            ClientOp::Read { key, stale: false }
-        } else if take(mix.stale_get) {
-            ClientOp::Read { key, stale: true }
-        } else if take(mix.put) {
-            ClientOp::Write {
-                kind: OpKind::Put,
-                key,
-                value: Some(value),
-            }
-        } else if take(mix.append) {
-            ClientOp::Write {
-                kind: OpKind::Append,
-                key,
-                value: Some(value),
-            }
-        } else {
-            ClientOp::Write {
-                kind: OpKind::Delete,
-                key,
-                value: None,
-            }
+        let op = match op {
+            ScriptOp::Get(k) => ClientOp::Read {
+                key: key(k),
+                stale: false,
+            },
+            ScriptOp::StaleGet(k) => ClientOp::Read {
+                key: key(k),
+                stale: true,
+            },
+            ScriptOp::Put(k) => write(OpKind::Put, k, Some(value)),
+            ScriptOp::Append(k) => write(OpKind::Append, k, Some(value)),
+            ScriptOp::Delete(k) => write(OpKind::Delete, k, None),
         };
         let seq = match &op {
             ClientOp::Write { kind, key, value } => {
@@ -628,20 +693,22 @@ impl<P: KvProfile> KvSim<P> {
         }
     }
 
-    /// The next replica after the current target, round robin over the reachable ones.
+    /// The next replica in this client's round robin over the reachable ones (skipping the
+    /// current target).
     fn rotate(&mut self, i: usize) {
         let candidates = match &self.clients[i].reach {
             Some(r) => r.clone(),
             None => self.cluster.ids(),
         };
-        let current = self.clients[i].target;
-        let next = candidates
-            .iter()
-            .copied()
-            .find(|&id| id > current)
-            .or_else(|| candidates.first().copied())
-            .unwrap_or(current);
-        self.clients[i].target = next;
+        let c = &mut self.clients[i];
+        for _ in 0..candidates.len() {
+            let next = candidates[c.rotation % candidates.len()];
+            c.rotation = c.rotation.wrapping_add(1);
+            if next != c.target {
+                c.target = next;
+                return;
+            }
+        }
     }
 
     fn any_reachable_up_node(&mut self, i: usize) -> Option<NodeId> {
@@ -775,42 +842,51 @@ impl<P: KvProfile> KvSim<P> {
     }
 
     fn take_snapshots(&mut self) -> Result<(), Violation> {
-        for node in &mut self.cluster.nodes {
-            if !node.app.snapshot_due() {
-                continue;
-            }
-            let Some(raft) = node.raft.as_mut() else {
-                continue;
-            };
-            let status = raft.status();
-            if node.app.applied_index() != status.applied {
-                return Err(Violation(format!(
-                    "node {}: kv applied {} but raft handed out {}",
-                    node.id,
-                    node.app.applied_index(),
-                    status.applied
-                )));
-            }
-            if status.persisted < status.applied {
-                continue; // compact needs the index durable locally: next tick
-            }
-            match raft.compact(status.applied, node.app.snapshot()) {
-                Ok(()) => {
-                    if let Some(s) = raft.snapshot() {
-                        node.disk.store_snapshot(s.clone());
-                    }
-                    self.cluster
-                        .checker
-                        .on_snapshot_durable(node.id, status.applied);
-                    node.app.mark_snapshot_taken();
-                    self.stats.snapshots_taken += 1;
-                }
-                // A snapshot from the leader already covers this index.
-                Err(CompactError::Stale { .. }) => node.app.mark_snapshot_taken(),
-                Err(CompactError::NotApplied { .. }) => {}
+        for id in self.cluster.ids() {
+            if self.cluster.node(id).app.snapshot_due() {
+                self.snapshot_now(id)?;
             }
         }
         Ok(())
+    }
+
+    /// Replica `id` snapshots its state at its applied index, compacts its log and stores the
+    /// snapshot on its disk. Returns whether it did (not when down, when the applied index is
+    /// not durable locally yet, or when a snapshot already covers it).
+    pub fn snapshot_now(&mut self, id: NodeId) -> Result<bool, Violation> {
+        let i = (id - 1) as usize;
+        let node = &mut self.cluster.nodes[i];
+        let Some(raft) = node.raft.as_mut() else {
+            return Ok(false);
+        };
+        let status = raft.status();
+        if node.app.applied_index() != status.applied {
+            return Err(Violation(format!(
+                "node {id}: kv applied {} but raft handed out {}",
+                node.app.applied_index(),
+                status.applied
+            )));
+        }
+        if status.persisted < status.applied {
+            return Ok(false); // compact needs the index durable locally: next tick
+        }
+        match raft.compact(status.applied, node.app.snapshot()) {
+            Ok(()) => {
+                if let Some(s) = raft.snapshot() {
+                    node.disk.store_snapshot(s.clone());
+                }
+                node.app.mark_snapshot_taken();
+                self.cluster.checker.on_snapshot_durable(id, status.applied);
+                self.stats.snapshots_taken += 1;
+                Ok(true)
+            }
+            // A snapshot from the leader already covers this index.
+            Err(CompactError::Stale { .. }) => {
+                node.app.mark_snapshot_taken();
+                Ok(false)
+            }
+            Err(CompactError::NotApplied { .. }) => Ok(false),
+        }
     }
 }
 

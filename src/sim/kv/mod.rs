@@ -20,11 +20,13 @@ mod stale;
 
 pub use self::app::{
     decode_replies, encode_replies, sim_kv_config, single_command, KvApp, KvProfile,
-    NoSessionCheck, Reply, ReplyError, SimProfile, SIM_SHARD_COUNT,
+    LogOnlyProfile, NoSessionCheck, Reply, ReplyError, SimProfile, SIM_SHARD_COUNT,
 };
-pub use self::driver::{KvSim, KvSimConfig, KvStats, OpMix, CLIENTS_MAX, KEYS_MAX, TICK_MS};
+pub use self::driver::{
+    KvSim, KvSimConfig, KvStats, OpMix, ScriptOp, CLIENTS_MAX, KEYS_MAX, TICK_MS,
+};
 pub use self::run::{
-    faults_arg, history_path, repro_command, run_kv_seed, run_kv_seed_with, write_history_file,
-    KvOptions, KvRun, KvSummary, KV_LIVENESS_TICKS_MAX,
+    check_linearizable, faults_arg, heal_and_drain, history_path, repro_command, run_kv_seed,
+    run_kv_seed_with, write_history_file, KvOptions, KvRun, KvSummary, KV_LIVENESS_TICKS_MAX,
 };
 pub use self::stale::StaleReadCheck;

@@ -20,8 +20,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::app::{KvProfile, SimProfile};
-use super::driver::{KvSim, KvSimConfig};
-use crate::check::{check_history, write_history, CheckConfig, ClientId, Record, Status, Verdict};
+use super::driver::{KvSim, KvSimConfig, OpMix};
+use crate::check::{
+    check_history, write_history, CheckConfig, CheckReport, ClientId, Record, Status, Verdict,
+};
 use crate::raft::{ConfChange, NodeId, ReadMode};
 use crate::sim::{ClusterConfig, Failure, Faults, NetConfig, Violation};
 
@@ -37,6 +39,8 @@ pub struct KvOptions {
     pub nodes: usize,
     pub faults: Faults,
     pub fault_ticks: u64,
+    /// What the clients do (the standard mix by default).
+    pub mix: OpMix,
     /// TEST ONLY, broken on purpose: linearizable reads answered by any replica at once.
     pub follower_reads: bool,
 }
@@ -47,6 +51,7 @@ impl KvOptions {
             nodes,
             faults,
             fault_ticks: 600,
+            mix: OpMix::standard(),
             follower_reads: false,
         }
     }
@@ -150,6 +155,7 @@ fn configure(seed: u64, opts: &KvOptions) -> (ClusterConfig, KvSimConfig) {
     let clients = rng.gen_range(3..=6);
     let keys = rng.gen_range(4..=8);
     let mut kv = KvSimConfig::new(clients, keys);
+    kv.mix = opts.mix;
     kv.follower_reads = opts.follower_reads;
     (cfg, kv)
 }
@@ -175,7 +181,17 @@ fn drive<P: KvProfile>(sim: &mut KvSim<P>, opts: &KvOptions) -> Result<(), Failu
         inject_faults(sim, f, opts.nodes)?;
         sim.step()?;
     }
-    // Heal everything and demand progress from every client.
+    heal_and_drain(sim)
+}
+
+/// Heals every fault and restarts every replica, then demands progress: every client completes
+/// an operation invoked after the heal; once new operations stop, every client drains; and
+/// every member replica applies the leader's whole log and holds the same kv state.
+pub fn heal_and_drain<P: KvProfile>(sim: &mut KvSim<P>) -> Result<(), Failure> {
+    sim.set_accepting(true);
+    for client in 0..sim.client_count() {
+        sim.set_reach(client, None);
+    }
     let ids = sim.cluster.ids();
     sim.cluster.net.heal();
     sim.cluster.net.cfg = NetConfig::reliable();
@@ -203,9 +219,10 @@ fn drive<P: KvProfile>(sim: &mut KvSim<P>, opts: &KvOptions) -> Result<(), Failu
     };
     if !sim.run_until(KV_LIVENESS_TICKS_MAX, |s| unserved(s).is_empty())? {
         return Err(Failure::Liveness(format!(
-            "clients {:?} completed no operation within {KV_LIVENESS_TICKS_MAX} ticks after healing at tick {healed_at} [{}]",
+            "clients {:?} completed no operation within {KV_LIVENESS_TICKS_MAX} ticks after healing at tick {healed_at} [{}]{}",
             unserved(sim),
-            roles(sim)
+            roles(sim),
+            sim.describe_clients()
         )));
     }
     // Drain: no new operations; the ones in flight complete or give up (bounded by their
@@ -214,8 +231,9 @@ fn drive<P: KvProfile>(sim: &mut KvSim<P>, opts: &KvOptions) -> Result<(), Failu
     let drain_ticks = KV_LIVENESS_TICKS_MAX;
     if !sim.run_until(drain_ticks, |s| s.idle())? {
         return Err(Failure::Liveness(format!(
-            "clients still busy {drain_ticks} ticks after new operations stopped [{}]",
-            roles(sim)
+            "clients still busy {drain_ticks} ticks after new operations stopped [{}]{}",
+            roles(sim),
+            sim.describe_clients()
         )));
     }
     if !sim.run_until(KV_LIVENESS_TICKS_MAX, converged)? {
@@ -264,15 +282,13 @@ fn roles<P: KvProfile>(sim: &KvSim<P>) -> String {
         .join(" ")
 }
 
-fn verdict<P: KvProfile>(
-    seed: u64,
-    opts: &KvOptions,
-    sim: &KvSim<P>,
-    history: &[Record],
-) -> Result<KvSummary, Failure> {
+/// Runs the linearizability checker over a history. A non-linearizable verdict is an error
+/// that shows the failing key's operations (the key with the fewest); an unknown verdict (the
+/// search ran out of budget) is an error too.
+pub fn check_linearizable(history: &[Record]) -> Result<CheckReport, String> {
     let report = check_history(history, &CheckConfig::default());
-    match report.verdict {
-        Verdict::Linearizable => {}
+    match &report.verdict {
+        Verdict::Linearizable => Ok(report),
         Verdict::NotLinearizable { key, ops } => {
             let mut shown = String::new();
             for op in ops.iter().take(FAILURE_OPS_SHOWN_MAX) {
@@ -285,19 +301,27 @@ fn verdict<P: KvProfile>(
                     ops.len() - FAILURE_OPS_SHOWN_MAX
                 ));
             }
-            return Err(Failure::Safety(format!(
-                "seed {seed}: history not linearizable on key {key:?} ({} ops on it){shown}\n  reproduce: {}",
-                ops.len(),
-                repro_command(seed, opts)
-            )));
+            Err(format!(
+                "history not linearizable on key {key:?} ({} ops on it):{shown}",
+                ops.len()
+            ))
         }
-        Verdict::Unknown { keys } => {
-            return Err(Failure::Safety(format!(
-                "seed {seed}: the checker ran out of budget on keys {keys:?}\n  reproduce: {}",
-                repro_command(seed, opts)
-            )));
-        }
+        Verdict::Unknown { keys } => Err(format!("the checker ran out of budget on keys {keys:?}")),
     }
+}
+
+fn verdict<P: KvProfile>(
+    seed: u64,
+    opts: &KvOptions,
+    sim: &KvSim<P>,
+    history: &[Record],
+) -> Result<KvSummary, Failure> {
+    let report = check_linearizable(history).map_err(|e| {
+        Failure::Safety(format!(
+            "seed {seed}: {e}\n  reproduce: {}",
+            repro_command(seed, opts)
+        ))
+    })?;
     let s = &sim.stats;
     Ok(KvSummary {
         steps: sim.cluster.steps,
