@@ -77,6 +77,10 @@ pub struct KvSimConfig {
     pub op_timeout_ticks: u64,
     /// Sends of one operation (the first, redirects and retries) before the client gives up.
     pub attempts_max: u32,
+    /// Replies lost on the way back to the client, in percent: the client cannot tell a lost
+    /// reply from a lost request and retries the same (client id, seq) elsewhere, so this is
+    /// what exercises exactly-once hardest.
+    pub lost_replies_percent: u32,
     /// TEST ONLY, broken on purpose: "linearizable" reads answered at once by any replica.
     pub follower_reads: bool,
 }
@@ -98,6 +102,7 @@ impl KvSimConfig {
             think_ticks_max: 3,
             op_timeout_ticks: 300,
             attempts_max: 64,
+            lost_replies_percent: 0,
             follower_reads: false,
         }
     }
@@ -432,6 +437,10 @@ impl<P: KvProfile> KvSim<P> {
             Attempt::Ready { .. } => Ok(()),
             Attempt::Proposed { proposal, slot } => match self.cluster.outcome(proposal) {
                 Outcome::Pending => Ok(()),
+                Outcome::Committed { .. } if self.reply_lost() => {
+                    self.retry(i, req, true);
+                    Ok(())
+                }
                 Outcome::Committed { index, result } => {
                     let replies = decode_replies(&result).map_err(|e| {
                         Violation(format!("client {}: reply of entry {index}: {e}", i + 1))
@@ -483,6 +492,10 @@ impl<P: KvProfile> KvSim<P> {
                 }
                 if n.app.applied_index() < index {
                     // Apply runs behind commit: the read waits for it, not the other way.
+                    return Ok(());
+                }
+                if self.reply_lost() {
+                    self.retry(i, req, false);
                     return Ok(());
                 }
                 self.serve_read(i, req, node, ReadConsistency::Linearizable)
@@ -674,6 +687,11 @@ impl<P: KvProfile> KvSim<P> {
         };
         self.rotate(i);
         self.set_request(i, req);
+    }
+
+    fn reply_lost(&mut self) -> bool {
+        self.cfg.lost_replies_percent > 0
+            && self.rng.gen_range(0..100) < self.cfg.lost_replies_percent
     }
 
     fn reachable(&self, i: usize, node: NodeId) -> bool {

@@ -155,6 +155,9 @@ fn configure(seed: u64, opts: &KvOptions) -> (ClusterConfig, KvSimConfig) {
     let clients = rng.gen_range(3..=6);
     let keys = rng.gen_range(4..=8);
     let mut kv = KvSimConfig::new(clients, keys);
+    if opts.faults.lossy_net {
+        kv.lost_replies_percent = rng.gen_range(0..=20);
+    }
     kv.mix = opts.mix;
     kv.follower_reads = opts.follower_reads;
     (cfg, kv)
