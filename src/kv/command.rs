@@ -155,7 +155,8 @@ pub enum Op {
 }
 
 impl Op {
-    /// Whether the op changes state (and so goes through session duplicate detection).
+    /// Whether the op may change state: everything but Get, Exists and MGet. Data writes go
+    /// through session duplicate detection; session ops are idempotent by themselves.
     pub fn is_write(&self) -> bool {
         !matches!(self, Op::Get { .. } | Op::Exists { .. } | Op::MGet { .. })
     }

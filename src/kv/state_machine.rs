@@ -312,8 +312,9 @@ impl StateMachine {
     }
 
     /// Applies the committed entry at `index` and appends one outcome per client command to
-    /// `outcomes` (one for an admin entry, one `BadEntry` error for an undecodable payload, none
-    /// for a no-op). Indexes must increase; the driver calls this for every entry it applies
+    /// `outcomes`, in command order (one for an admin entry, none for a no-op). An undecodable
+    /// payload applies nothing and yields a single `BadEntry` error: the driver fails every
+    /// client waiting on that entry with it. Indexes must increase; the driver calls this for every entry it applies
     /// (an empty payload for entries that are not the state machine's, e.g. the leader's no-op).
     pub fn apply(&mut self, index: u64, payload: &Bytes, outcomes: &mut Vec<Outcome>) {
         assert!(

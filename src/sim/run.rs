@@ -25,6 +25,8 @@ pub struct Faults {
     pub transfer: bool,
     /// Membership changes: add learners (new replicas), promote them, remove voters.
     pub membership: bool,
+    /// Clock skew: replicas whose clocks run up to 10% slow (within the lease's drift bound).
+    pub clock: bool,
 }
 
 impl Faults {
@@ -36,6 +38,7 @@ impl Faults {
             slow_disk: true,
             transfer: true,
             membership: true,
+            clock: true,
         }
     }
     pub fn none() -> Faults {
@@ -46,9 +49,10 @@ impl Faults {
             slow_disk: false,
             transfer: false,
             membership: false,
+            clock: false,
         }
     }
-    /// Parses `all`, `none`, or a comma list of `crash,partition,net,disk,transfer,membership`.
+    /// Parses `all`, `none`, or a comma list of `crash,partition,net,disk,transfer,membership,clock`.
     pub fn parse(s: &str) -> Result<Faults, String> {
         match s {
             "all" => return Ok(Faults::all()),
@@ -64,9 +68,10 @@ impl Faults {
                 "disk" => f.slow_disk = true,
                 "transfer" => f.transfer = true,
                 "membership" => f.membership = true,
+                "clock" => f.clock = true,
                 other => {
                     return Err(format!(
-                    "unknown fault {other:?} (all, none, crash, partition, net, disk, transfer, membership)"
+                    "unknown fault {other:?} (all, none, crash, partition, net, disk, transfer, membership, clock)"
                 ))
                 }
             }
@@ -146,6 +151,12 @@ pub fn run_seed(seed: u64, opts: &RunOptions) -> Result<RunSummary, Failure> {
         cfg.raft.read_mode = crate::raft::ReadMode::Lease;
     }
     let mut c: Cluster<HashApp> = Cluster::new(cfg, seed);
+    if opts.faults.clock {
+        // 10% slow at most: the lease (election 20 - drift 4 ticks) tolerates 20%.
+        for n in &mut c.nodes {
+            n.tick_skip_per_million = rng.gen_range(0..100_000);
+        }
+    }
     let f = opts.faults;
     for _ in 0..opts.fault_ticks {
         let ids: Vec<NodeId> = c.ids();
@@ -158,7 +169,15 @@ pub fn run_seed(seed: u64, opts: &RunOptions) -> Result<RunSummary, Failure> {
             let _ = c.propose(Bytes::from(data));
         }
         if c.rng.gen_bool(0.05) {
-            let _ = c.read();
+            // Any node that believes it leads, stale leaders included.
+            let leaders: Vec<NodeId> = ids
+                .iter()
+                .copied()
+                .filter(|&id| c.raft(id).is_some_and(|r| r.role() == Role::Leader))
+                .collect();
+            if let Some(&l) = leaders.choose(&mut c.rng) {
+                let _ = c.read_at(l);
+            }
         }
         if f.crash && c.rng.gen_bool(0.004) {
             let id = *ids.choose(&mut c.rng).unwrap_or(&1);
@@ -307,6 +326,9 @@ fn change_membership(c: &mut Cluster<HashApp>, voters_target: usize) {
 
 fn partition(c: &mut Cluster<HashApp>, ids: &[NodeId]) {
     c.net.heal();
+    if ids.len() < 2 {
+        return;
+    }
     match c.rng.gen_range(0..3) {
         0 => {
             // A random split in two.
