@@ -155,7 +155,12 @@ enum Attempt {
     /// To be sent at tick `at` or later.
     Ready { at: u64 },
     /// In the batch proposed as `proposal`, at position `slot`.
-    Proposed { proposal: ProposalId, slot: usize },
+    Proposed {
+        proposal: ProposalId,
+        slot: usize,
+        node: NodeId,
+        incarnation: u32,
+    },
     /// Waiting for the read index.
     Reading { ctx: u64 },
     /// Leadership confirmed at `index`: serve once `node` (same incarnation) applied it.
@@ -435,13 +440,28 @@ impl<P: KvProfile> KvSim<P> {
         match req.attempt {
             Attempt::Ready { at } if now >= at => self.send(i, req, batches),
             Attempt::Ready { .. } => Ok(()),
-            Attempt::Proposed { proposal, slot } => match self.cluster.outcome(proposal) {
+            Attempt::Proposed {
+                proposal,
+                slot,
+                node,
+                incarnation,
+            } => match self.cluster.outcome(proposal) {
                 Outcome::Pending => Ok(()),
                 Outcome::Committed { .. } if self.reply_lost() => {
                     self.retry(i, req, true);
                     Ok(())
                 }
                 Outcome::Committed { index, result } => {
+                    // The proposer answers once the write is applied in its own state machine
+                    // (apply runs behind commit, never ahead of the answer).
+                    let n = self.cluster.node(node);
+                    if n.incarnation == incarnation && n.app.applied_index() < index {
+                        return Err(Violation(format!(
+                            "client {}: node {node} answered entry {index} before applying it (applied {})",
+                            i + 1,
+                            n.app.applied_index()
+                        )));
+                    }
                     let replies = decode_replies(&result).map_err(|e| {
                         Violation(format!("client {}: reply of entry {index}: {e}", i + 1))
                     })?;
@@ -663,6 +683,8 @@ impl<P: KvProfile> KvSim<P> {
                     Ok(proposal) => Attempt::Proposed {
                         proposal: *proposal,
                         slot,
+                        node,
+                        incarnation: self.cluster.node(node).incarnation,
                     },
                     Err(ProposeError::NotLeader { leader }) => {
                         self.redirect(i, *leader);

@@ -4,9 +4,9 @@
 //! Everything is drawn from the seed: the group (network loss, duplication and delay, disk
 //! latency, replication window, snapshot chunk size, ReadIndex or lease reads), the clients
 //! (3-6, over 4-8 keys) and the fault schedule (the Raft run's faults: crashes and restarts,
-//! partitions of every shape, slow disks, leadership transfers, membership changes). Snapshots
-//! come every ~1 KiB of applied log. After the fault phase every fault is healed, every replica
-//! restarted, and then:
+//! partitions of every shape, slow disks, leadership transfers, membership changes, slow
+//! clocks). Snapshots come every ~1 KiB of applied log. After the fault phase every fault is
+//! healed, every replica restarted, and then:
 //! 1. liveness: every client completes an operation invoked after the heal;
 //! 2. the clients stop and drain, and every member replica reaches the same kv state hash;
 //! 3. the history goes through the linearizability checker: a non-linearizable or unknown
@@ -90,6 +90,7 @@ pub fn faults_arg(f: Faults) -> String {
         (f.slow_disk, "disk"),
         (f.transfer, "transfer"),
         (f.membership, "membership"),
+        (f.clock, "clock"),
     ];
     if names.iter().all(|(on, _)| *on) {
         return "all".into();
@@ -172,6 +173,14 @@ pub fn run_kv_seed(seed: u64, opts: &KvOptions) -> KvRun {
 pub fn run_kv_seed_with<P: KvProfile>(seed: u64, opts: &KvOptions) -> KvRun {
     let (cluster_cfg, kv_cfg) = configure(seed, opts);
     let mut sim: KvSim<P> = KvSim::new(cluster_cfg, kv_cfg, seed);
+    if opts.faults.clock {
+        // Clocks up to 10% slow, within what the lease tolerates (as in the Raft run): lease
+        // reads answered by a leader whose lease ran out elsewhere would show in the history.
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xc10c);
+        for n in &mut sim.cluster.nodes {
+            n.tick_skip_per_million = rng.gen_range(0..100_000);
+        }
+    }
     let outcome = drive(&mut sim, opts);
     let history = sim.finish_history();
     let result = outcome.and_then(|()| verdict(seed, opts, &sim, &history));
