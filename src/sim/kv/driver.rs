@@ -415,6 +415,7 @@ impl<P: KvProfile> KvSim<P> {
         batches: &mut BTreeMap<NodeId, Vec<(usize, Command)>>,
     ) -> Result<(), Violation> {
         let now = self.cluster.now;
+        let client_id = self.clients[i].id;
         if let Phase::Thinking { until } = self.clients[i].phase {
             let scripted = self.clients[i].script.front().copied();
             if now < until || (scripted.is_none() && !self.accepting) {
@@ -458,17 +459,17 @@ impl<P: KvProfile> KvSim<P> {
                     if n.incarnation == incarnation && n.app.applied_index() < index {
                         return Err(Violation(format!(
                             "client {}: node {node} answered entry {index} before applying it (applied {})",
-                            i + 1,
+                            self.clients[i].id,
                             n.app.applied_index()
                         )));
                     }
                     let replies = decode_replies(&result).map_err(|e| {
-                        Violation(format!("client {}: reply of entry {index}: {e}", i + 1))
+                        Violation(format!("client {client_id}: reply of entry {index}: {e}"))
                     })?;
                     let reply = replies.get(slot).cloned().ok_or_else(|| {
                         Violation(format!(
                             "client {}: entry {index} has {} replies, want slot {slot}",
-                            i + 1,
+                            self.clients[i].id,
                             replies.len()
                         ))
                     })?;
