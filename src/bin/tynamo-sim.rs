@@ -2,13 +2,16 @@
 //!
 //! Exit codes: 0 every seed passed, 1 a safety violation or a panic, 2 a liveness failure
 //! (and no safety failure), 64 bad usage. The last line is always
-//! `RESULT seeds=N failed=F steps=S elapsed_ms=T`.
+//! `RESULT seeds=N failed=F steps=S elapsed_ms=T`; the kv workload adds `histories=H ops=M`
+//! (histories that passed the linearizability checker, and their operations).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
+use tynamo::sim::kv::{history_path, run_kv_seed, write_history_file, KvOptions};
 use tynamo::sim::{run_seed, Failure, Faults, RunOptions};
 
 #[derive(Parser, Debug)]
@@ -29,6 +32,41 @@ struct Args {
     /// Ticks of the fault phase per seed.
     #[arg(long, default_value_t = 600)]
     fault_ticks: u64,
+    /// `raft`: the core with a hashing application. `kv`: the key-value service with clients
+    /// whose histories go through the linearizability checker.
+    #[arg(long, value_enum, default_value_t = Workload::Raft)]
+    workload: Workload,
+    /// With `--workload kv`: write each seed's history as JSON lines to
+    /// `DIR/kv-n<nodes>-seed<seed>.jsonl`.
+    #[arg(long, value_name = "DIR")]
+    history_out: Option<PathBuf>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Workload {
+    Raft,
+    Kv,
+}
+
+/// One seed of the kv workload: (steps, operations checked). Writes the history, also of a
+/// failing seed, when asked.
+fn run_kv(
+    seed: u64,
+    nodes: usize,
+    faults: Faults,
+    fault_ticks: u64,
+    history_out: Option<&PathBuf>,
+) -> Result<(u64, u64), Failure> {
+    let mut opts = KvOptions::new(nodes, faults);
+    opts.fault_ticks = fault_ticks;
+    let run = run_kv_seed(seed, &opts);
+    if let Some(dir) = history_out {
+        let path = history_path(dir, seed, nodes);
+        write_history_file(&path, &run.history).map_err(|e| {
+            Failure::Safety(format!("cannot write history {}: {e}", path.display()))
+        })?;
+    }
+    run.result.map(|s| (s.steps, s.ops))
 }
 
 fn main() -> ExitCode {
@@ -40,6 +78,16 @@ fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     };
+    if let Some(dir) = &args.history_out {
+        if args.workload != Workload::Kv {
+            eprintln!("tynamo-sim: --history-out needs --workload kv");
+            return ExitCode::from(64);
+        }
+        if let Err(e) = std::fs::create_dir_all(dir) {
+            eprintln!("tynamo-sim: cannot create {}: {e}", dir.display());
+            return ExitCode::from(64);
+        }
+    }
     for &n in &args.nodes {
         if !(1..=7).contains(&n) {
             eprintln!("tynamo-sim: --nodes {n} is outside 1..=7");
@@ -56,6 +104,7 @@ fn main() -> ExitCode {
     }));
     let started = Instant::now();
     let (mut runs, mut failed, mut steps) = (0u64, 0u64, 0u64);
+    let (mut histories, mut ops) = (0u64, 0u64);
     let mut exit = 0u8;
     let mut first_failure: Option<String> = None;
     for seed in args.seed_start..args.seed_start.saturating_add(args.seeds) {
@@ -63,10 +112,23 @@ fn main() -> ExitCode {
             runs += 1;
             let mut opts = RunOptions::new(nodes, faults);
             opts.fault_ticks = args.fault_ticks;
-            let verdict = catch_unwind(AssertUnwindSafe(|| run_seed(seed, &opts)));
+            let verdict = catch_unwind(AssertUnwindSafe(|| match args.workload {
+                Workload::Raft => run_seed(seed, &opts).map(|s| (s.steps, 0)),
+                Workload::Kv => run_kv(
+                    seed,
+                    nodes,
+                    faults,
+                    args.fault_ticks,
+                    args.history_out.as_ref(),
+                ),
+            }));
             let failure = match verdict {
-                Ok(Ok(summary)) => {
-                    steps += summary.steps;
+                Ok(Ok((seed_steps, seed_ops))) => {
+                    steps += seed_steps;
+                    if args.workload == Workload::Kv {
+                        histories += 1;
+                        ops += seed_ops;
+                    }
                     continue;
                 }
                 Ok(Err(f)) => f,
@@ -88,8 +150,12 @@ fn main() -> ExitCode {
             };
             eprintln!("seed {seed} nodes {nodes}: FAILED: {failure}");
             if first_failure.is_none() {
+                let workload = match args.workload {
+                    Workload::Raft => "",
+                    Workload::Kv => "--workload kv ",
+                };
                 first_failure = Some(format!(
-                    "tynamo-sim --seeds 1 --seed-start {seed} --nodes {nodes} --faults {} --fault-ticks {}",
+                    "tynamo-sim -- {workload}--seeds 1 --seed-start {seed} --nodes {nodes} --faults {} --fault-ticks {}",
                     args.faults, args.fault_ticks
                 ));
             }
@@ -98,8 +164,12 @@ fn main() -> ExitCode {
     if let Some(repro) = &first_failure {
         println!("reproduce the first failure with: cargo run --release --bin {repro}");
     }
+    let kv_counts = match args.workload {
+        Workload::Raft => String::new(),
+        Workload::Kv => format!(" histories={histories} ops={ops}"),
+    };
     println!(
-        "RESULT seeds={runs} failed={failed} steps={steps} elapsed_ms={}",
+        "RESULT seeds={runs} failed={failed} steps={steps} elapsed_ms={}{kv_counts}",
         started.elapsed().as_millis()
     );
     ExitCode::from(exit)

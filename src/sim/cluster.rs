@@ -13,7 +13,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::raft::{
-    ConfChange, Config, Index, InitialState, Message, NodeId, ProposeError, RawNode, Role, Term,
+    ConfChange, Config, Index, InitialState, Message, NodeId, ProposeError, RawNode, ReadError,
+    Role, Term,
 };
 
 use super::app::{mix, App};
@@ -348,23 +349,27 @@ impl<A: App> Cluster<A> {
     /// Registers a linearizable read at the leader. Returns its id.
     pub fn read(&mut self) -> Option<u64> {
         let leader = self.leader()?;
-        self.read_at(leader)
+        self.read_at(leader).ok()
     }
 
-    /// Registers a read at `leader`, which may be a stale leader that does not know it was
-    /// deposed: it must not answer with an index that misses an acknowledged write.
-    pub fn read_at(&mut self, leader: NodeId) -> Option<u64> {
-        let i = self.idx(leader);
+    /// Registers a linearizable read at `node`, as a client that believes it is the leader
+    /// would (a deposed leader on the minority side of a partition must not answer it).
+    pub fn read_at(&mut self, node: NodeId) -> Result<u64, ReadError> {
+        let i = self.idx(node);
         let ctx = self.next_id;
         let incarnation = self.nodes[i].incarnation;
-        self.nodes[i].raft.as_mut()?.read_index(ctx).ok()?;
+        self.nodes[i]
+            .raft
+            .as_mut()
+            .ok_or(ReadError::NotLeader { leader: 0 })?
+            .read_index(ctx)?;
         self.next_id += 1;
         let acked_at_start = self.checker.acked_max;
         let deadline = self.now + self.cfg.client_timeout_ticks;
         self.reads.insert(
             ctx,
             PendingRead {
-                node: leader,
+                node,
                 incarnation,
                 acked_at_start,
                 index: None,
@@ -372,7 +377,7 @@ impl<A: App> Cluster<A> {
             },
         );
         self.read_outcomes.insert(ctx, ReadOutcome::Pending);
-        Some(ctx)
+        Ok(ctx)
     }
 
     pub fn read_outcome(&self, ctx: u64) -> ReadOutcome {

@@ -8,6 +8,7 @@
 //! - `invariants.rs`: the safety checker.
 //! - `run.rs`: one seed with a fault schedule and a liveness phase (used by `tynamo-sim`).
 //! - `app.rs`: the application trait the KV service implements, and a hashing default.
+//! - `kv/`: the KV service as that application, simulated clients and checked histories.
 //!
 //! Running it:
 //! - CI: `cargo test --test raft_sim` runs 2,000 seeds of 3 nodes and 2,000 of 5 with every
@@ -25,6 +26,7 @@ mod app;
 mod cluster;
 mod disk;
 mod invariants;
+pub mod kv;
 mod network;
 mod run;
 
