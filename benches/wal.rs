@@ -1,2 +1,334 @@
-//! WAL benchmark: not yet written.
-fn main() {}
+//! WAL benchmark: durable appends per second through `tynamo_wal::Wal` against the raw device
+//! limit measured in the same run, directory and filesystem.
+//!
+//! For each entry size (128 B, 1 KiB, 16 KiB) and batch size (1, 16, 256) it runs
+//! - `raw`: a plain loop of aligned O_DIRECT writes of the batch's payload bytes (rounded up
+//!   to the DMA alignment) into a preallocated, pre-written file, each followed by fdatasync;
+//! - `wal`: `Wal::append` of the batch (encode, one write, one fdatasync), each batch durable
+//!   before the next one starts. Compaction runs as Raft's would after snapshots, so segments
+//!   are recycled (steady state); spare segments are prepared before timing.
+//!
+//! It prints a table, latency percentiles from an HdrHistogram, and as its last line
+//! `RESULT key=value ...` with `wal_vs_raw_ratio_<size>_b<batch>` for each cell.
+//!
+//! Run: `cargo bench --bench wal` (about a minute). `WAL_BENCH_SECS=0.3` for a quick run,
+//! `WAL_BENCH_DIR=/path` to pick the filesystem (default: `target/wal-bench`),
+//! `WAL_BENCH_ONLY=128x16` to run one cell.
+
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use glommio::io::{DmaFile, OpenOptions};
+use glommio::{LocalExecutorBuilder, Placement};
+use hdrhistogram::Histogram;
+use tynamo_wal::{EntryRef, Wal, WalOptions};
+
+const SIZES: [usize; 3] = [128, 1024, 16 << 10];
+const BATCHES: [usize; 3] = [1, 16, 256];
+/// The raw loop writes into this file, wrapping around.
+const RAW_FILE_BYTES: u64 = 256 << 20;
+/// Latency histogram bounds: 1 us .. 10 s, 3 significant digits.
+const LATENCY_US_MAX: u64 = 10_000_000;
+/// Appends between two `compact_prefix` calls in the WAL loop.
+const COMPACT_EVERY_APPENDS: u64 = 64;
+
+struct Cell {
+    size: usize,
+    batch: usize,
+    raw: Run,
+    wal: Run,
+}
+
+struct Run {
+    entries_per_s: f64,
+    mb_per_s: f64,
+    latency_us: Histogram<u64>,
+}
+
+fn secs_per_run() -> f64 {
+    std::env::var("WAL_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2.0)
+}
+
+fn bench_dir() -> PathBuf {
+    std::env::var("WAL_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("target")
+                .join("wal-bench")
+        })
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, LATENCY_US_MAX, 3).expect("histogram bounds")
+}
+
+async fn make_raw_file(path: &Path) -> DmaFile {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .dma_open(path)
+        .await
+        .expect("open raw file");
+    file.pre_allocate(RAW_FILE_BYTES, false)
+        .await
+        .expect("fallocate raw file");
+    // Written once, like the WAL's segments: no unwritten extents in the measured loop.
+    let chunk = 1 << 20;
+    let mut pos = 0;
+    while pos < RAW_FILE_BYTES {
+        let mut buf = glommio::allocate_dma_buffer(chunk);
+        buf.as_bytes_mut().fill(0);
+        let n = file.write_at(buf, pos).await.expect("zero raw file");
+        pos += n as u64;
+    }
+    file.fdatasync().await.expect("sync raw file");
+    file
+}
+
+async fn run_raw(file: &DmaFile, size: usize, batch: usize, secs: f64) -> Run {
+    let align = file.alignment() as usize;
+    let bytes = size * batch;
+    let write_bytes = bytes.div_ceil(align) * align;
+    let mut buf = glommio::allocate_dma_buffer(write_bytes);
+    for (i, b) in buf.as_bytes_mut().iter_mut().enumerate() {
+        *b = (i * 31 + 7) as u8;
+    }
+    let buf = Rc::new(buf);
+    let mut latency_us = histogram();
+    let mut pos = 0u64;
+    let mut batches = 0u64;
+    let warmup = Duration::from_secs_f64((secs / 5.0).min(0.5));
+    let run_for = Duration::from_secs_f64(secs);
+    let mut start = Instant::now();
+    let mut warming = true;
+    loop {
+        let now = Instant::now();
+        if warming && now - start >= warmup {
+            warming = false;
+            start = now;
+            batches = 0;
+            latency_us.reset();
+        } else if !warming && now - start >= run_for {
+            break;
+        }
+        if pos + write_bytes as u64 > RAW_FILE_BYTES {
+            pos = 0;
+        }
+        let t = Instant::now();
+        let n = file.write_rc_at(buf.clone(), pos).await.expect("raw write");
+        assert_eq!(n, write_bytes, "short raw write");
+        file.fdatasync().await.expect("raw fdatasync");
+        latency_us.saturating_record(t.elapsed().as_micros() as u64);
+        pos += write_bytes as u64;
+        batches += 1;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    Run {
+        entries_per_s: (batches * batch as u64) as f64 / elapsed,
+        mb_per_s: (batches * bytes as u64) as f64 / elapsed / 1e6,
+        latency_us,
+    }
+}
+
+async fn run_wal(wal: &Wal, payload: &[u8], size: usize, batch: usize, secs: f64) -> Run {
+    let mut latency_us = histogram();
+    let mut batches = 0u64;
+    let warmup = Duration::from_secs_f64((secs / 5.0).min(0.5));
+    let run_for = Duration::from_secs_f64(secs);
+    let mut start = Instant::now();
+    let mut warming = true;
+    let mut entries: Vec<EntryRef<'_>> = Vec::with_capacity(batch);
+    let mut appends_since_compact = 0;
+    loop {
+        let now = Instant::now();
+        if warming && now - start >= warmup {
+            warming = false;
+            start = now;
+            batches = 0;
+            latency_us.reset();
+        } else if !warming && now - start >= run_for {
+            break;
+        }
+        entries.clear();
+        let first = wal.last_index() + 1;
+        for k in 0..batch {
+            // Distinct slices of one buffer, as entries arriving in a receive buffer would be.
+            let at = (k * 64) % (payload.len() - size);
+            entries.push(EntryRef {
+                index: first + k as u64,
+                term: 1,
+                kind: 0,
+                payload: &payload[at..at + size],
+            });
+        }
+        let t = Instant::now();
+        wal.append(&entries).await.expect("wal append");
+        latency_us.saturating_record(t.elapsed().as_micros() as u64);
+        batches += 1;
+        appends_since_compact += 1;
+        if appends_since_compact >= COMPACT_EVERY_APPENDS {
+            // As Raft would after a snapshot: keep the log short so segments get recycled.
+            appends_since_compact = 0;
+            wal.compact_prefix(wal.last_index().saturating_sub(1))
+                .await
+                .expect("compact");
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    Run {
+        entries_per_s: (batches * batch as u64) as f64 / elapsed,
+        mb_per_s: (batches * (batch * size) as u64) as f64 / elapsed / 1e6,
+        latency_us,
+    }
+}
+
+async fn bench(dir: PathBuf, secs: f64) -> Vec<Cell> {
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create bench dir");
+    let wal_dir = dir.join("wal");
+    let opts = WalOptions {
+        spare_segments_max: 4,
+        ..WalOptions::default()
+    };
+    // Open the WAL first: its open makes glommio probe the device with a non-empty file.
+    let wal = Wal::open(&wal_dir, opts).await.expect("open wal");
+    wal.prepare_spares().await.expect("prepare spares");
+    let raw_path = dir.join("raw.dat");
+    let raw = make_raw_file(&raw_path).await;
+    let payload: Vec<u8> = (0..(1usize << 20)).map(|i| (i * 131 + 17) as u8).collect();
+
+    let mut cells = Vec::new();
+    let only = std::env::var("WAL_BENCH_ONLY").ok();
+    for &size in &SIZES {
+        for &batch in &BATCHES {
+            if let Some(o) = &only {
+                if *o != format!("{size}x{batch}") {
+                    continue;
+                }
+            }
+            let raw_run = run_raw(&raw, size, batch, secs).await;
+            let wal_run = run_wal(&wal, &payload, size, batch, secs).await;
+            let c = Cell {
+                size,
+                batch,
+                raw: raw_run,
+                wal: wal_run,
+            };
+            print_cell(&c);
+            cells.push(c);
+        }
+    }
+    let stats = wal.stats();
+    println!(
+        "wal totals: {} appends, {} rounds, {} fdatasyncs, {:.1} MB written",
+        stats.appends,
+        stats.rounds,
+        stats.fdatasyncs,
+        stats.bytes_written as f64 / 1e6
+    );
+    wal.close().await.expect("close wal");
+    raw.close().await.expect("close raw");
+    let _ = std::fs::remove_dir_all(&dir);
+    cells
+}
+
+fn size_name(size: usize) -> String {
+    if size >= 1024 {
+        format!("{}k", size / 1024)
+    } else {
+        size.to_string()
+    }
+}
+
+fn print_header() {
+    println!(
+        "{:>6} {:>5} | {:>12} {:>9} {:>8} {:>8} | {:>12} {:>9} {:>8} {:>8} | {:>6}",
+        "size", "batch", "raw ent/s", "raw MB/s", "raw p50", "raw p99", "wal ent/s", "wal MB/s",
+        "wal p50", "wal p99", "ratio"
+    );
+}
+
+fn print_cell(c: &Cell) {
+    println!(
+        "{:>6} {:>5} | {:>12.0} {:>9.1} {:>6}us {:>6}us | {:>12.0} {:>9.1} {:>6}us {:>6}us | {:>6.3}",
+        size_name(c.size),
+        c.batch,
+        c.raw.entries_per_s,
+        c.raw.mb_per_s,
+        c.raw.latency_us.value_at_quantile(0.5),
+        c.raw.latency_us.value_at_quantile(0.99),
+        c.wal.entries_per_s,
+        c.wal.mb_per_s,
+        c.wal.latency_us.value_at_quantile(0.5),
+        c.wal.latency_us.value_at_quantile(0.99),
+        c.wal.entries_per_s / c.raw.entries_per_s,
+    );
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; no other arguments are used.
+    let secs = secs_per_run();
+    let dir = bench_dir();
+    println!(
+        "WAL benchmark: {secs:.1}s per run, directory {} (set WAL_BENCH_SECS / WAL_BENCH_DIR)",
+        dir.display()
+    );
+    print_header();
+    let cells = LocalExecutorBuilder::new(Placement::Unbound)
+        .io_memory(4 << 20)
+        .name("wal-bench")
+        .spawn(move || bench(dir, secs))
+        .expect("spawn executor")
+        .join()
+        .expect("bench executor");
+
+    println!();
+    println!("latency of one append+fdatasync, batch 1 (us):");
+    for c in cells.iter().filter(|c| c.batch == 1) {
+        for (name, h) in [("raw", &c.raw.latency_us), ("wal", &c.wal.latency_us)] {
+            println!(
+                "  {:>4} {name}: p50 {:>6} p90 {:>6} p99 {:>6} p99.9 {:>6} max {:>7} (n={})",
+                size_name(c.size),
+                h.value_at_quantile(0.5),
+                h.value_at_quantile(0.9),
+                h.value_at_quantile(0.99),
+                h.value_at_quantile(0.999),
+                h.max(),
+                h.len()
+            );
+        }
+    }
+
+    let mut kv = Vec::new();
+    let mut ratio_min = f64::MAX;
+    let mut p99_ratio_max: f64 = 0.0;
+    for c in &cells {
+        let key = format!("{}_b{}", c.size, c.batch);
+        let ratio = c.wal.entries_per_s / c.raw.entries_per_s;
+        ratio_min = ratio_min.min(ratio);
+        kv.push(format!("wal_appends_per_s_{key}={:.0}", c.wal.entries_per_s));
+        kv.push(format!("raw_appends_per_s_{key}={:.0}", c.raw.entries_per_s));
+        kv.push(format!("wal_mb_per_s_{key}={:.2}", c.wal.mb_per_s));
+        kv.push(format!("raw_mb_per_s_{key}={:.2}", c.raw.mb_per_s));
+        kv.push(format!("wal_vs_raw_ratio_{key}={ratio:.3}"));
+        if c.batch == 1 {
+            let w = c.wal.latency_us.value_at_quantile(0.99);
+            let r = c.raw.latency_us.value_at_quantile(0.99);
+            let pr = w as f64 / r.max(1) as f64;
+            p99_ratio_max = p99_ratio_max.max(pr);
+            kv.push(format!("wal_p99_us_{key}={w}"));
+            kv.push(format!("raw_p99_us_{key}={r}"));
+            kv.push(format!("wal_vs_raw_p99_{key}={pr:.3}"));
+        }
+    }
+    kv.push(format!("wal_vs_raw_ratio_min={ratio_min:.3}"));
+    kv.push(format!("wal_vs_raw_p99_b1_max={p99_ratio_max:.3}"));
+    println!();
+    println!("RESULT {}", kv.join(" "));
+}

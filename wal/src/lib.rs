@@ -1,1 +1,137 @@
-//! tynamo-wal: not yet written.
+//! # tynamo-wal: the storage of one Raft group
+//!
+//! Three things live in a group's directory, all written through glommio DMA files
+//! (O_DIRECT, io_uring) and made durable with fdatasync:
+//!
+//! - the **log** ([`Wal`]): segment files of records, with group commit;
+//! - the **hard state** ([`HardStateFile`]): term, vote and commit in two alternating slots;
+//! - **snapshots** ([`SnapshotStore`]): temporary file, fdatasync, rename, directory fsync.
+//!
+//! Errors are values ([`Error`]) that name the file and offset. Recovery never panics on any
+//! file content; a torn tail (a write that was never acknowledged) is dropped and reported,
+//! while damage to acknowledged data is reported as [`Error::Corruption`] so that the node can
+//! refuse to start or repair the replica from its peers. An fdatasync failure stops the log
+//! ([`Error::SyncFailed`], then [`Error::Poisoned`]): it is never retried.
+//!
+//! ## Usage
+//! ```no_run
+//! # async fn demo() -> tynamo_wal::Result<()> {
+//! use tynamo_wal::{EntryRef, Wal, WalOptions};
+//! let wal = Wal::open("/var/lib/tynamo/group-7/wal", WalOptions::default()).await?;
+//! let next = wal.last_index() + 1;
+//! let durable = wal
+//!     .append(&[EntryRef { index: next, term: 1, kind: 0, payload: b"set k v" }])
+//!     .await?; // returns once one fdatasync covers the batch
+//! assert_eq!(durable, next..=next);
+//! let read = wal.entries(next, next + 1, 1 << 20).await?;
+//! # let _ = read; Ok(()) }
+//! ```
+//!
+//! ## On-disk format (all integers little-endian)
+//!
+//! ### Directory
+//! | name | what |
+//! | --- | --- |
+//! | `0000000042.wal` | segment with sequence number 42 (10 decimal digits, sorts in log order) |
+//! | `spare-0000000007.wal` | a preallocated segment-sized file waiting to become a segment |
+//! | `hardstate` | two hard-state slots |
+//! | `snap-<index:20>-<term:20>.snap` | a complete snapshot; `*.snap.tmp` is an unfinished one |
+//!
+//! ### Segment file (`segment_bytes`, default 64 MiB, preallocated and written before use)
+//! Bytes 0..4096 are the segment header block; records start at 4096, each at an offset that
+//! is a multiple of 8.
+//!
+//! Segment header (bytes 32..4096 are zero):
+//! | offset | size | field |
+//! | --- | --- | --- |
+//! | 0 | 4 | magic `b"TWSG"` |
+//! | 4 | 4 | format version (1) |
+//! | 8 | 4 | segment sequence number (equals the file name) |
+//! | 12 | 4 | reserved, 0 |
+//! | 16 | 8 | first index: the index of the segment's first record (also when empty) |
+//! | 24 | 4 | CRC32 (IEEE) of bytes 0..24 |
+//! | 28 | 4 | reserved, 0 |
+//!
+//! Record = 40-byte header + payload + zero padding to a multiple of 8:
+//! | offset | size | field |
+//! | --- | --- | --- |
+//! | 0 | 4 | magic `b"TWRC"` |
+//! | 4 | 4 | CRC32 (IEEE) of header bytes 0..4 and 8..40, then the payload |
+//! | 8 | 4 | payload length in bytes |
+//! | 12 | 4 | segment sequence number (a record left over from a recycled file's former life does not match) |
+//! | 16 | 8 | term |
+//! | 24 | 8 | index |
+//! | 32 | 1 | kind: 0..=253 caller-defined entry kinds, 254 = truncation marker, 255 = seal |
+//! | 33 | 3 | reserved, 0 |
+//! | 36 | 4 | durable offset: every byte of this segment below it was durable when the record was encoded |
+//!
+//! Rules a reader applies:
+//! - A record is valid when magic, segment number, length (at most `entry_bytes_max`, inside
+//!   the file), reserved bytes and CRC agree, and its index is in `[first index, previous + 1]`.
+//!   An index at or below the previous one overwrites the suffix from there, and a
+//!   **truncation marker** (kind 254, no payload) with index `i` removes entries `i..`: this
+//!   is how `truncate_suffix` is persisted without rewriting anything. Likewise a segment whose header
+//!   first index is at or below the previous segment's last index overwrites that suffix.
+//! - A **seal** record (kind 255, no payload, index = the segment's last index) ends a segment.
+//!   A segment is sealed and fdatasynced before the next segment receives any byte, so every
+//!   segment but the last must end with its seal; anything else is corruption.
+//! - In the last segment, the first invalid record ends the log. If a valid record of this
+//!   segment lies beyond it and its durable offset is above the bad offset, acknowledged data
+//!   was damaged: corruption. Otherwise the bytes were a write the crash cut short: they are
+//!   zeroed and reported as dropped (the torn tail).
+//! - A segment whose first index is above the previous segment's last index + 1 marks an
+//!   interrupted compaction: the segments before it are removed.
+//! - Writes cover whole DMA blocks: the partial last block is rewritten with its old bytes
+//!   unchanged, so a torn write can only damage records of the batch being written.
+//!
+//! ### `hardstate` (8192 bytes: slot 0 at 0, slot 1 at 4096)
+//! | offset | size | field |
+//! | --- | --- | --- |
+//! | 0 | 4 | magic `b"THST"` |
+//! | 4 | 4 | version (1) |
+//! | 8 | 8 | generation (>= 1; save `g` goes to slot `g % 2`) |
+//! | 16 | 8 | term |
+//! | 24 | 8 | vote (node id, 0 = none) |
+//! | 32 | 8 | commit index |
+//! | 40 | 4 | CRC32 of bytes 0..40 |
+//! | 44 | 4 | reserved, 0 |
+//!
+//! The valid slot with the highest generation is the hard state; two damaged slots are
+//! corruption; two zero slots mean none was ever saved.
+//!
+//! ### Snapshot file
+//! A 4096-byte header block, then the data (the file is exactly 4096 + data length bytes):
+//! | offset | size | field |
+//! | --- | --- | --- |
+//! | 0 | 4 | magic `b"TSNP"` |
+//! | 4 | 4 | version (1) |
+//! | 8 | 8 | last included index (equals the file name) |
+//! | 16 | 8 | last included term (equals the file name) |
+//! | 24 | 8 | data length |
+//! | 32 | 4 | CRC32 of the data |
+//! | 36 | 4 | CRC32 of bytes 0..36 |
+
+mod error;
+mod hard_state;
+mod io;
+mod log;
+mod notify;
+mod record;
+mod segment;
+mod snapshot;
+
+pub use error::{Error, Result};
+pub use hard_state::{HardState, HardStateFile};
+pub use log::{Entry, EntryRef, RecoveryReport, Wal, WalOptions, WalStats};
+pub use snapshot::{Snapshot, SnapshotMeta, SnapshotReport, SnapshotStore};
+
+/// Pure decoders of the on-disk formats, for crash tests and tools: they take a file's bytes
+/// and return what recovery would conclude, without touching a disk.
+pub mod format {
+    pub use crate::hard_state::{decode as decode_hard_state, Loaded as LoadedHardState};
+    pub use crate::record::{
+        RecordHeader, SegmentHeader, KIND_SEAL, RECORD_HEADER_BYTES, SEGMENT_HEADER_BYTES,
+    };
+    pub use crate::segment::{scan_segment, ScannedRecord, SegmentScan, TornTail};
+    pub use crate::snapshot::decode as decode_snapshot;
+}

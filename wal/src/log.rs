@@ -1,0 +1,1351 @@
+//! The segmented log of one Raft group: append with group commit, truncate, compact, read,
+//! and recovery on open.
+//!
+//! # Back of the envelope
+//! One fdatasync costs 0.15-0.3 ms on the target machine, so one log sustains a few thousand
+//! syncs a second: throughput comes from how many records share a sync. Records are packed at
+//! 8-byte alignment (a 128 B entry costs 168 B, not a 512 B block); the *write* is padded to the
+//! DMA alignment instead, and the partial last block is kept in memory and rewritten, with its
+//! old bytes identical, in front of the next batch. A torn rewrite can therefore only damage the
+//! new records. CPU per entry is one copy into the DMA buffer plus one CRC pass; per batch one
+//! `write` (or a few, at a segment boundary) and one `fdatasync`.
+//!
+//! # Group commit (leader/follower)
+//! `append` encodes its records into the staging buffer at once (in call order, so indexes stay
+//! contiguous), then either becomes the I/O leader (no round in flight: it takes everything
+//! staged, writes it, fdatasyncs) or waits for the round in flight to end and checks again. All
+//! appends staged while one sync runs are covered by the next single write + sync. Rounds are
+//! serialised by one I/O lock; `truncate_suffix` and `compact_prefix` take the same lock.
+//!
+//! # Truncation is append-only
+//! A record whose index is at most last+1 overwrites the suffix from its index on (etcd's WAL
+//! does the same on replay). `truncate_suffix` inside the tail segment appends a truncation
+//! marker record (no payload) and syncs it. A cut in an older segment
+//! seals the tail, starts a new segment whose header says `first_index = from`, and removes the
+//! superseded segments. Nothing is ever rewritten in place except the identical partial block.
+//!
+//! # Segments
+//! A segment is sealed (a seal record, then fdatasync) before the next one receives any byte,
+//! so every non-last segment is fully durable and must end with its seal: a bad record in it is
+//! corruption. New segments come from spare files, preallocated and written with zeros
+//! ([`Wal::prepare_spares`], off the hot path) or recycled from compacted segments; records of
+//! a file's former life carry another segment sequence number and are never accepted.
+//!
+//! Deviation from the lead's guidance: reads go through the DMA file (`read_at`), not memmap2:
+//! it keeps one code path for sealed and open segments and avoids page-cache coherence
+//! questions with O_DIRECT writes; Raft reads are mostly of the recent tail, served from the
+//! staging buffer when not yet written.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use bytes::Bytes;
+use glommio::io::{DmaBuffer, DmaFile};
+use zerocopy::IntoBytes;
+
+use crate::error::{io_err, Error, Result};
+use crate::io::{close_rc, create_zeroed, open_rw, sync_data, sync_dir, write_all, write_all_rc};
+use crate::notify::Notify;
+use crate::record::{
+    align_down_u64, align_up_u64, RecordHeader, SegmentHeader, KIND_SEAL, KIND_TRUNCATE,
+    KIND_USER_MAX, RECORD_HEADER_BYTES, SEGMENT_HEADER_BYTES,
+};
+use crate::segment::{
+    classify, scan_segment, segment_path, spare_file_name, FileKind, ScannedRecord,
+};
+
+/// Bytes of a seal record (a header without payload): always reserved at the segment's end.
+const SEAL_BYTES: u64 = RECORD_HEADER_BYTES as u64;
+/// Initial capacity of a staging buffer; it grows to the largest batch seen.
+const STAGING_BYTES_MIN: usize = 64 << 10;
+/// Largest DMA alignment we support: the segment header block is this big.
+const ALIGNMENT_MAX: u64 = SEGMENT_HEADER_BYTES;
+/// `durable_offset` in record headers is a u32.
+const SEGMENT_BYTES_MAX: u64 = 1 << 30;
+
+/// Configuration of one log. Every buffer and file has a stated bound.
+#[derive(Debug, Clone)]
+pub struct WalOptions {
+    /// Size of every segment file (preallocated). Multiple of 4096, at most 1 GiB.
+    pub segment_bytes: u64,
+    /// Largest payload of one entry.
+    pub entry_bytes_max: u32,
+    /// Most bytes staged and not yet handed to a write; `append` beyond it returns `Busy`.
+    pub staged_bytes_max: usize,
+    /// Spare segment files kept ready (recycled or preallocated) for the next segment roll.
+    pub spare_segments_max: usize,
+}
+
+impl Default for WalOptions {
+    fn default() -> Self {
+        WalOptions {
+            segment_bytes: 64 << 20,
+            entry_bytes_max: 8 << 20,
+            staged_bytes_max: 64 << 20,
+            spare_segments_max: 2,
+        }
+    }
+}
+
+impl WalOptions {
+    /// Checks the options against each other; the message names the offending value.
+    pub fn validate(&self) -> Result<()> {
+        let e = |m: String| Err(Error::InvalidOptions(m));
+        if self.segment_bytes % ALIGNMENT_MAX != 0 || self.segment_bytes > SEGMENT_BYTES_MAX {
+            return e(format!(
+                "segment_bytes {} must be a multiple of {ALIGNMENT_MAX} and at most {SEGMENT_BYTES_MAX}",
+                self.segment_bytes
+            ));
+        }
+        if self.entry_bytes_max == 0 {
+            return e("entry_bytes_max must be at least 1".into());
+        }
+        let record_max = RecordHeader::record_bytes(self.entry_bytes_max as usize) as u64;
+        if SEGMENT_HEADER_BYTES + record_max + SEAL_BYTES > self.segment_bytes {
+            return e(format!(
+                "segment_bytes {} cannot hold one entry of entry_bytes_max {} (needs {})",
+                self.segment_bytes,
+                self.entry_bytes_max,
+                SEGMENT_HEADER_BYTES + record_max + SEAL_BYTES
+            ));
+        }
+        if (self.staged_bytes_max as u64) < record_max + SEAL_BYTES {
+            return e(format!(
+                "staged_bytes_max {} is below one record of entry_bytes_max ({})",
+                self.staged_bytes_max,
+                record_max + SEAL_BYTES
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// An entry to append: the payload is borrowed (e.g. from a network receive buffer) and copied
+/// exactly once, into the DMA buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct EntryRef<'a> {
+    pub index: u64,
+    pub term: u64,
+    /// Caller-defined kind, 0..=253 (254 and 255 are reserved for the log's own records).
+    pub kind: u8,
+    pub payload: &'a [u8],
+}
+
+/// An entry read back from the log. `payload` shares one buffer per read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub index: u64,
+    pub term: u64,
+    pub kind: u8,
+    pub payload: Bytes,
+}
+
+/// What recovery found and did when the log was opened.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Segment files scanned.
+    pub segments: usize,
+    /// Entries in the recovered log.
+    pub entries: u64,
+    /// Bytes of a torn (never acknowledged) tail write that were dropped and zeroed.
+    pub dropped_bytes: u64,
+    /// File and offset where the torn tail started, if there was one.
+    pub torn_at: Option<(PathBuf, u64)>,
+    /// Segments removed because a compaction was interrupted (they precede a newer start).
+    pub compacted_segments: usize,
+    /// Segments removed because a truncation into an older segment was interrupted.
+    pub superseded_segments: usize,
+}
+
+/// Counters for tests and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WalStats {
+    pub appends: u64,
+    pub rounds: u64,
+    pub fdatasyncs: u64,
+    pub bytes_written: u64,
+}
+
+struct Segment {
+    seq: u32,
+    first_index: u64,
+    path: PathBuf,
+    /// `None` while the segment is only planned (staged records, file not yet activated).
+    file: Option<Rc<DmaFile>>,
+    size_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct IndexEntry {
+    term: u64,
+    offset: u64,
+    payload_len: u32,
+    seq: u32,
+}
+
+/// Bytes staged for one segment: `buf[0..len]` goes at segment offset `base` (aligned). The
+/// first `carried` bytes are the already-written partial block, rewritten unchanged.
+struct Chunk {
+    seq: u32,
+    base: u64,
+    buf: DmaBuffer,
+    len: usize,
+    carried: usize,
+}
+
+struct InFlight {
+    seq: u32,
+    base: u64,
+    len: usize,
+    buf: Rc<DmaBuffer>,
+}
+
+struct State {
+    poisoned: Option<String>,
+    segments: VecDeque<Segment>,
+    index: VecDeque<IndexEntry>,
+    first_index: u64,
+    /// Never empty: the last chunk is the open one of the tail segment.
+    staged: Vec<Chunk>,
+    staged_bytes: usize,
+    /// Counts staged records; a round makes everything up to its value durable.
+    stage_counter: u64,
+    durable_counter: u64,
+    durable_index: u64,
+    /// Next record offset in the tail segment (`segments.back()`).
+    tail_offset: u64,
+    /// (segment seq, offset): everything below the offset in that segment is durable.
+    durable_offset: (u32, u64),
+    io_busy: bool,
+    /// Set while truncate/compact replace the tail segment: appends wait before staging.
+    structural: bool,
+    in_flight: Vec<InFlight>,
+    next_seq: u32,
+    spares: Vec<PathBuf>,
+    next_spare: u64,
+    staging_capacity: usize,
+    stats: WalStats,
+}
+
+/// The write-ahead log of one Raft group, owned by one executor (`!Send`, `&self` methods).
+///
+/// Do not drop an `append`, `truncate_suffix` or `compact_prefix` future before it completes
+/// while it holds the I/O lock: the log then stops (poisons itself) rather than guess what
+/// reached the disk.
+pub struct Wal {
+    dir: PathBuf,
+    opts: WalOptions,
+    /// DMA alignment of the segment files (the largest seen), at most 4096.
+    alignment: Cell<u64>,
+    st: RefCell<State>,
+    notify: Notify,
+    report: RecoveryReport,
+}
+
+struct IoGuard<'a> {
+    wal: &'a Wal,
+    done: bool,
+}
+
+impl IoGuard<'_> {
+    fn finish(mut self) {
+        self.done = true;
+    }
+}
+
+impl Drop for IoGuard<'_> {
+    fn drop(&mut self) {
+        let mut st = self.wal.st.borrow_mut();
+        if !self.done && st.poisoned.is_none() {
+            st.poisoned = Some("an I/O operation was cancelled midway".into());
+        }
+        st.io_busy = false;
+        drop(st);
+        self.wal.notify.notify_all();
+    }
+}
+
+impl State {
+    fn last_index(&self) -> u64 {
+        self.first_index + self.index.len() as u64 - 1
+    }
+
+    fn entry(&self, i: u64) -> Option<&IndexEntry> {
+        if i < self.first_index {
+            return None;
+        }
+        self.index.get(usize::try_from(i - self.first_index).ok()?)
+    }
+
+    fn segment(&self, seq: u32) -> Option<&Segment> {
+        self.segments.iter().find(|s| s.seq == seq)
+    }
+
+    fn open_chunk(&mut self) -> &mut Chunk {
+        let n = self.staged.len();
+        debug_assert!(n > 0);
+        &mut self.staged[n - 1]
+    }
+
+    /// Makes room for `more` bytes in the open chunk (growing its DMA buffer when needed).
+    fn reserve(&mut self, more: usize) {
+        let chunk = self.open_chunk();
+        let need = chunk.len + more;
+        if need <= chunk.buf.len() {
+            return;
+        }
+        let cap = align_up_u64((need.max(chunk.buf.len() * 2)) as u64, ALIGNMENT_MAX) as usize;
+        let mut buf = glommio::allocate_dma_buffer(cap);
+        buf.as_bytes_mut()[..chunk.len].copy_from_slice(&chunk.buf.as_bytes()[..chunk.len]);
+        chunk.buf = buf;
+        self.staging_capacity = self.staging_capacity.max(cap);
+    }
+
+    /// Encodes one record at the tail. The caller has checked it fits in the tail segment.
+    fn put_record(&mut self, index: u64, term: u64, kind: u8, payload: &[u8]) -> u64 {
+        let record_bytes = RecordHeader::record_bytes(payload.len());
+        let tail_seq = self.open_chunk().seq;
+        let durable = if self.durable_offset.0 == tail_seq {
+            self.durable_offset.1
+        } else {
+            SEGMENT_HEADER_BYTES
+        };
+        debug_assert!(durable <= u64::from(u32::MAX));
+        let header = RecordHeader::new(tail_seq, index, term, kind, durable as u32, payload);
+        self.reserve(record_bytes);
+        let offset = self.tail_offset;
+        let chunk = self.open_chunk();
+        debug_assert_eq!(chunk.base + chunk.len as u64, offset);
+        let at = chunk.len;
+        let dst = &mut chunk.buf.as_bytes_mut()[at..at + record_bytes];
+        dst[..RECORD_HEADER_BYTES].copy_from_slice(header.as_bytes());
+        dst[RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + payload.len()].copy_from_slice(payload);
+        dst[RECORD_HEADER_BYTES + payload.len()..].fill(0);
+        chunk.len += record_bytes;
+        self.tail_offset += record_bytes as u64;
+        self.staged_bytes += record_bytes;
+        offset
+    }
+
+    /// Stages the seal record of the tail segment.
+    fn put_seal(&mut self) {
+        let last = self.last_index();
+        let term = self.entry(last).map_or(0, |e| e.term);
+        self.put_record(last, term, KIND_SEAL, &[]);
+    }
+}
+
+impl Wal {
+    /// Opens (creating if needed) the log in `dir` and recovers it. See [`RecoveryReport`].
+    /// Returns [`Error::Corruption`] when acknowledged data is damaged.
+    pub async fn open(dir: impl AsRef<Path>, opts: WalOptions) -> Result<Wal> {
+        opts.validate()?;
+        let dir = dir.as_ref().to_path_buf();
+        std::fs::create_dir_all(&dir).map_err(io_err("create dir", &dir, None))?;
+        crate::io::probe_device_once(&dir).await?;
+        let mut seqs = Vec::new();
+        let mut spares = Vec::new();
+        let listing = std::fs::read_dir(&dir).map_err(io_err("list dir", &dir, None))?;
+        for ent in listing {
+            let ent = ent.map_err(io_err("list dir", &dir, None))?;
+            let name = ent.file_name();
+            match classify(&name.to_string_lossy()) {
+                FileKind::Segment(seq) => seqs.push(seq),
+                FileKind::Spare(n) => spares.push(n),
+                FileKind::Other => {}
+            }
+        }
+        seqs.sort_unstable();
+        spares.sort_unstable();
+
+        let mut report = RecoveryReport {
+            segments: seqs.len(),
+            ..RecoveryReport::default()
+        };
+        let mut segments: VecDeque<Segment> = VecDeque::new();
+        let mut index: VecDeque<IndexEntry> = VecDeque::new();
+        let mut first_index = 1u64;
+        let mut to_remove: Vec<PathBuf> = Vec::new();
+        let mut tail_scan: Option<(Vec<u8>, crate::segment::SegmentScan)> = None;
+
+        for (i, &seq) in seqs.iter().enumerate() {
+            let path = segment_path(&dir, seq);
+            let is_last = i + 1 == seqs.len();
+            let bytes = std::fs::read(&path).map_err(io_err("read", &path, None))?;
+            let header = SegmentHeader::check(&bytes).map_err(|reason| Error::Corruption {
+                path: path.clone(),
+                offset: 0,
+                reason: reason.into(),
+            })?;
+            if header.seq.get() != seq {
+                return Err(Error::Corruption {
+                    path,
+                    offset: 0,
+                    reason: format!("header says segment {}", header.seq.get()),
+                });
+            }
+            let seg_first = header.first_index.get();
+            let scan = scan_segment(&bytes, &path, seq, seg_first, is_last, opts.entry_bytes_max)?;
+            let last = first_index + index.len() as u64 - 1;
+            if segments.is_empty() || seg_first > last + 1 {
+                // A newer start than what we have: a compaction past the end of the log was
+                // interrupted after the new segment was made durable. Finish it.
+                report.compacted_segments += segments.len();
+                to_remove.extend(segments.drain(..).map(|s| s.path));
+                index.clear();
+                first_index = seg_first;
+            } else if seg_first < first_index {
+                return Err(Error::Corruption {
+                    path,
+                    offset: 0,
+                    reason: format!(
+                        "segment starts at index {seg_first}, before the log's first index {first_index}"
+                    ),
+                });
+            } else {
+                // seg_first <= last + 1: overwrites the suffix from seg_first (an interrupted
+                // truncation). Whole segments it supersedes are removed.
+                while segments.back().is_some_and(|s| s.first_index >= seg_first) {
+                    if let Some(s) = segments.pop_back() {
+                        report.superseded_segments += 1;
+                        to_remove.push(s.path);
+                    }
+                }
+                index.truncate((seg_first - first_index) as usize);
+            }
+            for r in &scan.records {
+                apply_record(&mut index, first_index, seq, r);
+            }
+            segments.push_back(Segment {
+                seq,
+                first_index: seg_first,
+                path,
+                file: None,
+                size_bytes: bytes.len() as u64,
+            });
+            if is_last {
+                tail_scan = Some((bytes, scan));
+            }
+        }
+        let next_seq = seqs.last().map_or(Ok(1), |s| {
+            s.checked_add(1)
+                .ok_or_else(|| Error::InvalidOptions("segment sequence exhausted".into()))
+        })?;
+        let next_spare = spares.last().map_or(0, |n| n + 1);
+
+        let mut spare_paths = Vec::new();
+        for n in spares {
+            let p = dir.join(spare_file_name(n));
+            let size = std::fs::metadata(&p)
+                .map_err(io_err("stat", &p, None))?
+                .len();
+            if size == opts.segment_bytes && spare_paths.len() < opts.spare_segments_max {
+                spare_paths.push(p);
+            } else {
+                to_remove.push(p);
+            }
+        }
+
+        let wal = Wal {
+            dir: dir.clone(),
+            alignment: Cell::new(512),
+            opts: opts.clone(),
+            st: RefCell::new(State {
+                poisoned: None,
+                segments,
+                index,
+                first_index,
+                staged: Vec::new(),
+                staged_bytes: 0,
+                stage_counter: 0,
+                durable_counter: 0,
+                durable_index: 0,
+                tail_offset: SEGMENT_HEADER_BYTES,
+                durable_offset: (0, SEGMENT_HEADER_BYTES),
+                io_busy: false,
+                structural: false,
+                in_flight: Vec::new(),
+                next_seq,
+                spares: spare_paths,
+                next_spare,
+                staging_capacity: STAGING_BYTES_MIN,
+                stats: WalStats::default(),
+            }),
+            notify: Notify::default(),
+            report: RecoveryReport::default(),
+        };
+        wal.finish_open(tail_scan, to_remove, report).await
+    }
+
+    async fn finish_open(
+        mut self,
+        tail_scan: Option<(Vec<u8>, crate::segment::SegmentScan)>,
+        to_remove: Vec<PathBuf>,
+        mut report: RecoveryReport,
+    ) -> Result<Wal> {
+        // Open every live segment file.
+        let n = self.st.borrow().segments.len();
+        for i in 0..n {
+            let path = self.st.borrow().segments[i].path.clone();
+            let file = open_rw(&path, false).await?;
+            let align = file.alignment();
+            if align > ALIGNMENT_MAX || ALIGNMENT_MAX % align != 0 {
+                return Err(Error::InvalidOptions(format!(
+                    "{path:?}: DMA alignment {align} is not a divisor of {ALIGNMENT_MAX}"
+                )));
+            }
+            self.alignment.set(self.alignment.get().max(align));
+            self.st.borrow_mut().segments[i].file = Some(Rc::new(file));
+        }
+        let align = self.alignment.get();
+        let mut sealed_tail = true;
+        if let Some((bytes, scan)) = tail_scan {
+            let (file, path, size) = {
+                let st = self.st.borrow();
+                let seg = &st.segments[st.segments.len() - 1];
+                (seg.file.clone(), seg.path.clone(), seg.size_bytes)
+            };
+            let file = file.ok_or_else(|| Error::InvalidArgument("tail file not open".into()))?;
+            if size < self.opts.segment_bytes {
+                // A short file (copied, or cut by a tool): extend it; the rest reads as zeros.
+                file.pre_allocate(self.opts.segment_bytes, false)
+                    .await
+                    .map_err(io_err("fallocate", &path, Some(size)))?;
+                if let Some(s) = self.st.borrow_mut().segments.back_mut() {
+                    s.size_bytes = self.opts.segment_bytes;
+                }
+            }
+            if let Some(torn) = scan.torn {
+                // Zero the torn bytes so that no later scan can mistake them for records; keep
+                // the valid prefix of the first block as it is.
+                let start = align_down_u64(torn.offset, align);
+                let end = align_up_u64(torn.drop_end, align);
+                let mut buf = glommio::allocate_dma_buffer((end - start) as usize);
+                buf.as_bytes_mut().fill(0);
+                let keep = (torn.offset - start) as usize;
+                let from = start as usize;
+                let avail = bytes.len().saturating_sub(from).min(keep);
+                buf.as_bytes_mut()[..avail].copy_from_slice(&bytes[from..from + avail]);
+                write_all(&file, &path, buf, start).await?;
+                report.dropped_bytes = torn.drop_end - torn.offset;
+                report.torn_at = Some((path.clone(), torn.offset));
+            }
+            // What recovery read may sit in the drive's cache only: make it durable before
+            // anything new is acknowledged on top of it.
+            sync_data(&file, &path).await?;
+            let end = scan.end_offset;
+            let seq = self.st.borrow().segments.back().map_or(0, |s| s.seq);
+            let mut st = self.st.borrow_mut();
+            st.tail_offset = end;
+            st.durable_offset = (seq, end);
+            let base = align_down_u64(end, align);
+            let carried = (end - base) as usize;
+            let mut buf = glommio::allocate_dma_buffer(STAGING_BYTES_MIN);
+            let from = base as usize;
+            let avail = bytes.len().saturating_sub(from).min(carried);
+            buf.as_bytes_mut()[..carried].fill(0);
+            buf.as_bytes_mut()[..avail].copy_from_slice(&bytes[from..from + avail]);
+            st.staged = vec![Chunk {
+                seq,
+                base,
+                buf,
+                len: carried,
+                carried,
+            }];
+            sealed_tail = scan.sealed;
+        }
+        {
+            let mut st = self.st.borrow_mut();
+            st.durable_index = st.last_index();
+            report.entries = st.index.len() as u64;
+        }
+        for p in &to_remove {
+            glommio::io::remove(p)
+                .await
+                .map_err(io_err("remove", p, None))?;
+        }
+        if !to_remove.is_empty() {
+            sync_dir(&self.dir).await?;
+        }
+        if sealed_tail {
+            // No segment yet, or the last one is sealed: start a new one.
+            let next = self.st.borrow().last_index() + 1;
+            self.start_segment(next).await?;
+        }
+        self.report = report;
+        Ok(self)
+    }
+
+    /// What recovery found when this log was opened.
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.report
+    }
+
+    /// Directory of this log.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Index of the first entry in the log (entries before it were compacted away).
+    pub fn first_index(&self) -> u64 {
+        self.st.borrow().first_index
+    }
+
+    /// Index of the last entry; `first_index() - 1` when the log is empty.
+    pub fn last_index(&self) -> u64 {
+        self.st.borrow().last_index()
+    }
+
+    /// Highest index such that every entry up to it is durable.
+    pub fn durable_index(&self) -> u64 {
+        self.st.borrow().durable_index
+    }
+
+    /// Term of entry `i`, from memory. `None` outside `[first_index, last_index]`.
+    pub fn term(&self, i: u64) -> Option<u64> {
+        self.st.borrow().entry(i).map(|e| e.term)
+    }
+
+    /// Counters since open.
+    pub fn stats(&self) -> WalStats {
+        self.st.borrow().stats
+    }
+
+    fn check_poisoned(&self, st: &State) -> Result<()> {
+        match &st.poisoned {
+            Some(reason) => Err(Error::Poisoned {
+                dir: self.dir.clone(),
+                reason: reason.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn poison(&self, e: &Error) {
+        let mut st = self.st.borrow_mut();
+        if st.poisoned.is_none() {
+            st.poisoned = Some(e.to_string());
+        }
+    }
+
+    fn try_lock_io(&self) -> Option<IoGuard<'_>> {
+        let mut st = self.st.borrow_mut();
+        if st.io_busy {
+            return None;
+        }
+        st.io_busy = true;
+        Some(IoGuard {
+            wal: self,
+            done: false,
+        })
+    }
+
+    async fn lock_io(&self) -> Result<IoGuard<'_>> {
+        loop {
+            let seen = self.notify.generation();
+            self.check_poisoned(&self.st.borrow())?;
+            if let Some(g) = self.try_lock_io() {
+                return Ok(g);
+            }
+            self.notify.changed(seen).await;
+        }
+    }
+
+    /// Appends `entries` (contiguous, starting at `last_index() + 1`) and returns once they are
+    /// durable, with their index range. Appends issued while a sync is in flight share the next
+    /// sync. Call `truncate_suffix` first to replace a conflicting suffix.
+    pub async fn append(&self, entries: &[EntryRef<'_>]) -> Result<RangeInclusive<u64>> {
+        let (range, my_counter) = loop {
+            let seen = self.notify.generation();
+            if self.st.borrow().structural {
+                self.notify.changed(seen).await;
+                continue;
+            }
+            break self.stage(entries)?;
+        };
+        loop {
+            let seen = self.notify.generation();
+            {
+                let st = self.st.borrow();
+                self.check_poisoned(&st)?;
+                if st.durable_counter >= my_counter {
+                    return Ok(range);
+                }
+            }
+            if let Some(guard) = self.try_lock_io() {
+                let r = self.run_round().await;
+                if let Err(e) = &r {
+                    self.poison(e);
+                }
+                guard.finish();
+                r?;
+                continue;
+            }
+            self.notify.changed(seen).await;
+        }
+    }
+
+    fn stage(&self, entries: &[EntryRef<'_>]) -> Result<(RangeInclusive<u64>, u64)> {
+        let mut st = self.st.borrow_mut();
+        self.check_poisoned(&st)?;
+        let Some(first) = entries.first() else {
+            return Err(Error::InvalidArgument("append of an empty batch".into()));
+        };
+        let last_index = st.last_index();
+        if first.index != last_index + 1 {
+            return Err(Error::InvalidArgument(format!(
+                "append starts at index {}, expected {} (truncate_suffix first)",
+                first.index,
+                last_index + 1
+            )));
+        }
+        let mut prev_term = st.entry(last_index).map_or(0, |e| e.term);
+        let mut bytes_total = 0usize;
+        for (i, e) in entries.iter().enumerate() {
+            if e.index != first.index + i as u64 {
+                return Err(Error::InvalidArgument(format!(
+                    "entry {i} of the batch has index {}, expected {}",
+                    e.index,
+                    first.index + i as u64
+                )));
+            }
+            if e.term < prev_term {
+                return Err(Error::InvalidArgument(format!(
+                    "entry {} has term {} below the previous term {prev_term}",
+                    e.index, e.term
+                )));
+            }
+            if e.kind > KIND_USER_MAX {
+                return Err(Error::InvalidArgument(format!(
+                    "entry {} uses kind {}, above {KIND_USER_MAX} (reserved)",
+                    e.index, e.kind
+                )));
+            }
+            if e.payload.len() > self.opts.entry_bytes_max as usize {
+                return Err(Error::InvalidArgument(format!(
+                    "entry {} has {} bytes, above entry_bytes_max {}",
+                    e.index,
+                    e.payload.len(),
+                    self.opts.entry_bytes_max
+                )));
+            }
+            prev_term = e.term;
+            bytes_total += RecordHeader::record_bytes(e.payload.len()) + SEAL_BYTES as usize;
+        }
+        if bytes_total > self.opts.staged_bytes_max {
+            return Err(Error::InvalidArgument(format!(
+                "batch of {bytes_total} bytes exceeds staged_bytes_max {}",
+                self.opts.staged_bytes_max
+            )));
+        }
+        if st.staged_bytes + bytes_total > self.opts.staged_bytes_max {
+            return Err(Error::Busy {
+                staged_bytes: st.staged_bytes,
+                staged_bytes_max: self.opts.staged_bytes_max,
+            });
+        }
+        for e in entries {
+            let record_bytes = RecordHeader::record_bytes(e.payload.len()) as u64;
+            let capacity = st.segments.back().map_or(0, |s| s.size_bytes);
+            if st.tail_offset + record_bytes + SEAL_BYTES > capacity {
+                self.roll_staged(&mut st, e.index)?;
+            }
+            let offset = st.put_record(e.index, e.term, e.kind, e.payload);
+            let seq = st.open_chunk().seq;
+            st.index.push_back(IndexEntry {
+                term: e.term,
+                offset,
+                payload_len: e.payload.len() as u32,
+                seq,
+            });
+        }
+        st.stage_counter += 1;
+        st.stats.appends += 1;
+        Ok((first.index..=st.last_index(), st.stage_counter))
+    }
+
+    /// Seals the tail segment in the staging buffer and plans the next segment, starting at
+    /// `next_index`. The round that writes it activates the new file.
+    fn roll_staged(&self, st: &mut State, next_index: u64) -> Result<()> {
+        st.put_seal();
+        let seq = st.next_seq;
+        st.next_seq = seq
+            .checked_add(1)
+            .ok_or_else(|| Error::InvalidOptions("segment sequence exhausted".into()))?;
+        st.segments.push_back(Segment {
+            seq,
+            first_index: next_index,
+            path: segment_path(&self.dir, seq),
+            file: None,
+            size_bytes: self.opts.segment_bytes,
+        });
+        let cap = st.staging_capacity;
+        st.staged.push(Chunk {
+            seq,
+            base: SEGMENT_HEADER_BYTES,
+            buf: glommio::allocate_dma_buffer(cap),
+            len: 0,
+            carried: 0,
+        });
+        st.tail_offset = SEGMENT_HEADER_BYTES;
+        Ok(())
+    }
+
+    /// One group-commit round: write everything staged, then one fdatasync. The caller holds
+    /// the I/O lock. Any error here is fatal for the log (the caller poisons it).
+    async fn run_round(&self) -> Result<()> {
+        let align = self.alignment.get();
+        let (chunks, target_counter, target_index) = {
+            let mut st = self.st.borrow_mut();
+            if st.staged_bytes == 0 {
+                return Ok(());
+            }
+            let chunks = std::mem::take(&mut st.staged);
+            // The next open chunk starts with the partial last block, rewritten unchanged.
+            let last = &chunks[chunks.len() - 1];
+            let end = last.base + last.len as u64;
+            let base = align_down_u64(end, align);
+            let carried = (end - base) as usize;
+            let cap = st.staging_capacity;
+            let mut buf = glommio::allocate_dma_buffer(cap);
+            let from = (base - last.base) as usize;
+            buf.as_bytes_mut()[..carried]
+                .copy_from_slice(&last.buf.as_bytes()[from..from + carried]);
+            st.staged.push(Chunk {
+                seq: last.seq,
+                base,
+                buf,
+                len: carried,
+                carried,
+            });
+            st.staged_bytes = 0;
+            st.stats.rounds += 1;
+            (chunks, st.stage_counter, st.last_index())
+        };
+
+        let mut unsynced: Option<(Rc<DmaFile>, PathBuf)> = None;
+        let mut last_end = (0u32, 0u64);
+        // Readers find in-flight bytes here until the writes complete.
+        let mut writes = Vec::with_capacity(chunks.len());
+        {
+            let mut st = self.st.borrow_mut();
+            for mut c in chunks {
+                let aligned = align_up_u64(c.len as u64, align) as usize;
+                c.buf.as_bytes_mut()[c.len..aligned].fill(0);
+                c.buf.trim_to_size(aligned);
+                let buf = Rc::new(c.buf);
+                st.in_flight.push(InFlight {
+                    seq: c.seq,
+                    base: c.base,
+                    len: c.len,
+                    buf: buf.clone(),
+                });
+                writes.push((c.seq, c.base, c.len, c.carried, buf));
+            }
+        }
+        let result: Result<()> = async {
+            for (seq, base, len, carried, buf) in writes {
+                let (file, path, first_index) = {
+                    let st = self.st.borrow();
+                    let seg = st.segment(seq).ok_or_else(|| {
+                        Error::InvalidArgument(format!("segment {seq} vanished during a write"))
+                    })?;
+                    (seg.file.clone(), seg.path.clone(), seg.first_index)
+                };
+                let file = match file {
+                    Some(f) => f,
+                    None => {
+                        // Seal barrier: the previous segment (sealed in the chunk before) is
+                        // durable before the new one receives any byte.
+                        if let Some((f, p)) = unsynced.take() {
+                            self.sync_counted(&f, &p).await?;
+                        }
+                        let f = self.activate(seq, first_index).await?;
+                        let mut st = self.st.borrow_mut();
+                        if let Some(seg) = st.segments.iter_mut().find(|s| s.seq == seq) {
+                            seg.file = Some(f.clone());
+                        }
+                        f
+                    }
+                };
+                if len > carried {
+                    let n = buf.len() as u64;
+                    write_all_rc(&file, &path, buf, base).await?;
+                    self.st.borrow_mut().stats.bytes_written += n;
+                }
+                last_end = (seq, base + len as u64);
+                unsynced = Some((file, path));
+            }
+            if let Some((f, p)) = unsynced.take() {
+                self.sync_counted(&f, &p).await?;
+            }
+            Ok(())
+        }
+        .await;
+        let mut st = self.st.borrow_mut();
+        st.in_flight.clear();
+        result?;
+        st.durable_counter = target_counter;
+        st.durable_index = target_index;
+        st.durable_offset = last_end;
+        Ok(())
+    }
+
+    async fn sync_counted(&self, file: &DmaFile, path: &Path) -> Result<()> {
+        self.st.borrow_mut().stats.fdatasyncs += 1;
+        sync_data(file, path).await
+    }
+
+    /// Turns a spare (or a new zeroed file) into segment `seq`: header, fdatasync, rename,
+    /// directory fsync. Only then may records be written into it.
+    async fn activate(&self, seq: u32, first_index: u64) -> Result<Rc<DmaFile>> {
+        let spare = self.st.borrow_mut().spares.pop();
+        let (file, spare_path) = match spare {
+            Some(p) => (open_rw(&p, false).await?, p),
+            None => {
+                let p = self.new_spare_path();
+                (create_zeroed(&p, self.opts.segment_bytes).await?, p)
+            }
+        };
+        let mut buf = glommio::allocate_dma_buffer(SEGMENT_HEADER_BYTES as usize);
+        buf.as_bytes_mut().fill(0);
+        let header = SegmentHeader::new(seq, first_index);
+        buf.as_bytes_mut()[..header.as_bytes().len()].copy_from_slice(header.as_bytes());
+        write_all(&file, &spare_path, buf, 0).await?;
+        self.sync_counted(&file, &spare_path).await?;
+        let path = segment_path(&self.dir, seq);
+        file.rename(&path)
+            .await
+            .map_err(io_err("rename", &spare_path, None))?;
+        sync_dir(&self.dir).await?;
+        Ok(Rc::new(file))
+    }
+
+    fn new_spare_path(&self) -> PathBuf {
+        let mut st = self.st.borrow_mut();
+        let n = st.next_spare;
+        st.next_spare += 1;
+        self.dir.join(spare_file_name(n))
+    }
+
+    /// Creates zeroed spare segment files until `spare_segments_max` are ready, so that the
+    /// next segment rolls do not write a whole segment of zeros on the append path. Call it
+    /// from a background task after open and after compactions.
+    pub async fn prepare_spares(&self) -> Result<usize> {
+        let mut made = 0;
+        while self.st.borrow().spares.len() < self.opts.spare_segments_max {
+            let p = self.new_spare_path();
+            let f = create_zeroed(&p, self.opts.segment_bytes).await?;
+            f.close().await.map_err(io_err("close", &p, None))?;
+            self.st.borrow_mut().spares.push(p);
+            made += 1;
+        }
+        Ok(made)
+    }
+
+    /// Starts a new tail segment at `first_index` (the old tail, if any, is sealed and durable
+    /// already). The caller holds the I/O lock or is `open`.
+    async fn start_segment(&self, first_index: u64) -> Result<()> {
+        let seq = {
+            let mut st = self.st.borrow_mut();
+            let seq = st.next_seq;
+            st.next_seq = seq
+                .checked_add(1)
+                .ok_or_else(|| Error::InvalidOptions("segment sequence exhausted".into()))?;
+            seq
+        };
+        let file = self.activate(seq, first_index).await?;
+        let align = file.alignment();
+        if align > ALIGNMENT_MAX || ALIGNMENT_MAX % align != 0 {
+            return Err(Error::InvalidOptions(format!(
+                "DMA alignment {align} is not a divisor of {ALIGNMENT_MAX}"
+            )));
+        }
+        self.alignment.set(self.alignment.get().max(align));
+        let mut st = self.st.borrow_mut();
+        st.segments.push_back(Segment {
+            seq,
+            first_index,
+            path: segment_path(&self.dir, seq),
+            file: Some(file),
+            size_bytes: self.opts.segment_bytes,
+        });
+        if st.index.is_empty() {
+            st.first_index = first_index;
+        }
+        st.tail_offset = SEGMENT_HEADER_BYTES;
+        st.durable_offset = (seq, SEGMENT_HEADER_BYTES);
+        let cap = st.staging_capacity;
+        st.staged = vec![Chunk {
+            seq,
+            base: SEGMENT_HEADER_BYTES,
+            buf: glommio::allocate_dma_buffer(cap),
+            len: 0,
+            carried: 0,
+        }];
+        st.staged_bytes = 0;
+        Ok(())
+    }
+
+    /// Seals the tail segment on disk (seal record + fdatasync). Caller holds the I/O lock and
+    /// has flushed staged records.
+    async fn seal_tail(&self) -> Result<()> {
+        self.st.borrow_mut().put_seal();
+        self.run_round().await
+    }
+
+    /// Removes a segment file, or keeps it as a spare when fewer than `spare_segments_max`.
+    async fn retire(&self, seg: Segment) -> Result<()> {
+        if let Some(f) = seg.file {
+            close_rc(f, &seg.path).await?;
+        }
+        let keep = self.st.borrow().spares.len() < self.opts.spare_segments_max
+            && seg.size_bytes == self.opts.segment_bytes;
+        if keep {
+            let p = self.new_spare_path();
+            glommio::io::rename(&seg.path, &p)
+                .await
+                .map_err(io_err("rename", &seg.path, None))?;
+            self.st.borrow_mut().spares.push(p);
+        } else {
+            glommio::io::remove(&seg.path)
+                .await
+                .map_err(io_err("remove", &seg.path, None))?;
+        }
+        Ok(())
+    }
+
+    /// Removes entries from `from` on (Raft log conflict), durably: `first_index <= from <=
+    /// last_index + 1`. Inside the tail segment a truncation marker record is appended and
+    /// synced (the log is append-only); a cut in an older segment starts a new segment.
+    pub async fn truncate_suffix(&self, from: u64) -> Result<()> {
+        let guard = self.lock_io().await?;
+        let r = self.truncate_locked(from).await;
+        if let Err(e) = &r {
+            if !matches!(e, Error::InvalidArgument(_)) {
+                self.poison(e);
+            }
+        }
+        guard.finish();
+        r
+    }
+
+    async fn truncate_locked(&self, from: u64) -> Result<()> {
+        let (first, last, tail_first, marker_fits) = {
+            let st = self.st.borrow();
+            let tail_first = st.segments.back().map_or(st.first_index, |s| s.first_index);
+            let capacity = st.segments.back().map_or(0, |s| s.size_bytes);
+            let fits =
+                st.tail_offset + RecordHeader::record_bytes(0) as u64 + SEAL_BYTES <= capacity;
+            (st.first_index, st.last_index(), tail_first, fits)
+        };
+        if from < first || from > last + 1 {
+            return Err(Error::InvalidArgument(format!(
+                "truncate_suffix({from}) outside [{first}, {}]",
+                last + 1
+            )));
+        }
+        if from == last + 1 {
+            return Ok(());
+        }
+        if from >= tail_first && marker_fits {
+            // Inside the tail segment: a truncation marker, written and synced like an entry.
+            // The in-memory cut happens now, so that appends staged while the marker is
+            // written line up behind it.
+            {
+                let mut st = self.st.borrow_mut();
+                st.put_record(from, 0, KIND_TRUNCATE, &[]);
+                st.stage_counter += 1;
+                cut_index(&mut st, from);
+            }
+            return self.run_round().await;
+        }
+        // The cut is in an older segment (or the tail has no room for a marker): seal the
+        // tail, start a new segment whose header says it begins at `from`, then remove the
+        // segments it supersedes. Staging is frozen meanwhile.
+        self.st.borrow_mut().structural = true;
+        let r = async {
+            self.run_round().await?;
+            self.seal_tail().await?;
+            self.start_segment(from).await?;
+            // Newest first, so that a crash leaves a contiguous log that the new segment's
+            // header truncates again on recovery.
+            loop {
+                let victim = {
+                    let mut st = self.st.borrow_mut();
+                    let n = st.segments.len();
+                    if n >= 2 && st.segments[n - 2].first_index >= from {
+                        st.segments.remove(n - 2)
+                    } else {
+                        None
+                    }
+                };
+                match victim {
+                    Some(seg) => self.retire(seg).await?,
+                    None => break,
+                }
+            }
+            sync_dir(&self.dir).await
+        }
+        .await;
+        {
+            let mut st = self.st.borrow_mut();
+            cut_index(&mut st, from);
+            st.structural = false;
+        }
+        self.notify.notify_all();
+        r
+    }
+
+    /// Drops whole segments whose entries are all at or below `upto` (a snapshot covers them).
+    /// When `upto >= last_index` the log becomes empty and restarts at `upto + 1`.
+    /// `first_index()` afterwards is at most `upto + 1`: only whole segments go.
+    pub async fn compact_prefix(&self, upto: u64) -> Result<()> {
+        let guard = self.lock_io().await?;
+        let r = self.compact_locked(upto).await;
+        if let Err(e) = &r {
+            self.poison(e);
+        }
+        guard.finish();
+        r
+    }
+
+    async fn compact_locked(&self, upto: u64) -> Result<()> {
+        let (first, last) = {
+            let st = self.st.borrow();
+            (st.first_index, st.last_index())
+        };
+        if upto < first {
+            return Ok(());
+        }
+        self.run_round().await?;
+        if upto >= last {
+            self.st.borrow_mut().structural = true;
+            let r = async {
+                self.seal_tail().await?;
+                self.st.borrow_mut().index.clear();
+                self.start_segment(upto + 1).await
+            }
+            .await;
+            {
+                let mut st = self.st.borrow_mut();
+                st.index.clear();
+                st.first_index = upto + 1;
+                st.durable_index = upto;
+                st.structural = false;
+            }
+            self.notify.notify_all();
+            r?;
+        }
+        // Oldest first: a crash leaves a suffix of the segments.
+        let mut removed = 0;
+        loop {
+            let victim = {
+                let mut st = self.st.borrow_mut();
+                if st.segments.len() >= 2 && st.segments[1].first_index - 1 <= upto {
+                    st.segments.pop_front()
+                } else {
+                    None
+                }
+            };
+            match victim {
+                Some(seg) => {
+                    self.retire(seg).await?;
+                    removed += 1;
+                }
+                None => break,
+            }
+        }
+        {
+            let mut st = self.st.borrow_mut();
+            let new_first = st
+                .segments
+                .front()
+                .map_or(st.first_index, |s| s.first_index);
+            if new_first > st.first_index {
+                let drop = ((new_first - st.first_index) as usize).min(st.index.len());
+                st.index.drain(..drop);
+                st.first_index = new_first;
+            }
+        }
+        if removed > 0 {
+            sync_dir(&self.dir).await?;
+        }
+        Ok(())
+    }
+
+    /// Reads entries `[lo, hi)`, stopping before the payload total would exceed `bytes_max`
+    /// (at least one entry is returned when `lo < hi`). Every record's CRC is checked again.
+    pub async fn entries(&self, lo: u64, hi: u64, bytes_max: u64) -> Result<Vec<Entry>> {
+        let plan: Vec<(u64, IndexEntry)> = {
+            let st = self.st.borrow();
+            self.check_poisoned(&st)?;
+            let last = st.last_index();
+            if lo < st.first_index || hi > last + 1 || lo > hi {
+                return Err(Error::InvalidArgument(format!(
+                    "entries [{lo}, {hi}) outside the log [{}, {}]",
+                    st.first_index,
+                    last + 1
+                )));
+            }
+            let mut plan = Vec::new();
+            let mut total = 0u64;
+            for i in lo..hi {
+                let Some(e) = st.entry(i) else { break };
+                total += u64::from(e.payload_len);
+                if !plan.is_empty() && total > bytes_max {
+                    break;
+                }
+                plan.push((i, *e));
+            }
+            plan
+        };
+        let mut out = Vec::with_capacity(plan.len());
+        let mut i = 0;
+        while i < plan.len() {
+            // Memory first (staged or in flight): one record at a time.
+            if let Some(entry) = self.read_from_memory(plan[i].0, &plan[i].1)? {
+                out.push(entry);
+                i += 1;
+                continue;
+            }
+            // A run of records adjacent on disk in one segment: one read.
+            let (seq, start) = (plan[i].1.seq, plan[i].1.offset);
+            let mut j = i + 1;
+            let mut end = start + RecordHeader::record_bytes(plan[i].1.payload_len as usize) as u64;
+            while j < plan.len()
+                && plan[j].1.seq == seq
+                && plan[j].1.offset == end
+                && !self.in_memory(&plan[j].1)
+            {
+                end += RecordHeader::record_bytes(plan[j].1.payload_len as usize) as u64;
+                j += 1;
+            }
+            let (file, path) = {
+                let st = self.st.borrow();
+                let seg = st.segment(seq);
+                (
+                    seg.and_then(|s| s.file.clone()),
+                    seg.map_or_else(|| segment_path(&self.dir, seq), |s| s.path.clone()),
+                )
+            };
+            let file =
+                file.ok_or_else(|| Error::InvalidArgument(format!("segment {seq} is not open")))?;
+            let data = file
+                .read_at(start, (end - start) as usize)
+                .await
+                .map_err(io_err("read", &path, Some(start)))?;
+            let bytes = Bytes::copy_from_slice(&data);
+            for (idx, meta) in &plan[i..j] {
+                let rel = (meta.offset - start) as usize;
+                out.push(self.decode_checked(&bytes, rel, *idx, meta, &path)?);
+            }
+            i = j;
+        }
+        Ok(out)
+    }
+
+    fn in_memory(&self, meta: &IndexEntry) -> bool {
+        let st = self.st.borrow();
+        let end = meta.offset + RecordHeader::record_bytes(meta.payload_len as usize) as u64;
+        let inside = |seq: u32, base: u64, len: usize| {
+            seq == meta.seq && meta.offset >= base && end <= base + len as u64
+        };
+        st.staged.iter().any(|c| inside(c.seq, c.base, c.len))
+            || st.in_flight.iter().any(|c| inside(c.seq, c.base, c.len))
+    }
+
+    fn read_from_memory(&self, idx: u64, meta: &IndexEntry) -> Result<Option<Entry>> {
+        let st = self.st.borrow();
+        let rb = RecordHeader::record_bytes(meta.payload_len as usize);
+        let end = meta.offset + rb as u64;
+        let mut found: Option<&[u8]> = None;
+        for c in &st.staged {
+            if c.seq == meta.seq && meta.offset >= c.base && end <= c.base + c.len as u64 {
+                let rel = (meta.offset - c.base) as usize;
+                found = Some(&c.buf.as_bytes()[rel..rel + rb]);
+            }
+        }
+        for c in &st.in_flight {
+            if found.is_none()
+                && c.seq == meta.seq
+                && meta.offset >= c.base
+                && end <= c.base + c.len as u64
+            {
+                let rel = (meta.offset - c.base) as usize;
+                found = Some(&c.buf.as_bytes()[rel..rel + rb]);
+            }
+        }
+        let Some(rec) = found else { return Ok(None) };
+        let bytes = Bytes::copy_from_slice(rec);
+        let path = segment_path(&self.dir, meta.seq);
+        self.decode_checked(&bytes, 0, idx, meta, &path).map(Some)
+    }
+
+    fn decode_checked(
+        &self,
+        bytes: &Bytes,
+        rel: usize,
+        idx: u64,
+        meta: &IndexEntry,
+        path: &Path,
+    ) -> Result<Entry> {
+        let h = bytes
+            .get(rel..)
+            .and_then(|b| RecordHeader::check(b, meta.seq, self.opts.entry_bytes_max))
+            .filter(|h| {
+                h.index.get() == idx
+                    && h.term.get() == meta.term
+                    && h.payload_len.get() == meta.payload_len
+            })
+            .ok_or_else(|| Error::Corruption {
+                path: path.to_path_buf(),
+                offset: meta.offset,
+                reason: format!("record of index {idx} fails its check on read"),
+            })?;
+        let p = rel + RECORD_HEADER_BYTES;
+        Ok(Entry {
+            index: idx,
+            term: h.term.get(),
+            kind: h.kind,
+            payload: bytes.slice(p..p + meta.payload_len as usize),
+        })
+    }
+
+    /// Closes every file. Staged records that no `append` waited for are not written.
+    pub async fn close(self) -> Result<()> {
+        let segments: Vec<Segment> = self.st.borrow_mut().segments.drain(..).collect();
+        for s in segments {
+            if let Some(f) = s.file {
+                close_rc(f, &s.path).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Drops entries from `from` on from the in-memory index.
+fn cut_index(st: &mut State, from: u64) {
+    let keep = (from - st.first_index) as usize;
+    st.index.truncate(keep);
+    st.durable_index = st.durable_index.min(from - 1);
+}
+
+fn apply_record(index: &mut VecDeque<IndexEntry>, first_index: u64, seq: u32, r: &ScannedRecord) {
+    // The scan guarantees first_index <= r.index <= last + 1 within the segment, and the
+    // segment's start was reconciled with the log before its records are applied.
+    let keep = r.index.saturating_sub(first_index) as usize;
+    index.truncate(keep);
+    if r.kind == KIND_TRUNCATE {
+        return;
+    }
+    index.push_back(IndexEntry {
+        term: r.term,
+        offset: r.offset,
+        payload_len: r.payload_len,
+        seq,
+    });
+}
