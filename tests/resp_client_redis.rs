@@ -1,0 +1,442 @@
+//! The client library against real Redis (standalone and a 3-master Redis Cluster) and against
+//! tiny fake servers that misbehave on purpose.
+
+#[path = "resp_redis_support.rs"]
+mod support;
+
+use bytes::{Bytes, BytesMut};
+use std::future::Future;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::time::Duration;
+use support::{redis_available, redis_cli, RedisCluster, RedisServer};
+use tynamo::client::{
+    network_executor, Batch, ClientError, ClientOptions, ClusterClient, ConnectOptions, Connection,
+};
+use tynamo::resp::frame::{self, Frame, Limits};
+use tynamo::shard::slots::key_slot;
+
+fn run<G, F, T>(make: G) -> T
+where
+    G: FnOnce() -> F + Send + 'static,
+    F: Future<Output = T> + 'static,
+    T: Send + 'static,
+{
+    network_executor("test")
+        .spawn(make)
+        .expect("start executor")
+        .join()
+        .expect("executor thread")
+}
+
+fn bulk(s: &str) -> Frame {
+    Frame::Bulk(Bytes::copy_from_slice(s.as_bytes()))
+}
+
+fn ok() -> Frame {
+    Frame::Simple(Bytes::from_static(b"OK"))
+}
+
+#[test]
+fn pipelined_requests_get_their_own_replies_in_order() {
+    if !redis_available() {
+        return;
+    }
+    let redis = RedisServer::start(&[]);
+    let addr = redis.addr();
+    run(move || async move {
+        let mut conn = Connection::connect(addr, &ConnectOptions::default())
+            .await
+            .unwrap();
+        for i in 0..1000 {
+            let (k, v) = (format!("k{i}"), format!("v{i}"));
+            conn.queue(&[b"SET", k.as_bytes(), v.as_bytes()]).unwrap();
+            conn.queue(&[b"GET", k.as_bytes()]).unwrap();
+        }
+        assert_eq!(conn.in_flight(), 2000);
+        conn.flush().await.unwrap();
+        for i in 0..1000 {
+            assert_eq!(conn.read_reply().await.unwrap(), ok());
+            assert_eq!(conn.read_reply().await.unwrap(), bulk(&format!("v{i}")));
+        }
+        assert_eq!(conn.in_flight(), 0);
+    });
+}
+
+#[test]
+fn unreachable_target_is_a_connect_error_naming_it() {
+    // A port nobody listens on: bind, learn the port, close.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let err = run(move || async move {
+        Connection::connect(addr, &ConnectOptions::default())
+            .await
+            .err()
+    });
+    match err {
+        Some(ClientError::Connect { addr: a, .. }) => assert_eq!(a, addr),
+        other => panic!("expected a connect error, got {other:?}"),
+    }
+}
+
+/// A server that reads one request and answers `answer`, then keeps the socket open.
+fn fake_server(answer: &'static [u8]) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        if let Ok((mut s, _)) = listener.accept() {
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(answer);
+            // Hold the connection until the client goes away.
+            let _ = s.read(&mut buf);
+        }
+    });
+    addr
+}
+
+#[test]
+fn garbage_answer_is_a_protocol_error() {
+    let addr = fake_server(b"HTTP/1.1 400 Bad Request\r\n\r\n");
+    let err = run(move || async move {
+        let mut conn = Connection::connect(addr, &ConnectOptions::default())
+            .await
+            .unwrap();
+        conn.call(&[b"PING"]).await.err()
+    });
+    assert!(matches!(err, Some(ClientError::Protocol { .. })), "{err:?}");
+    assert!(err.unwrap().to_string().contains("Protocol error"));
+}
+
+#[test]
+fn silent_server_is_a_timeout_not_a_hang() {
+    let addr = fake_server(b"");
+    let err = run(move || async move {
+        let options = ConnectOptions {
+            io_timeout: Duration::from_millis(200),
+            ..ConnectOptions::default()
+        };
+        let mut conn = Connection::connect(addr, &options).await.unwrap();
+        conn.call(&[b"PING"]).await.err()
+    });
+    assert!(matches!(err, Some(ClientError::Timeout { .. })), "{err:?}");
+}
+
+#[test]
+fn plain_redis_gets_plain_writes_and_lost_connections_are_retried() {
+    if !redis_available() {
+        return;
+    }
+    let redis = RedisServer::start(&[]);
+    let (addr, port) = (redis.addr(), redis.port);
+    run(move || async move {
+        let mut client = ClusterClient::connect_single(addr, ClientOptions::default())
+            .await
+            .unwrap();
+        // Redis has no TYNAMO.SESSION: the client falls back to plain writes.
+        assert!(!client.exactly_once());
+        assert_eq!(client.call(&[b"SET", b"a", b"1"]).await.unwrap(), ok());
+        // Kill our connection from the server side; the next request must reconnect and succeed.
+        let killed: u32 = redis_cli(port, &["CLIENT", "KILL", "TYPE", "normal"])
+            .parse()
+            .unwrap();
+        assert!(killed >= 1);
+        assert_eq!(client.call(&[b"GET", b"a"]).await.unwrap(), bulk("1"));
+        let stats = client.stats();
+        assert!(stats.retried >= 1 && stats.connects == 2, "{stats:?}");
+    });
+}
+
+#[test]
+fn cluster_client_routes_every_key_to_its_owner_without_redirects() {
+    if !redis_available() {
+        return;
+    }
+    let cluster = RedisCluster::start();
+    let seed = cluster.nodes[1].addr();
+    let owners: Vec<(String, u16)> = (0..200)
+        .map(|i| {
+            let key = format!("key:{i}");
+            let owner = cluster.nodes[cluster.owner_of(key_slot(key.as_bytes()))].port;
+            (key, owner)
+        })
+        .collect();
+    run(move || async move {
+        let mut client = ClusterClient::connect_cluster(&[seed], ClientOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(client.node_addrs().len(), 3);
+        for (key, owner) in &owners {
+            assert_eq!(
+                client.slot_owner(key_slot(key.as_bytes())).unwrap().port(),
+                *owner,
+                "{key}"
+            );
+        }
+        let mut batch = Batch::new();
+        for (key, _) in &owners {
+            batch.push(
+                Some(key.as_bytes()),
+                true,
+                &[b"SET", key.as_bytes(), key.as_bytes()],
+            );
+        }
+        client.execute(&mut batch).await.unwrap();
+        batch.clear();
+        for (key, _) in &owners {
+            batch.push(Some(key.as_bytes()), false, &[b"GET", key.as_bytes()]);
+        }
+        client.execute(&mut batch).await.unwrap();
+        for (i, (key, _)) in owners.iter().enumerate() {
+            assert_eq!(batch.reply(i), &bulk(key));
+        }
+        assert_eq!(client.stats().moved + client.stats().asked, 0);
+    });
+}
+
+/// Moves an empty slot from node `from` to node `to`, as `redis-cli --cluster reshard` does.
+fn move_empty_slot(cluster: &RedisCluster, slot: u16, from: usize, to: usize) {
+    let (s, to_id, from_id) = (slot.to_string(), cluster.node_id(to), cluster.node_id(from));
+    assert_eq!(
+        redis_cli(
+            cluster.nodes[to].port,
+            &["CLUSTER", "SETSLOT", &s, "IMPORTING", &from_id]
+        ),
+        "OK"
+    );
+    assert_eq!(
+        redis_cli(
+            cluster.nodes[from].port,
+            &["CLUSTER", "SETSLOT", &s, "MIGRATING", &to_id]
+        ),
+        "OK"
+    );
+    for n in &cluster.nodes {
+        assert_eq!(
+            redis_cli(n.port, &["CLUSTER", "SETSLOT", &s, "NODE", &to_id]),
+            "OK"
+        );
+    }
+}
+
+#[test]
+fn moved_is_followed_and_the_slot_map_refreshed() {
+    if !redis_available() {
+        return;
+    }
+    let cluster = RedisCluster::start();
+    let key = "moving-key";
+    let slot = key_slot(key.as_bytes());
+    let from = cluster.owner_of(slot);
+    let to = (from + 1) % 3;
+    let seed = cluster.nodes[0].addr();
+    let to_port = cluster.nodes[to].port;
+    // Learn the map first, then move the slot behind the client's back.
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let handle = network_executor("test")
+        .spawn(move || async move {
+            let mut client = ClusterClient::connect_cluster(&[seed], ClientOptions::default())
+                .await
+                .unwrap();
+            done_tx.send(()).unwrap();
+            rx.recv().unwrap();
+            assert_eq!(
+                client.call(&[b"SET", key.as_bytes(), b"v"]).await.unwrap(),
+                ok()
+            );
+            assert_eq!(client.stats().moved, 1);
+            assert_eq!(client.slot_owner(slot).unwrap().port(), to_port);
+        })
+        .unwrap();
+    done_rx.recv().unwrap();
+    move_empty_slot(&cluster, slot, from, to);
+    tx.send(()).unwrap();
+    handle.join().unwrap();
+    assert_eq!(redis_cli(to_port, &["GET", key]), "v");
+}
+
+#[test]
+fn ask_is_followed_during_migration_and_tryagain_is_bounded() {
+    if !redis_available() {
+        return;
+    }
+    let cluster = RedisCluster::start();
+    let (present, absent) = ("{mig}present", "{mig}absent");
+    let slot = key_slot(present.as_bytes());
+    let from = cluster.owner_of(slot);
+    let to = (from + 1) % 3;
+    assert_eq!(
+        redis_cli(cluster.nodes[from].port, &["SET", present, "old"]),
+        "OK"
+    );
+    let s = slot.to_string();
+    let (from_id, to_id) = (cluster.node_id(from), cluster.node_id(to));
+    redis_cli(
+        cluster.nodes[to].port,
+        &["CLUSTER", "SETSLOT", &s, "IMPORTING", &from_id],
+    );
+    redis_cli(
+        cluster.nodes[from].port,
+        &["CLUSTER", "SETSLOT", &s, "MIGRATING", &to_id],
+    );
+    let seed = cluster.nodes[0].addr();
+    let from_port = cluster.nodes[from].port;
+    run(move || async move {
+        let options = ClientOptions {
+            attempts_max: 2,
+            backoff_initial: Duration::from_millis(1),
+            ..ClientOptions::default()
+        };
+        let mut client = ClusterClient::connect_cluster(&[seed], options)
+            .await
+            .unwrap();
+        // The key is not on the migrating node: it answers -ASK, the client asks the importer.
+        assert_eq!(
+            client
+                .call(&[b"SET", absent.as_bytes(), b"new"])
+                .await
+                .unwrap(),
+            ok()
+        );
+        assert_eq!(client.stats().asked, 1);
+        // The map does not change during a migration.
+        assert_eq!(client.slot_owner(slot).unwrap().port(), from_port);
+        // A key still on the migrating node is served there.
+        assert_eq!(
+            client.call(&[b"GET", present.as_bytes()]).await.unwrap(),
+            bulk("old")
+        );
+        // One key here, one moved: Redis answers -TRYAGAIN until the migration ends.
+        let err = client
+            .call(&[b"MGET", present.as_bytes(), absent.as_bytes()])
+            .await
+            .unwrap_err();
+        match err {
+            ClientError::RetriesExhausted { attempts, last, .. } => {
+                assert_eq!(attempts, 3);
+                assert!(last.starts_with("TRYAGAIN"), "{last}");
+            }
+            other => panic!("expected RetriesExhausted, got {other}"),
+        }
+    });
+    assert_eq!(
+        redis_cli(cluster.nodes[to].port, &["CLUSTER", "COUNTKEYSINSLOT", &s]),
+        "1"
+    );
+}
+
+/// A fake TynamoDB: accepts TYNAMO.SESSION, drops the first connection right after receiving
+/// the first write (as a crashed leader would), answers on the second. Returns every request.
+fn session_server() -> (SocketAddr, std::thread::JoinHandle<Vec<Vec<Bytes>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let handle = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        for connection in 0..2 {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = BytesMut::new();
+            let mut args = Vec::new();
+            let mut chunk = [0u8; 4096];
+            'conn: loop {
+                let n = s.read(&mut chunk).unwrap();
+                assert!(n > 0, "client closed early");
+                buf.extend_from_slice(&chunk[..n]);
+                while frame::decode_request(&mut buf, &Limits::DEFAULT, &mut args).unwrap() {
+                    seen.push(args.clone());
+                    if args[0].as_ref() == b"TYNAMO.SESSION" {
+                        s.write_all(b"+OK\r\n").unwrap();
+                    } else if connection == 0 {
+                        break 'conn; // crash before answering
+                    } else {
+                        s.write_all(b"+OK\r\n").unwrap();
+                        return seen;
+                    }
+                }
+            }
+        }
+        seen
+    });
+    (addr, handle)
+}
+
+#[test]
+fn a_retried_write_carries_the_same_sequence() {
+    let (addr, server) = session_server();
+    let client_id = run(move || async move {
+        let options = ClientOptions {
+            backoff_initial: Duration::from_millis(1),
+            ..ClientOptions::default()
+        };
+        let mut client = ClusterClient::connect_single(addr, options).await.unwrap();
+        assert!(client.exactly_once());
+        assert_eq!(client.call(&[b"SET", b"k", b"v"]).await.unwrap(), ok());
+        assert_eq!(client.stats().retried, 1);
+        client.client_id()
+    });
+    let seen = server.join().unwrap();
+    let words: Vec<Vec<String>> = seen
+        .iter()
+        .map(|a| {
+            a.iter()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .collect()
+        })
+        .collect();
+    let id = client_id.to_string();
+    let session = vec!["TYNAMO.SESSION".to_string(), id];
+    let write: Vec<String> = ["TYNAMO.SEQ", "1", "1", "SET", "k", "v"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(words, vec![session.clone(), write.clone(), session, write]);
+}
+
+#[test]
+fn a_dead_server_ends_in_retries_exhausted_after_the_bound() {
+    // Answers the session probe as Redis would, then dies (listener and connection closed).
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 1024];
+        let _ = s.read(&mut buf).unwrap();
+        s.write_all(b"-ERR unknown command 'TYNAMO.SESSION', with args beginning with: \r\n")
+            .unwrap();
+    });
+    let (err, stats) = run(move || async move {
+        let options = ClientOptions {
+            attempts_max: 3,
+            backoff_initial: Duration::from_millis(1),
+            ..ClientOptions::default()
+        };
+        let mut client = ClusterClient::connect_single(addr, options).await.unwrap();
+        server.join().unwrap();
+        let mut batch = Batch::new();
+        for i in 0..50u32 {
+            let key = i.to_string();
+            batch.push(Some(key.as_bytes()), false, &[b"GET", key.as_bytes()]);
+        }
+        (
+            client.execute(&mut batch).await.unwrap_err(),
+            client.stats(),
+        )
+    });
+    match err {
+        ClientError::RetriesExhausted { attempts, last, .. } => {
+            assert_eq!(attempts, 4);
+            assert!(
+                last.starts_with(&format!("cannot connect to {addr}")),
+                "{last}"
+            );
+        }
+        other => panic!("expected RetriesExhausted, got {other}"),
+    }
+    // One connection, then every retry round failed to connect: no connect storm per request.
+    assert_eq!(stats.connects, 1);
+    assert_eq!(stats.retried, 50 * 4);
+}
