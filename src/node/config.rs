@@ -22,6 +22,14 @@ use crate::shard::SLOT_COUNT;
 pub const CLIENT_PORT_BELOW_PEER: u16 = 100;
 /// Most cores per host (ports are port + core, so keep the range small).
 pub const CORES_MAX: u16 = 64;
+/// Key and value bytes of one client command (the server refuses larger ones before proposing).
+pub const COMMAND_BYTES_MAX: u32 = 8 << 20;
+/// Largest log entry: a batch is cut at `group::BATCH_BYTES_MAX` unless one command is larger.
+pub const ENTRY_BYTES_MAX: u32 = COMMAND_BYTES_MAX + (2 << 20);
+/// Smallest WAL segment: it must hold the largest entry.
+pub const SEGMENT_BYTES_MIN: u64 = 16 << 20;
+const _: () = assert!(SEGMENT_BYTES_MIN > ENTRY_BYTES_MAX as u64 + 8192);
+const _: () = assert!(super::group::BATCH_BYTES_MAX < ENTRY_BYTES_MAX as usize);
 /// Most hosts in the static map (a group has one replica per host; raft caps members).
 pub const HOSTS_MAX: usize = crate::raft::MEMBERS_MAX;
 
@@ -214,6 +222,12 @@ impl ServerConfig {
             return bad(format!(
                 "io memory {} bytes is below glommio's 512 KiB minimum",
                 self.io_memory_bytes
+            ));
+        }
+        if self.segment_bytes < SEGMENT_BYTES_MIN || self.segment_bytes % 4096 != 0 {
+            return bad(format!(
+                "segment bytes {} should be a multiple of 4096, at least {SEGMENT_BYTES_MIN}",
+                self.segment_bytes
             ));
         }
         if self.connections_max == 0 {

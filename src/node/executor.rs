@@ -208,6 +208,7 @@ fn raft_config(cfg: &ServerConfig) -> raft::Config {
 pub fn kv_config(cfg: &ServerConfig) -> kv::Config {
     kv::Config {
         shard_count: cfg.shard_count,
+        value_bytes_max: super::config::COMMAND_BYTES_MAX,
         snapshot_log_bytes_threshold: cfg.snapshot_log_bytes,
         ..kv::Config::default()
     }
@@ -223,6 +224,7 @@ async fn run_core(cfg: Arc<ServerConfig>, core: u16, view: Arc<HostView>) -> Res
     let dir = cfg.data_dir.join(format!("group-{core}"));
     let wal_opts = WalOptions {
         segment_bytes: cfg.segment_bytes,
+        entry_bytes_max: super::config::ENTRY_BYTES_MAX,
         ..WalOptions::default()
     };
     let kvc = kv_config(&cfg);

@@ -346,6 +346,16 @@ fn kv_command(ctx: &CoreCtx, conn: &Conn, command: Command, seq: Option<u64>) ->
     if keys.len() > crate::kv::MULTI_KEYS_MAX as usize {
         return error("ERR too many keys in one command");
     }
+    let command_bytes: usize = ops.iter().map(op_bytes).sum();
+    if command_bytes > super::config::COMMAND_BYTES_MAX as usize {
+        return error(&format!(
+            "ERR keys and values of one command exceed {} bytes",
+            super::config::COMMAND_BYTES_MAX
+        ));
+    }
+    if keys.iter().any(|k| k.len() > KEY_BYTES_MAX) {
+        return error(&format!("ERR keys must be at most {KEY_BYTES_MAX} bytes"));
+    }
     let slot = key_slot(first);
     if keys.iter().any(|k| key_slot(k) != slot) {
         return error("CROSSSLOT Keys in request don't hash to the same slot");
@@ -399,6 +409,22 @@ fn kv_command(ctx: &CoreCtx, conn: &Conn, command: Command, seq: Option<u64>) ->
         })
         .collect();
     Pending::Wait { slots, shape, slot }
+}
+
+/// The KV's key limit (its default configuration).
+const KEY_BYTES_MAX: usize = 64 << 10;
+
+fn op_bytes(op: &Op) -> usize {
+    match op {
+        Op::Put { key, value } | Op::Append { key, value } => key.len() + value.len(),
+        Op::Cas { key, new, .. } => key.len() + new.as_ref().map_or(0, |v| v.len()),
+        Op::MPut { pairs } => pairs.iter().map(|(k, v)| k.len() + v.len()).sum(),
+        Op::MGet { keys } => keys.iter().map(|k| k.len()).sum(),
+        Op::Get { key } | Op::Exists { key } | Op::Delete { key } | Op::Incr { key, .. } => {
+            key.len()
+        }
+        Op::OpenSession | Op::CloseSession => 0,
+    }
 }
 
 fn tryagain(slot: u16) -> Pending {
