@@ -48,34 +48,38 @@ fn ports_free(ports: &[u16]) -> bool {
         .all(|&p| TcpListener::bind(("127.0.0.1", p)).is_ok())
 }
 
+/// A base port such that client ports base + 10 h + c and peer ports base + 100 + 10 h + c are
+/// free for every host h and core c.
+fn free_base(hosts: u16, cores: u16) -> u16 {
+    let pid = u64::from(std::process::id());
+    for _ in 0..200 {
+        let n = NEXT_BASE.fetch_add(1, Ordering::SeqCst);
+        let base = 20_000 + ((pid * 7 + n * 211) % 400) as u16 * 100;
+        let mut all = Vec::new();
+        for h in 0..hosts {
+            for c in 0..cores {
+                all.push(base + 10 * h + c);
+                all.push(base + 100 + 10 * h + c);
+            }
+        }
+        if ports_free(&all) {
+            return base;
+        }
+    }
+    panic!("no free port range found");
+}
+
 impl Cluster {
     fn start(hosts: u64, cores: u16, extra: &[&str]) -> Cluster {
-        let pid = std::process::id() as u64;
-        // Client ports base + 10 h + c, peer ports base + 100 + 10 h + c.
-        let (base, hosts_v) = loop {
-            let n = NEXT_BASE.fetch_add(1, Ordering::SeqCst);
-            let base = 20_000 + ((pid * 7 + n * 211) % 400) as u16 * 100;
-            let mut all = Vec::new();
-            for h in 0..hosts as u16 {
-                for c in 0..cores {
-                    all.push(base + 10 * h + c);
-                    all.push(base + 100 + 10 * h + c);
-                }
-            }
-            if ports_free(&all) {
-                let v = (0..hosts)
-                    .map(|h| Host {
-                        id: h + 1,
-                        client: base + 10 * h as u16,
-                        peer: base + 100 + 10 * h as u16,
-                        child: None,
-                    })
-                    .collect::<Vec<_>>();
-                break (base, v);
-            }
-            assert!(n < 200, "no free port range found");
-        };
-        let _ = base;
+        let base = free_base(hosts as u16, cores);
+        let hosts_v: Vec<Host> = (0..hosts)
+            .map(|h| Host {
+                id: h + 1,
+                client: base + 10 * h as u16,
+                peer: base + 100 + 10 * h as u16,
+                child: None,
+            })
+            .collect();
         let map = hosts_v
             .iter()
             .map(|h| format!("{}=127.0.0.1:{}/127.0.0.1:{}", h.id, h.peer, h.client))
@@ -675,4 +679,114 @@ fn malformed_peer_frames_and_malformed_resp_do_not_crash_anything() {
         bad > 0,
         "garbage frames after a valid hello were counted as bad"
     );
+}
+
+#[test]
+fn a_retried_write_with_a_session_sequence_is_applied_once() {
+    let _l = lock();
+    let mut c = Cluster::start(3, 1, &[]);
+    let leader = c.wait_leader(0, None);
+    let port = c.port(leader, 0);
+    let mut a = Resp::connect(port).unwrap();
+    let int = |f: Frame| match f {
+        Frame::Integer(n) => n,
+        other => panic!("{other:?}"),
+    };
+    assert!(matches!(
+        a.call(&[b"TYNAMO.SESSION", b"77"]).unwrap(),
+        Frame::Simple(_)
+    ));
+    assert_eq!(
+        int(a.call(&[b"TYNAMO.SEQ", b"1", b"1", b"INCR", b"n"]).unwrap()),
+        1
+    );
+    // A retry of seq 1 (its reply was "lost") gets the remembered result, not a second increment.
+    assert_eq!(
+        int(a.call(&[b"TYNAMO.SEQ", b"1", b"1", b"INCR", b"n"]).unwrap()),
+        1
+    );
+    assert_eq!(
+        int(a.call(&[b"TYNAMO.SEQ", b"2", b"1", b"INCR", b"n"]).unwrap()),
+        2
+    );
+    // The same client retrying on another connection is recognised too.
+    let mut b = Resp::connect(port).unwrap();
+    assert!(matches!(
+        b.call(&[b"TYNAMO.SESSION", b"77"]).unwrap(),
+        Frame::Simple(_)
+    ));
+    assert_eq!(
+        int(b.call(&[b"TYNAMO.SEQ", b"2", b"2", b"INCR", b"n"]).unwrap()),
+        2
+    );
+    match b.call(&[b"GET", b"n"]).unwrap() {
+        Frame::Bulk(v) => assert_eq!(&v[..], b"2"),
+        other => panic!("{other:?}"),
+    }
+    // Plain clients (no session) keep Redis' at-least-once behaviour; a sequence needs a session.
+    let mut plain = Resp::connect(port).unwrap();
+    match plain
+        .call(&[b"TYNAMO.SEQ", b"3", b"1", b"INCR", b"n"])
+        .unwrap()
+    {
+        Frame::Error(e) => assert!(e.starts_with(b"ERR TYNAMO.SEQ needs TYNAMO.SESSION")),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn the_server_reads_a_toml_config_file_and_command_line_flags_win() {
+    let _l = lock();
+    let base = free_base(1, 1);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tynamo.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "id = 1\ndata = \"{}\"\ninitial-cluster = \"1=127.0.0.1:{}/127.0.0.1:{}\"\ncores = 1\nplacement = \"unbound\"\nelection_ms = 5000\n",
+            dir.path().join("data").display(),
+            base + 100,
+            base
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tynamo"))
+        .args(["server", "--config"])
+        .arg(&file)
+        .args(["--election-ms", "300"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let info = loop {
+        let info = Resp::connect(base)
+            .ok()
+            .and_then(|mut c| c.call(&[b"INFO"]).ok());
+        if let Some(Frame::Bulk(b)) = info {
+            let t = String::from_utf8_lossy(&b).into_owned();
+            if t.contains("raft_role:Leader") {
+                break t;
+            }
+        }
+        assert!(start.elapsed() < DEADLINE, "single host never led");
+        std::thread::sleep(POLL);
+    };
+    assert!(info.contains("host_id:1"), "{info}");
+    assert!(
+        info.contains("election_ms:300\r\n"),
+        "the flag wins over the file: {info}"
+    );
+    assert!(info.contains("cores:1\r\n"), "{info}");
+    let _ = child.kill();
+    let _ = child.wait();
+    // A bad value is reported with the file's key, and the server does not start.
+    std::fs::write(&file, "id = 1\ncores = \"many\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tynamo"))
+        .args(["server", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--cores") || err.contains("many"), "{err}");
 }

@@ -40,6 +40,7 @@ enum Cmd {
 }
 
 #[derive(Args, Clone)]
+#[command(args_override_self = true)]
 struct ServerArgs {
     /// A TOML file with the same keys as the flags (flags on the command line win).
     #[arg(long)]

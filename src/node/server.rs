@@ -599,6 +599,20 @@ fn info_text(ctx: &CoreCtx) -> String {
         ctx.core,
         std::process::id()
     );
+    let cfg = &ctx.cfg;
+    let _ = write!(
+        t,
+        "# Config\r\ncores:{}\r\ntick_ms:{}\r\nheartbeat_ms:{}\r\nelection_ms:{}\r\ninflight_msgs_max:{}\r\n\
+         entries_per_msg_max:{}\r\nread_mode:{:?}\r\nshard_count:{}\r\n\r\n",
+        cfg.cores,
+        cfg.tick_ms,
+        cfg.heartbeat_ms,
+        cfg.election_ms,
+        cfg.inflight_msgs_max,
+        cfg.entries_per_msg_max,
+        cfg.read_mode,
+        cfg.shard_count
+    );
     let role = if g.is_leader() { "master" } else { "slave" };
     let _ = write!(t, "# Replication\r\nrole:{role}\r\n\r\n");
     let _ = write!(
