@@ -790,3 +790,52 @@ fn the_server_reads_a_toml_config_file_and_command_line_flags_win() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--cores") || err.contains("many"), "{err}");
 }
+
+#[test]
+fn demo_starts_three_hosts_and_stops_them_on_ctrl_c() {
+    let _l = lock();
+    let base = free_base(3, 2);
+    let mut demo = Command::new(env!("CARGO_BIN_EXE_tynamo"))
+        .args(["demo", "--base-port", &base.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let seeds: Vec<u16> = (0..3)
+        .flat_map(|h| [base + 10 * h, base + 10 * h + 1])
+        .collect();
+    let deadline = Instant::now() + DEADLINE;
+    assert!(set_ok(&seeds, "demo", "works", deadline));
+    assert_eq!(
+        get(&seeds, "demo", deadline).as_deref(),
+        Some(&b"works"[..])
+    );
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(demo.id() as i32, libc::SIGINT) }, 0);
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = demo.try_wait().unwrap() {
+            break s;
+        }
+        assert!(start.elapsed() < DEADLINE, "demo did not stop on SIGINT");
+        std::thread::sleep(POLL);
+    };
+    assert!(status.success(), "{status}");
+    let mut out = String::new();
+    demo.stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert!(
+        out.contains(&format!("redis-cli -c -p {base} SET k v")),
+        "{out}"
+    );
+    // Every host is gone: nothing answers on the client ports.
+    for p in seeds {
+        assert!(
+            Resp::connect(p).is_err(),
+            "port {p} still served after the demo stopped"
+        );
+    }
+}
