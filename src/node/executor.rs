@@ -10,6 +10,10 @@
 //! - the peer listener and one writer per remote host (`transport`);
 //! - the client listener and one task per client connection (`server`).
 //!
+//! Measured idle cost (`tools/cluster.sh idle-cpu 10`, release build, 3 hosts x 2 cores on one
+//! 2-CPU machine under other load): 3.4% of one CPU for the whole idle cluster (1.0-1.2% per
+//! host): 100 ticks/s per core plus 10 heartbeats/s per group.
+//!
 //! Cross-core state is only the `HostView` below: relaxed atomics each core publishes after a
 //! turn (its group's leader, term, indexes) and reads for `-MOVED`, `CLUSTER SLOTS` and `INFO`.
 //! Nothing on the write path crosses cores.

@@ -195,6 +195,9 @@ impl GroupStorage {
             ),
         };
         let snap_index = raft_snapshot.as_ref().map_or(0, |s| s.meta.index);
+        if let Some(s) = &raft_snapshot {
+            storage.finish_interrupted_install(&s.meta).await?;
+        }
         let first = storage.wal.first_index();
         let last = storage.wal.last_index();
         if last > snap_index && first > snap_index + 1 {
@@ -253,6 +256,30 @@ impl GroupStorage {
             conf: ConfState::default(),
         };
         Ok((storage, Recovered { initial, kv }))
+    }
+
+    /// A crash between saving a leader's snapshot and cutting the log leaves a log that ends
+    /// before the snapshot, or one whose entry at the snapshot index has another term (a stale
+    /// suffix that the snapshot replaced). Either way the log after the snapshot is not this
+    /// replica's: finish the install by dropping it.
+    async fn finish_interrupted_install(&self, meta: &SnapshotMeta) -> Result<(), StorageError> {
+        let (first, last) = (self.wal.first_index(), self.wal.last_index());
+        let diverged = first <= meta.index && self.wal.term(meta.index) != Some(meta.term);
+        if last >= meta.index && !diverged {
+            return Ok(());
+        }
+        let werr = |source| StorageError::Wal {
+            group: self.group,
+            source,
+        };
+        if last >= first && last > meta.index {
+            self.wal
+                .truncate_suffix(first.max(meta.index + 1))
+                .await
+                .map_err(werr)?;
+        }
+        self.wal.compact_prefix(meta.index).await.map_err(werr)?;
+        Ok(())
     }
 
     async fn save_hard_state(&mut self, hs: HardState) -> Result<(), StorageError> {
@@ -489,6 +516,19 @@ mod tests {
                 },
                 data: Bytes::from(stream),
             };
+            // A crash right after saving the snapshot file, before the log was cut: the log
+            // still ends at 4 (< 10). Recovery finishes the install.
+            st.save_snapshot(&snap.meta, &snap.data).await.unwrap();
+            drop(st);
+            let (st, rec) =
+                GroupStorage::open(0, &dir, small_wal(), kvc.clone(), &[0, 1], &[1, 2, 3])
+                    .await
+                    .unwrap();
+            assert!(
+                rec.initial.entries.is_empty(),
+                "the old log is not after the snapshot"
+            );
+            assert_eq!(st.wal.last_index(), 10);
             st.install_snapshot(&snap).await.unwrap();
             st.write_entries(&[entry(11, 4, b"e")]).await.unwrap();
             drop(st);
