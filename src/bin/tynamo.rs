@@ -301,15 +301,18 @@ fn demo(a: DemoArgs) -> ExitCode {
         a.cores,
         data.display()
     );
+    // Only client addresses are printed as ip:port (tools such as tynamo-bench --local take every
+    // ip:port printed as a client seed, the first one first).
     for h in &hosts {
-        let ports: Vec<String> = (0..a.cores)
-            .map(|c| (h.client.port() + c).to_string())
+        let addrs: Vec<String> = (0..a.cores)
+            .map(|c| SocketAddr::new(h.client.ip(), h.client.port() + c).to_string())
             .collect();
         println!(
-            "  host {}: client ports {} (peers {})",
+            "  host {}: clients {} (peer ports {}-{})",
             h.id,
-            ports.join(", "),
-            h.peer
+            addrs.join(" "),
+            h.peer.port(),
+            h.peer.port() + a.cores - 1
         );
     }
     let p = a.base_port;
