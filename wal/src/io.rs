@@ -54,15 +54,7 @@ pub async fn write_all_rc(
         retries += 1;
         let pos = offset + done as u64;
         if done == 0 || retries > SHORT_WRITES_MAX || (done as u64) % align != 0 {
-            return Err(Error::Io {
-                op: "write",
-                path: path.to_path_buf(),
-                offset: Some(pos),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::WriteZero,
-                    format!("short write: {done} of {total} bytes"),
-                ),
-            });
+            return Err(short_write(path, pos, done, total));
         }
         // Rare path: copy the unwritten rest into a fresh aligned buffer.
         let mut rest = glommio::allocate_dma_buffer(total - done);
@@ -73,12 +65,23 @@ pub async fn write_all_rc(
             .await
             .map_err(io_err("write", path, Some(pos)))?;
         if n == 0 {
-            done = 0;
-            continue;
+            return Err(short_write(path, pos, done, total));
         }
         done += n;
     }
     Ok(())
+}
+
+fn short_write(path: &Path, pos: u64, done: usize, total: usize) -> Error {
+    Error::Io {
+        op: "write",
+        path: path.to_path_buf(),
+        offset: Some(pos),
+        source: std::io::Error::new(
+            std::io::ErrorKind::WriteZero,
+            format!("short write: {done} of {total} bytes"),
+        ),
+    }
 }
 
 /// Writes `len` bytes of zeros at `offset` (both aligned), then nothing else: callers sync.

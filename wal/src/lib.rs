@@ -27,6 +27,29 @@
 //! # let _ = read; Ok(()) }
 //! ```
 //!
+//! ## Contract and limits
+//! - One [`Wal`] per group directory, owned by one executor (`!Send`); methods take `&self`
+//!   and may run concurrently as tasks: appends issued while a sync is in flight share the
+//!   next write and fdatasync (group commit). `append` takes entries contiguous from
+//!   `last_index() + 1`; call `truncate_suffix` first to replace a conflicting suffix.
+//! - Every call that returns `Ok` from `append`, `truncate_suffix` or `compact_prefix` is
+//!   durable. Do not drop those futures midway: the log then stops rather than guess.
+//! - Bounds: `segment_bytes` (default 64 MiB, at most 1 GiB), `entry_bytes_max` (8 MiB),
+//!   `staged_bytes_max` (64 MiB staged and not yet written; beyond it `append` returns
+//!   [`Error::Busy`]), `spare_segments_max` (2). Reads return at most `bytes_max` payload
+//!   bytes (but at least one entry).
+//! - Call [`Wal::prepare_spares`] off the hot path (after open, after compactions): a segment
+//!   roll then reuses a preallocated, already written file instead of writing a segment of
+//!   zeros. Compacted segments are recycled as spares.
+//! - `open` reads segments with blocking `std::fs` reads: it is a startup path.
+//! - Recovery's torn-or-corrupt verdict relies on the durable offset each record carries. It
+//!   is taken when the record is staged, so it can lag (records staged while the previous
+//!   sync was in flight carry the older value): damage to the very last synced batch, with
+//!   only such records after it, is then reported as a torn tail. The lag never goes the
+//!   other way, so a torn tail is never reported as corruption. A payload that embeds a valid
+//!   record image of the same segment could make a torn tail look like corruption (a refusal
+//!   to start, never a silent loss).
+//!
 //! ## On-disk format (all integers little-endian)
 //!
 //! ### Directory
@@ -122,6 +145,9 @@ mod snapshot;
 
 pub use error::{Error, Result};
 pub use hard_state::{HardState, HardStateFile};
+/// Call before the first glommio DMA open on a device from an executor thread if that open
+/// may be of an empty file (see its docs): `Wal`, `HardStateFile` and `SnapshotStore` do.
+pub use io::probe_device_once;
 pub use log::{Entry, EntryRef, RecoveryReport, Wal, WalOptions, WalStats};
 pub use snapshot::{Snapshot, SnapshotMeta, SnapshotReport, SnapshotStore};
 

@@ -25,8 +25,14 @@ enum Op {
 }
 
 fn op() -> impl Strategy<Value = Op> {
+    op_with(12)
+}
+
+/// Batches of up to `batch_max` entries; large batches take the direct-write path of the
+/// staging buffer (writes above 128 KiB), small ones the copy-out path.
+fn op_with(batch_max: usize) -> impl Strategy<Value = Op> {
     prop_oneof![
-        6 => (proptest::collection::vec(prop_oneof![0usize..64, 64usize..3000], 1..12), 0u64..2)
+        6 => (proptest::collection::vec(prop_oneof![0usize..64, 64usize..3000, 3000usize..8192], 1..batch_max), 0u64..2)
             .prop_map(|(sizes, term_bump)| Op::Append { sizes, term_bump }),
         2 => (0u64..40).prop_map(|back| Op::Truncate { back }),
         1 => (0u64..80).prop_map(|ahead| Op::Compact { ahead }),
@@ -164,6 +170,20 @@ proptest! {
     #[test]
     fn log_matches_model(ops in proptest::collection::vec(op(), 1..40)) {
         run_ops(ops, small_opts());
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+
+    #[test]
+    fn log_matches_model_with_large_batches(ops in proptest::collection::vec(op_with(120), 1..16)) {
+        let opts = WalOptions {
+            segment_bytes: 1 << 20,
+            staged_bytes_max: 4 << 20,
+            ..small_opts()
+        };
+        run_ops(ops, opts);
     }
 }
 
