@@ -554,6 +554,10 @@ fn a_host_restarted_after_the_others_compacted_catches_up_by_snapshot() {
     assert!(info_field(&info, "snapshots_taken") > 0, "{info}");
     assert!(info_field(&info, "snapshot_index") > 0, "{info}");
     let commit = info_field(&info, "commit_index");
+    assert!(
+        info_field(&info, "wal_size_bytes") >= 16 << 20,
+        "one preallocated segment: {info}"
+    );
     c.spawn(lagger);
     let start = Instant::now();
     loop {
