@@ -843,3 +843,47 @@ fn demo_starts_three_hosts_and_stops_them_on_ctrl_c() {
         );
     }
 }
+
+#[test]
+fn a_request_for_another_core_of_the_same_host_is_forwarded_not_redirected() {
+    let _l = lock();
+    let mut c = Cluster::start(3, 2, &[]);
+    c.wait_leader(0, None);
+    let l1 = c.wait_leader(1, None);
+    // "foo" is in slot 12182, served by group 1 (core 1); ask core 0 of group 1's leader host.
+    let mut conn = Resp::connect(c.port(l1, 0)).unwrap();
+    assert!(
+        matches!(conn.call(&[b"SET", b"foo", b"bar"]).unwrap(), Frame::Simple(s) if &s[..] == b"OK")
+    );
+    match conn.call(&[b"GET", b"foo"]).unwrap() {
+        Frame::Bulk(v) => assert_eq!(&v[..], b"bar"),
+        other => panic!("{other:?}"),
+    }
+    // On a host that does not lead group 1, a READONLY connection's read is forwarded to that
+    // host's replica of group 1 (a stale read: poll until replication reached it).
+    let other = (l1 + 1) % 3;
+    let mut ro = Resp::connect(c.port(other, 0)).unwrap();
+    assert!(matches!(ro.call(&[b"READONLY"]).unwrap(), Frame::Simple(_)));
+    let start = Instant::now();
+    loop {
+        match ro.call(&[b"GET", b"foo"]).unwrap() {
+            Frame::Bulk(v) if &v[..] == b"bar" => break,
+            Frame::Null | Frame::Bulk(_) => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the follower never got the write"
+        );
+        std::thread::sleep(POLL);
+    }
+    // Without READONLY the same host redirects to the leader's core.
+    let mut rw = Resp::connect(c.port(other, 0)).unwrap();
+    match rw.call(&[b"GET", b"foo"]).unwrap() {
+        Frame::Error(e) => {
+            let want = format!("MOVED 12182 127.0.0.1:{}", c.port(l1, 1));
+            assert_eq!(String::from_utf8_lossy(&e), want);
+        }
+        other => panic!("{other:?}"),
+    }
+}

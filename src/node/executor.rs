@@ -27,15 +27,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flatbuffers::{FlatBufferBuilder, VerifierOptions};
+use glommio::channels::shared_channel::{self, ConnectedSender, SharedReceiver, SharedSender};
 use glommio::{LocalExecutorBuilder, Placement};
 use tynamo_wal::WalOptions;
 
-use crate::kv;
+use crate::kv::{self, Command as KvCommand, Op};
 use crate::raft::{self, Message, RawNode, Role};
 
 use super::codec::{decode_batch, encode_batch, verifier_options, GroupId};
 use super::config::{PlacementMode, ServerConfig};
-use super::group::{persist_loop, Group, Signal};
+use super::group::{persist_loop, Group, GroupReply, ReplySlot, Signal};
 use super::storage::{save_local_snapshot, GroupStorage};
 use super::transport::{
     bind_exclusive, spawn_listener, CoreId, FrameSink, PeerSender, TransportConfig, TransportStats,
@@ -92,6 +93,25 @@ impl HostView {
     }
 }
 
+/// Requests forwarded between the cores of one host (a client on core a asked for a key of the
+/// group on core b, whose leader is on this host) and their replies. Bounded channels, one per
+/// ordered pair of cores.
+pub enum CoreMsg {
+    Request {
+        id: u64,
+        ops: Vec<Op>,
+        write: bool,
+        stale: bool,
+    },
+    Reply {
+        id: u64,
+        replies: Vec<GroupReply>,
+    },
+}
+
+/// Forwarded requests in flight per ordered pair of cores.
+pub const FORWARD_CHANNEL_CAPACITY: usize = 4096;
+
 /// What a core's client connections share.
 pub struct CoreCtx {
     pub cfg: Arc<ServerConfig>,
@@ -103,6 +123,10 @@ pub struct CoreCtx {
     pub bad_peer_frames: Rc<Cell<u64>>,
     pub next_connection_id: Cell<u64>,
     pub connections: Cell<usize>,
+    /// Senders to the other cores of this host, by core.
+    pub forward: RefCell<HashMap<u16, Rc<ConnectedSender<CoreMsg>>>>,
+    pub forwarded: RefCell<HashMap<u64, Vec<ReplySlot>>>,
+    pub next_forward_id: Cell<u64>,
 }
 
 impl CoreCtx {
@@ -112,6 +136,94 @@ impl CoreCtx {
             .host(host)
             .map(|h| SocketAddr::new(h.client.ip(), h.client.port() + core))
     }
+
+    /// Hands `ops` to the group on `core` (same host) and returns the slots its replies will
+    /// fill, or None when that core's queue is full.
+    pub fn forward(
+        &self,
+        core: u16,
+        ops: Vec<Op>,
+        write: bool,
+        stale: bool,
+    ) -> Option<Vec<ReplySlot>> {
+        let sender = self.forward.borrow().get(&core).cloned()?;
+        let id = self.next_forward_id.get();
+        self.next_forward_id.set(id + 1);
+        let slots: Vec<ReplySlot> = ops.iter().map(|_| ReplySlot::new()).collect();
+        let msg = CoreMsg::Request {
+            id,
+            ops,
+            write,
+            stale,
+        };
+        if sender.try_send(msg).is_err() {
+            return None;
+        }
+        self.forwarded.borrow_mut().insert(id, slots.clone());
+        Some(slots)
+    }
+}
+
+/// Serves what another core of this host sends: requests for this core's group, and replies to
+/// requests this core forwarded.
+async fn forward_receiver(
+    ctx: Rc<CoreCtx>,
+    from: u16,
+    rx: glommio::channels::shared_channel::ConnectedReceiver<CoreMsg>,
+) {
+    while let Some(msg) = rx.recv().await {
+        match msg {
+            CoreMsg::Request {
+                id,
+                ops,
+                write,
+                stale,
+            } => {
+                let slots: Vec<ReplySlot> = {
+                    let mut g = ctx.group.borrow_mut();
+                    ops.into_iter()
+                        .map(|op| {
+                            if stale {
+                                ReplySlot::ready(GroupReply::Done(g.stale_read(&op)))
+                            } else if write {
+                                g.submit_write(KvCommand {
+                                    client_id: 0,
+                                    seq: 0,
+                                    op,
+                                })
+                            } else {
+                                g.submit_read(op)
+                            }
+                        })
+                        .collect()
+                };
+                let Some(back) = ctx.forward.borrow().get(&from).cloned() else {
+                    continue;
+                };
+                glommio::spawn_local(async move {
+                    let mut replies = Vec::with_capacity(slots.len());
+                    for s in &slots {
+                        replies.push(s.wait().await);
+                    }
+                    let _ = back.send(CoreMsg::Reply { id, replies }).await;
+                })
+                .detach();
+            }
+            CoreMsg::Reply { id, replies } => {
+                if let Some(slots) = ctx.forwarded.borrow_mut().remove(&id) {
+                    for (slot, reply) in slots.iter().zip(replies) {
+                        slot.fill(reply);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The ends of the forwarding channels one core owns, before connecting on its executor.
+struct CoreChannels {
+    senders: Vec<(u16, SharedSender<CoreMsg>)>,
+    receivers: Vec<(u16, SharedReceiver<CoreMsg>)>,
 }
 
 struct GroupSink {
@@ -169,8 +281,23 @@ pub fn run(cfg: ServerConfig) -> Result<(), NodeError> {
     let cfg = Arc::new(cfg);
     let view = Arc::new(HostView::new(usize::from(cfg.cores)));
     let (done_tx, done_rx) = std::sync::mpsc::channel::<Result<(), NodeError>>();
+    let mut channels: Vec<CoreChannels> = (0..cfg.cores)
+        .map(|_| CoreChannels {
+            senders: Vec::new(),
+            receivers: Vec::new(),
+        })
+        .collect();
+    for a in 0..cfg.cores {
+        for b in 0..cfg.cores {
+            if a != b {
+                let (tx, rx) = shared_channel::new_bounded(FORWARD_CHANNEL_CAPACITY);
+                channels[usize::from(a)].senders.push((b, tx));
+                channels[usize::from(b)].receivers.push((a, rx));
+            }
+        }
+    }
     let mut handles = Vec::new();
-    for core in 0..cfg.cores {
+    for (core, chans) in (0..cfg.cores).zip(channels) {
         let (cfg2, view2, tx) = (cfg.clone(), view.clone(), done_tx.clone());
         let builder = LocalExecutorBuilder::new(placement(&cfg, core))
             .name(&format!("tynamo-core-{core}"))
@@ -178,7 +305,7 @@ pub fn run(cfg: ServerConfig) -> Result<(), NodeError> {
             .preempt_timer(Duration::from_millis(10));
         let handle = builder
             .spawn(move || async move {
-                let r = run_core(cfg2, core, view2).await;
+                let r = run_core(cfg2, core, view2, chans).await;
                 let _ = tx.send(r);
             })
             .map_err(|e| NodeError::Executor {
@@ -218,7 +345,12 @@ pub fn kv_config(cfg: &ServerConfig) -> kv::Config {
     }
 }
 
-async fn run_core(cfg: Arc<ServerConfig>, core: u16, view: Arc<HostView>) -> Result<(), NodeError> {
+async fn run_core(
+    cfg: Arc<ServerConfig>,
+    core: u16,
+    view: Arc<HostView>,
+    channels: CoreChannels,
+) -> Result<(), NodeError> {
     let err = |why: String| NodeError::Core { core, why };
     let me = cfg
         .me()
@@ -297,7 +429,27 @@ async fn run_core(cfg: Arc<ServerConfig>, core: u16, view: Arc<HostView>) -> Res
         bad_peer_frames: bad_frames,
         next_connection_id: Cell::new(u64::from(core) << 48),
         connections: Cell::new(0),
+        forward: RefCell::new(HashMap::new()),
+        forwarded: RefCell::new(HashMap::new()),
+        next_forward_id: Cell::new(1),
     });
+    // Connecting waits for the other end's executor; do it off the start path.
+    for (to, tx) in channels.senders {
+        let ctx2 = ctx.clone();
+        glommio::spawn_local(async move {
+            let connected = tx.connect().await;
+            ctx2.forward.borrow_mut().insert(to, Rc::new(connected));
+        })
+        .detach();
+    }
+    for (from, rx) in channels.receivers {
+        let ctx2 = ctx.clone();
+        glommio::spawn_local(async move {
+            let connected = rx.connect().await;
+            forward_receiver(ctx2, from, connected).await;
+        })
+        .detach();
+    }
     glommio::spawn_local(super::server::accept_loop(client_listener, ctx)).detach();
 
     // Persister.

@@ -6,8 +6,9 @@
 //! request order with one write. Pipelined requests are therefore answered in order and batched
 //! into one proposal per loop turn.
 //!
-//! Routing: key -> slot -> shard -> group (= core). A key of another group gets `-MOVED` to that
-//! group's leader (cross-core forwarding is done by redirecting: each core has its own port, so a
+//! Routing: key -> slot -> shard -> group (= core). A key of another group whose leader is on
+//! this host is forwarded to that core over a glommio channel (`executor::CoreMsg`); one led by
+//! another host gets `-MOVED` to that leader's core port (each core has its own port, so a
 //! cluster client reaches the owning core directly after one `MOVED`). A key of this core's
 //! group on a follower gets `-MOVED` to the leader, or `-TRYAGAIN` while no leader is known.
 //! Reads are linearizable (ReadIndex) unless the connection sent `READONLY`, in which case any
@@ -73,6 +74,8 @@ enum Pending {
         slots: Vec<ReplySlot>,
         shape: Shape,
         slot: u16,
+        /// The group (= core) that serves the slot, for redirections.
+        group: u16,
     },
 }
 
@@ -156,12 +159,17 @@ async fn serve_connection(ctx: &CoreCtx, mut stream: TcpStream) {
             for p in pending.drain(..) {
                 match p {
                     Pending::Now(bytes) => wbuf.extend_from_slice(&bytes),
-                    Pending::Wait { slots, shape, slot } => {
+                    Pending::Wait {
+                        slots,
+                        shape,
+                        slot,
+                        group,
+                    } => {
                         let mut replies = Vec::with_capacity(slots.len());
                         for s in &slots {
                             replies.push(s.wait().await);
                         }
-                        put_reply(ctx, &conn, &mut wbuf, shape, slot, replies);
+                        put_reply(ctx, &conn, &mut wbuf, shape, (slot, group), replies);
                     }
                 }
             }
@@ -249,7 +257,7 @@ fn handle(ctx: &CoreCtx, conn: &mut Conn, args: &[Bytes]) -> Pending {
             let mut g = ctx.group.borrow_mut();
             if !g.is_leader() {
                 // Any leader can open the session; this core's group is as good as another.
-                return not_leader(ctx, g.leader(), 0);
+                return not_leader(ctx, g.leader(), 0, ctx.core);
             }
             let slot = g.submit_write(KvCommand {
                 client_id,
@@ -260,6 +268,7 @@ fn handle(ctx: &CoreCtx, conn: &mut Conn, args: &[Bytes]) -> Pending {
                 slots: vec![slot],
                 shape: Shape::Ok,
                 slot: 0,
+                group: ctx.core,
             }
         }
         command => kv_command(ctx, conn, command, request.sequence.map(|s| s.seq)),
@@ -362,8 +371,26 @@ fn kv_command(ctx: &CoreCtx, conn: &Conn, command: Command, seq: Option<u64>) ->
     }
     let cfg = &ctx.cfg;
     let group_of_slot = cfg.shard_group(slot_shard(slot, cfg.shard_count));
+    let is_write = ops.iter().any(Op::is_write);
     if group_of_slot != ctx.core {
         let leader = ctx.view.leaders[usize::from(group_of_slot)].load(Ordering::Relaxed);
+        let stale = conn.readonly && !is_write;
+        // The group lives on another core of this host: forward when that core can answer
+        // (it leads, or the read may be stale). Sequenced writes are redirected instead: the
+        // client opened its session on the connection it has to that core.
+        if seq.is_none() && (leader == cfg.id || stale) {
+            return match ctx.forward(group_of_slot, ops, is_write, stale) {
+                Some(slots) => Pending::Wait {
+                    slots,
+                    shape,
+                    slot,
+                    group: group_of_slot,
+                },
+                None => error(&format!(
+                    "TRYAGAIN core {group_of_slot} is not accepting forwarded requests now"
+                )),
+            };
+        }
         // Unknown leader: send the client to this host's core of that group, which knows more.
         let host = if leader == 0 { cfg.id } else { leader };
         return match ctx.client_addr(host, group_of_slot) {
@@ -371,7 +398,6 @@ fn kv_command(ctx: &CoreCtx, conn: &Conn, command: Command, seq: Option<u64>) ->
             None => tryagain(slot),
         };
     }
-    let is_write = ops.iter().any(Op::is_write);
     let mut g = ctx.group.borrow_mut();
     if !is_write && conn.readonly {
         let replies = ops
@@ -380,11 +406,11 @@ fn kv_command(ctx: &CoreCtx, conn: &Conn, command: Command, seq: Option<u64>) ->
             .collect();
         drop(g);
         let mut out = BytesMut::new();
-        put_reply(ctx, conn, &mut out, shape, slot, replies);
+        put_reply(ctx, conn, &mut out, shape, (slot, ctx.core), replies);
         return Pending::Now(out);
     }
     if !g.is_leader() {
-        return not_leader(ctx, g.leader(), slot);
+        return not_leader(ctx, g.leader(), slot, ctx.core);
     }
     let (client_id, seq) = match seq {
         Some(seq) => {
@@ -408,7 +434,12 @@ fn kv_command(ctx: &CoreCtx, conn: &Conn, command: Command, seq: Option<u64>) ->
             }
         })
         .collect();
-    Pending::Wait { slots, shape, slot }
+    Pending::Wait {
+        slots,
+        shape,
+        slot,
+        group: ctx.core,
+    }
 }
 
 /// The KV's key limit (its default configuration).
@@ -433,11 +464,12 @@ fn tryagain(slot: u16) -> Pending {
     ))
 }
 
-fn not_leader(ctx: &CoreCtx, leader: NodeId, slot: u16) -> Pending {
+/// The reply for a replica of `group` that does not lead it: MOVED to the leader's core.
+fn not_leader(ctx: &CoreCtx, leader: NodeId, slot: u16, group: u16) -> Pending {
     if leader == 0 {
         return tryagain(slot);
     }
-    match ctx.client_addr(leader, ctx.core) {
+    match ctx.client_addr(leader, group) {
         Some(addr) => now(|o| put_moved(o, slot, addr)),
         None => tryagain(slot),
     }
@@ -460,7 +492,7 @@ fn put_reply(
     conn: &Conn,
     out: &mut BytesMut,
     shape: Shape,
-    slot: u16,
+    (slot, group): (u16, u16),
     replies: Vec<GroupReply>,
 ) {
     let mut outcomes = Vec::with_capacity(replies.len());
@@ -472,7 +504,7 @@ fn put_reply(
             }
             GroupReply::Done(o) => outcomes.push(o),
             GroupReply::NotLeader { leader } => {
-                if let Pending::Now(b) = not_leader(ctx, leader, slot) {
+                if let Pending::Now(b) = not_leader(ctx, leader, slot, group) {
                     out.extend_from_slice(&b);
                 }
                 return;
