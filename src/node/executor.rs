@@ -14,9 +14,11 @@
 //! 2-CPU machine under other load): 3.4% of one CPU for the whole idle cluster (1.0-1.2% per
 //! host): 100 ticks/s per core plus 10 heartbeats/s per group.
 //!
-//! Cross-core state is only the `HostView` below: relaxed atomics each core publishes after a
-//! turn (its group's leader, term, indexes) and reads for `-MOVED`, `CLUSTER SLOTS` and `INFO`.
-//! Nothing on the write path crosses cores.
+//! Cross-core: the `HostView` below (relaxed atomics each core publishes after a turn: its
+//! group's leader, term, indexes; read for `-MOVED`, `CLUSTER SLOTS` and `INFO`), and bounded
+//! glommio channels (`CoreMsg`) that carry requests which reached the wrong core of the right
+//! host. A cluster client that routes by `CLUSTER SLOTS` never uses them: nothing on its write
+//! path crosses cores.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
