@@ -16,20 +16,23 @@
 //! demo` spaces hosts 10 ports apart.
 //!
 //! # Measured defaults (in-flight window, AppendEntries batch)
-//! `tools/cluster.sh window-table 40000` (release build, 3 hosts x 2 cores on one 2-CPU machine
-//! shared with other work, redis-benchmark `--cluster -t set -d 256`):
+//! `tools/cluster.sh window-table 30000` (release build, 3 hosts x 2 cores on one 2-CPU machine
+//! shared with other work, redis-benchmark `--cluster -t set -d 256`), median of three runs at
+//! load average ~4.5:
 //!
 //! | window | SET rps, 1 connection | SET rps, 256 connections |
 //! | --- | --- | --- |
-//! | 1 | 841 | 31 546 |
-//! | 2 | 1 141 | 26 613 |
-//! | 4 | 839 | 13 952 |
-//! | 16 | 166 | 7 220 |
+//! | 1 | 1 198 | 39 841 |
+//! | 2 | 1 198 | 39 630 |
+//! | 4 | 1 330 | 39 578 |
+//! | 16 | 1 330 | 39 788 |
 //!
-//! Deeper pipelines starve batching (fewer, smaller AppendEntries per fsync), as hashicorp/raft
-//! found; 1 and 2 are close at 256 connections and 2 is best for one connection, so the default
-//! is 2. Entries per AppendEntries: 1024 (a batch entry holds up to 16 384 client commands, so
-//! the entry count per message is rarely the limit).
+//! An earlier run at load average ~8.8 gave 841/31 546, 1 141/26 613, 839/13 952, 166/7 220:
+//! under CPU contention deeper windows starved batching (fewer, smaller AppendEntries per
+//! fsync), as hashicorp/raft found; on a quieter machine the window makes no measurable
+//! difference, because one turn's AppendEntries already carries every queued write. The default
+//! is 2 (hashicorp's), the safe side of both runs. Entries per AppendEntries: 1024 (a batch
+//! entry holds up to 16 384 client commands, so the entry count per message is rarely the limit).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
