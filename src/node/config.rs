@@ -27,11 +27,11 @@
 //! | 4 | 1 330 | 39 578 |
 //! | 16 | 1 330 | 39 788 |
 //!
-//! An earlier run at load average ~8.8 gave 841/31 546, 1 141/26 613, 839/13 952, 166/7 220:
-//! under CPU contention deeper windows starved batching (fewer, smaller AppendEntries per
-//! fsync), as hashicorp/raft found; on a quieter machine the window makes no measurable
-//! difference, because one turn's AppendEntries already carries every queued write. The default
-//! is 2 (hashicorp's), the safe side of both runs. Entries per AppendEntries: 1024 (a batch
+//! An earlier single run at load average ~8.8 gave 841/31 546, 1 141/26 613, 839/13 952,
+//! 166/7 220: with the CPUs overloaded the deeper windows did worse (consistent with hashicorp/raft's
+//! finding that deep pipelines starve batching, though that run was noisy). On the quieter machine
+//! the window makes no difference beyond noise: one turn's AppendEntries already carries every
+//! queued write. The default is 2 (hashicorp's), on the safe side of both. Entries per AppendEntries: 1024 (a batch
 //! entry holds up to 16 384 client commands, so the entry count per message is rarely the limit).
 
 use std::net::SocketAddr;
