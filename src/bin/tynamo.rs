@@ -1,6 +1,349 @@
-//! `tynamo`: the server, the local demo cluster and the operator commands.
+//! `tynamo`: the server and the local demo cluster.
+//!
+//! `tynamo server --id 1 --data DIR --client-addr 127.0.0.1:7001 --peer-addr 127.0.0.1:7101
+//!   --initial-cluster 1=127.0.0.1:7101/127.0.0.1:7001,2=...,3=... --cores 2`
+//! (or `--config FILE.toml` with the same keys, e.g. `id = 1`, `initial-cluster = "..."`; flags
+//! given on the command line win over the file).
+//!
+//! `tynamo demo`: three server processes on loopback, data in a temporary directory unless
+//! `--data` is given; Ctrl-C stops them.
 
-fn main() {
-    eprintln!("tynamo: the server is not written yet (issue: the server)");
-    std::process::exit(2);
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitCode};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use tynamo::node::config::{format_initial_cluster, ConfigError, HostAddrs};
+use tynamo::node::{parse_initial_cluster, PlacementMode, ServerConfig};
+use tynamo::raft::ReadMode;
+
+#[derive(Parser)]
+#[command(
+    name = "tynamo",
+    version,
+    about = "TynamoDB: a sharded, Raft-replicated key-value store"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run one host of a cluster.
+    Server(Box<ServerArgs>),
+    /// Start a local 3-host cluster (three child processes) and wait for Ctrl-C.
+    Demo(DemoArgs),
+}
+
+#[derive(Args, Clone)]
+#[command(args_override_self = true)]
+struct ServerArgs {
+    /// A TOML file with the same keys as the flags (flags on the command line win).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    id: Option<u64>,
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Core 0's client address (core c: port + c). Must match this host's entry in the map.
+    #[arg(long)]
+    client_addr: Option<SocketAddr>,
+    /// Core 0's peer address (core c: port + c). Must match this host's entry in the map.
+    #[arg(long)]
+    peer_addr: Option<SocketAddr>,
+    /// `id=peer_addr[/client_addr],...`; without `/client_addr` the client port is the peer
+    /// port - 100.
+    #[arg(long)]
+    initial_cluster: Option<String>,
+    /// Executors (one group each); default: all CPUs.
+    #[arg(long)]
+    cores: Option<u16>,
+    /// auto, pinned or unbound.
+    #[arg(long)]
+    placement: Option<String>,
+    #[arg(long)]
+    tick_ms: Option<u64>,
+    #[arg(long)]
+    heartbeat_ms: Option<u64>,
+    #[arg(long)]
+    election_ms: Option<u64>,
+    /// AppendEntries in flight per follower.
+    #[arg(long)]
+    window: Option<usize>,
+    /// Entries per AppendEntries.
+    #[arg(long)]
+    batch_entries: Option<usize>,
+    /// safe (ReadIndex) or lease.
+    #[arg(long)]
+    read_mode: Option<String>,
+    #[arg(long)]
+    shard_count: Option<u16>,
+    /// Log bytes applied between snapshots.
+    #[arg(long)]
+    snapshot_log_bytes: Option<u64>,
+    #[arg(long)]
+    segment_bytes: Option<u64>,
+    #[arg(long)]
+    io_memory_bytes: Option<usize>,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Data directory (default: a temporary directory removed on exit).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Client port of host 1 core 0; host h uses base + 10 * (h - 1), peers base + 100.
+    #[arg(long, default_value_t = 7001)]
+    base_port: u16,
+    #[arg(long, default_value_t = 2)]
+    cores: u16,
+}
+
+fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().collect();
+    let argv = match expand_config_file(argv) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("tynamo: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(argv);
+    match cli.command {
+        Cmd::Server(args) => match server_config(*args) {
+            Ok(cfg) => match tynamo::node::run(cfg) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tynamo: {e}");
+                    ExitCode::from(1)
+                }
+            },
+            Err(e) => {
+                eprintln!("tynamo: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Cmd::Demo(args) => demo(args),
+    }
+}
+
+/// `server --config F ...` becomes `server <flags from F> ...`: the file's keys are the flags'
+/// names, and flags given later (on the command line) override them.
+fn expand_config_file(argv: Vec<String>) -> Result<Vec<String>, ConfigError> {
+    let Some(at) = argv.iter().position(|a| a == "--config") else {
+        return Ok(argv);
+    };
+    let Some(path) = argv.get(at + 1).map(PathBuf::from) else {
+        return Ok(argv);
+    };
+    let file_err = |why: String| ConfigError::File {
+        path: path.clone(),
+        why,
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| file_err(e.to_string()))?;
+    let doc: toml_edit::DocumentMut = text.parse().map_err(|e| file_err(format!("{e}")))?;
+    let mut flags = Vec::new();
+    for (key, item) in doc.iter() {
+        let value = if let Some(s) = item.as_str() {
+            s.to_string()
+        } else if let Some(n) = item.as_integer() {
+            n.to_string()
+        } else {
+            return Err(file_err(format!(
+                "key {key}: expected a string or an integer"
+            )));
+        };
+        flags.push(format!("--{}", key.replace('_', "-")));
+        flags.push(value);
+    }
+    let mut out: Vec<String> = argv[..at].to_vec();
+    out.extend(flags);
+    out.extend(argv[at + 2..].iter().cloned());
+    Ok(out)
+}
+
+fn server_config(a: ServerArgs) -> Result<ServerConfig, ConfigError> {
+    let missing = |flag: &str| ConfigError::Invalid(format!("--{flag} is required"));
+    let id = a.id.ok_or_else(|| missing("id"))?;
+    let data = a.data.ok_or_else(|| missing("data"))?;
+    let hosts = match &a.initial_cluster {
+        Some(text) => parse_initial_cluster(text)?,
+        None => {
+            // A single-host cluster from this host's own addresses.
+            let peer = a.peer_addr.ok_or_else(|| missing("initial-cluster"))?;
+            let client = a.client_addr.ok_or_else(|| missing("client-addr"))?;
+            vec![HostAddrs { id, peer, client }]
+        }
+    };
+    let cores = match a.cores {
+        Some(c) => c,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get() as u16),
+    };
+    let mut hosts = hosts;
+    if let Some(me) = hosts.iter_mut().find(|h| h.id == id) {
+        if let Some(p) = a.peer_addr {
+            if p != me.peer {
+                return Err(ConfigError::Invalid(format!(
+                    "--peer-addr {p} differs from host {id}'s entry {} in --initial-cluster",
+                    me.peer
+                )));
+            }
+        }
+        if let Some(c) = a.client_addr {
+            me.client = c;
+        }
+    }
+    let mut cfg = ServerConfig::new(id, data, hosts, cores);
+    if let Some(p) = a.placement {
+        cfg.placement = match p.as_str() {
+            "auto" => PlacementMode::Auto,
+            "pinned" => PlacementMode::Pinned,
+            "unbound" => PlacementMode::Unbound,
+            other => {
+                return Err(ConfigError::Invalid(format!(
+                    "--placement {other}: expected auto, pinned or unbound"
+                )))
+            }
+        };
+    }
+    if let Some(m) = a.read_mode {
+        cfg.read_mode = match m.as_str() {
+            "safe" => ReadMode::Safe,
+            "lease" => ReadMode::Lease,
+            other => {
+                return Err(ConfigError::Invalid(format!(
+                    "--read-mode {other}: expected safe or lease"
+                )))
+            }
+        };
+    }
+    macro_rules! set {
+        ($($field:ident <- $arg:ident),*) => { $( if let Some(v) = a.$arg { cfg.$field = v; } )* };
+    }
+    set!(tick_ms <- tick_ms, heartbeat_ms <- heartbeat_ms, election_ms <- election_ms,
+         inflight_msgs_max <- window, entries_per_msg_max <- batch_entries,
+         shard_count <- shard_count, snapshot_log_bytes <- snapshot_log_bytes,
+         segment_bytes <- segment_bytes, io_memory_bytes <- io_memory_bytes);
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn demo(a: DemoArgs) -> ExitCode {
+    let (tmp, data) = match a.data {
+        Some(d) => (None, d),
+        None => match tempfile::Builder::new().prefix("tynamo-demo-").tempdir() {
+            Ok(t) => {
+                let p = t.path().to_path_buf();
+                (Some(t), p)
+            }
+            Err(e) => {
+                eprintln!("tynamo demo: cannot create a temporary directory: {e}");
+                return ExitCode::from(1);
+            }
+        },
+    };
+    let ip = [127, 0, 0, 1];
+    let hosts: Vec<HostAddrs> = (1..=3u16)
+        .map(|h| {
+            let client = a.base_port + 10 * (h - 1);
+            HostAddrs {
+                id: u64::from(h),
+                peer: SocketAddr::from((ip, client + 100)),
+                client: SocketAddr::from((ip, client)),
+            }
+        })
+        .collect();
+    let map = format_initial_cluster(&hosts);
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("tynamo demo: cannot find my own executable: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    // SAFETY: `on_signal` only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    let mut children: Vec<Child> = Vec::new();
+    for h in &hosts {
+        let spawned = Command::new(&exe)
+            .args(["server", "--id", &h.id.to_string()])
+            .arg("--data")
+            .arg(data.join(format!("host-{}", h.id)))
+            .args(["--initial-cluster", &map])
+            .args(["--cores", &a.cores.to_string(), "--placement", "unbound"])
+            // Own process group: Ctrl-C reaches the demo only, which stops the hosts in order.
+            .process_group(0)
+            .spawn();
+        match spawned {
+            Ok(c) => children.push(c),
+            Err(e) => {
+                eprintln!("tynamo demo: cannot start host {}: {e}", h.id);
+                stop(&mut children);
+                return ExitCode::from(1);
+            }
+        }
+    }
+    println!(
+        "TynamoDB demo: 3 hosts x {} cores, data in {}",
+        a.cores,
+        data.display()
+    );
+    // Only client addresses are printed as ip:port (tools such as tynamo-bench --local take every
+    // ip:port printed as a client seed, the first one first).
+    for h in &hosts {
+        let addrs: Vec<String> = (0..a.cores)
+            .map(|c| SocketAddr::new(h.client.ip(), h.client.port() + c).to_string())
+            .collect();
+        println!(
+            "  host {}: clients {} (peer ports {}-{})",
+            h.id,
+            addrs.join(" "),
+            h.peer.port(),
+            h.peer.port() + a.cores - 1
+        );
+    }
+    let p = a.base_port;
+    println!("Try:\n  redis-cli -c -p {p} SET k v\n  redis-cli -c -p {p} GET k\n  redis-cli -c -p {p} CLUSTER SLOTS");
+    println!("  redis-benchmark --cluster -p {p} -t set,get -n 100000 -c 64 -d 256");
+    println!("Ctrl-C stops the cluster.");
+    let mut code = ExitCode::SUCCESS;
+    while !STOP.load(Ordering::SeqCst) {
+        for (i, c) in children.iter_mut().enumerate() {
+            if let Ok(Some(status)) = c.try_wait() {
+                eprintln!("tynamo demo: host {} exited: {status}", i + 1);
+                STOP.store(true, Ordering::SeqCst);
+                code = ExitCode::from(1);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!("stopping...");
+    stop(&mut children);
+    drop(tmp);
+    code
+}
+
+fn stop(children: &mut [Child]) {
+    for c in children.iter() {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
+        }
+    }
+    for c in children.iter_mut() {
+        let _ = c.wait();
+    }
 }

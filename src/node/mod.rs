@@ -1,5 +1,20 @@
 //! The glommio runtime: one executor per core, the peer transport, timers and the Ready loop that
-//! drives each group's sans-IO Raft node against its WAL.
+//! drives each group's sans-IO Raft node against its WAL, and the RESP front door.
+//!
+//! - [`config`]: the server configuration and the static cluster map.
+//! - [`storage`]: a group's WAL, hard state and snapshots <-> the Raft core.
+//! - [`group`]: one group replica's loop turn and its persister.
+//! - [`executor`]: the per-core executors and their tasks.
+//! - [`server`]: client connections (RESP), routing, replies.
+//! - [`transport`], [`codec`]: peer frames over TCP, flatbuffers messages.
 
 pub mod codec;
+pub mod config;
+pub mod executor;
+pub mod group;
+pub mod server;
+pub mod storage;
 pub mod transport;
+
+pub use config::{parse_initial_cluster, HostAddrs, PlacementMode, ServerConfig};
+pub use executor::{run, NodeError};

@@ -475,20 +475,22 @@ pub trait FrameSink {
 
 /// Binds `addr` for peer traffic, refusing an address another process already listens on.
 ///
-/// glommio sets SO_REUSEPORT on every listener, so a second process binding the same address would
-/// silently share its connections. A plain bind without SO_REUSEPORT first detects that.
+/// glommio sets SO_REUSEPORT on its own listeners, so a second process binding the same address
+/// would silently share its connections. The listener is made by the standard library instead
+/// (SO_REUSEADDR, no SO_REUSEPORT) and handed to glommio: a second bind of a listening address
+/// fails, while connections of a previous run still in TIME_WAIT do not stop a restarted host
+/// from binding its own port.
 pub fn bind_exclusive(addr: SocketAddr) -> Result<TcpListener, TransportError> {
-    match std::net::TcpListener::bind(addr) {
-        Ok(probe) => drop(probe),
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let listener = match std::net::TcpListener::bind(addr) {
+        Ok(l) => l,
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
             return Err(TransportError::AddressInUse { addr })
         }
         Err(source) => return Err(TransportError::Listen { addr, source }),
-    }
-    TcpListener::bind(addr).map_err(|e| TransportError::Listen {
-        addr,
-        source: std::io::Error::from(e),
-    })
+    };
+    // SAFETY: the descriptor is a bound, listening TCP socket we own; ownership moves to glommio.
+    Ok(unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) })
 }
 
 /// Accepts peer connections on `listener` for core `me` and hands their frames to `sink`, until the
@@ -776,6 +778,25 @@ mod tests {
                 Err(e) => panic!("unexpected error {e}"),
                 Ok(_) => panic!("second bind of {addr} succeeded"),
             }
+        });
+    }
+
+    #[test]
+    fn a_restarted_host_rebinds_its_port_despite_time_wait_connections() {
+        use std::io::Read;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut client = std::net::TcpStream::connect(addr).unwrap();
+        let (server_side, _) = listener.accept().unwrap();
+        // The side that closes first keeps the connection in TIME_WAIT on the listening port.
+        drop(server_side);
+        let mut sink = Vec::new();
+        let _ = client.read_to_end(&mut sink);
+        drop(client);
+        drop(listener);
+        run_local(move || async move {
+            let again = bind_exclusive(addr);
+            assert!(again.is_ok(), "rebinding {addr}: {:?}", again.err());
         });
     }
 

@@ -1,0 +1,584 @@
+//! One glommio executor per core, each running the replica of one group (group `g` on core `g`),
+//! its peer transport, its timers and its client listener.
+//!
+//! Tasks of a core:
+//! - the group loop: waits on the group's signal, runs a turn, sends the turn's messages (one
+//!   frame per destination core per turn), hands storage writes to the persister;
+//! - the persister (`group::persist_loop`);
+//! - the ticker: one tick every `tick_ms`, so an idle core wakes `1000 / tick_ms` times a
+//!   second and parks in io_uring in between (spinning before parking is off);
+//! - the peer listener and one writer per remote host (`transport`);
+//! - the client listener and one task per client connection (`server`).
+//!
+//! Measured idle cost (`tools/cluster.sh idle-cpu 10`, release build, 3 hosts x 2 cores on one
+//! 2-CPU machine under other load): 3.4% of one CPU for the whole idle cluster (1.0-1.2% per
+//! host): 100 ticks/s per core plus 10 heartbeats/s per group.
+//!
+//! Cross-core: the `HostView` below (relaxed atomics each core publishes after a turn: its
+//! group's leader, term, indexes; read for `-MOVED`, `CLUSTER SLOTS` and `INFO`), and bounded
+//! glommio channels (`CoreMsg`) that carry requests which reached the wrong core of the right
+//! host. A cluster client that routes by `CLUSTER SLOTS` never uses them: nothing on its write
+//! path crosses cores.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use flatbuffers::{FlatBufferBuilder, VerifierOptions};
+use glommio::channels::shared_channel::{self, ConnectedSender, SharedReceiver, SharedSender};
+use glommio::{LocalExecutorBuilder, Placement};
+use tynamo_wal::WalOptions;
+
+use crate::kv::{self, Command as KvCommand, Op};
+use crate::raft::{self, Message, RawNode, Role};
+
+use super::codec::{decode_batch, encode_batch, verifier_options, GroupId};
+use super::config::{PlacementMode, ServerConfig};
+use super::group::{persist_loop, Group, GroupReply, ReplySlot, Signal};
+use super::storage::{save_local_snapshot, GroupStorage};
+use super::transport::{
+    bind_exclusive, spawn_listener, CoreId, FrameSink, PeerSender, TransportConfig, TransportStats,
+};
+
+/// Messages' approximate bytes per peer frame before a turn's messages are cut into another frame.
+const FRAME_TARGET_BYTES: u64 = 8 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Config(#[from] super::config::ConfigError),
+    #[error("core {core}: {why}")]
+    Core { core: u16, why: String },
+    #[error("cannot start executor for core {core}: {why}")]
+    Executor { core: u16, why: String },
+}
+
+/// Per-group facts every core can read (relaxed atomics, published after each turn).
+pub struct HostView {
+    pub leaders: Vec<AtomicU64>,
+    pub terms: Vec<AtomicU64>,
+    pub commits: Vec<AtomicU64>,
+    pub applied: Vec<AtomicU64>,
+    /// 0 follower, 1 pre-candidate, 2 candidate, 3 leader.
+    pub roles: Vec<AtomicU8>,
+}
+
+impl HostView {
+    pub fn new(groups: usize) -> HostView {
+        let v = || (0..groups).map(|_| AtomicU64::new(0)).collect();
+        HostView {
+            leaders: v(),
+            terms: v(),
+            commits: v(),
+            applied: v(),
+            roles: (0..groups).map(|_| AtomicU8::new(0)).collect(),
+        }
+    }
+
+    fn publish(&self, g: usize, group: &Group) {
+        let s = group.raw().status();
+        self.leaders[g].store(s.leader, Ordering::Relaxed);
+        self.terms[g].store(s.term, Ordering::Relaxed);
+        self.commits[g].store(s.commit, Ordering::Relaxed);
+        self.applied[g].store(s.applied, Ordering::Relaxed);
+        let role = match s.role {
+            Role::Follower => 0,
+            Role::PreCandidate => 1,
+            Role::Candidate => 2,
+            Role::Leader => 3,
+        };
+        self.roles[g].store(role, Ordering::Relaxed);
+    }
+}
+
+/// Requests forwarded between the cores of one host (a client on core a asked for a key of the
+/// group on core b, whose leader is on this host) and their replies. Bounded channels, one per
+/// ordered pair of cores.
+pub enum CoreMsg {
+    Request {
+        id: u64,
+        ops: Vec<Op>,
+        write: bool,
+        stale: bool,
+    },
+    Reply {
+        id: u64,
+        replies: Vec<GroupReply>,
+    },
+}
+
+/// Forwarded requests in flight per ordered pair of cores.
+pub const FORWARD_CHANNEL_CAPACITY: usize = 4096;
+
+/// What a core's client connections share.
+pub struct CoreCtx {
+    pub cfg: Arc<ServerConfig>,
+    pub core: u16,
+    pub group: Rc<RefCell<Group>>,
+    pub view: Arc<HostView>,
+    pub wal: Rc<tynamo_wal::Wal>,
+    pub transport_stats: Rc<TransportStats>,
+    pub bad_peer_frames: Rc<Cell<u64>>,
+    pub next_connection_id: Cell<u64>,
+    pub connections: Cell<usize>,
+    /// Senders to the other cores of this host, by core.
+    pub forward: RefCell<HashMap<u16, Rc<ConnectedSender<CoreMsg>>>>,
+    pub forwarded: RefCell<HashMap<u64, Vec<ReplySlot>>>,
+    pub next_forward_id: Cell<u64>,
+}
+
+impl CoreCtx {
+    /// Client address of `host`'s core `core`.
+    pub fn client_addr(&self, host: u64, core: u16) -> Option<SocketAddr> {
+        self.cfg
+            .host(host)
+            .map(|h| SocketAddr::new(h.client.ip(), h.client.port() + core))
+    }
+
+    /// Hands `ops` to the group on `core` (same host) and returns the slots its replies will
+    /// fill, or None when that core's queue is full.
+    pub fn forward(
+        &self,
+        core: u16,
+        ops: Vec<Op>,
+        write: bool,
+        stale: bool,
+    ) -> Option<Vec<ReplySlot>> {
+        let sender = self.forward.borrow().get(&core).cloned()?;
+        let id = self.next_forward_id.get();
+        self.next_forward_id.set(id + 1);
+        let slots: Vec<ReplySlot> = ops.iter().map(|_| ReplySlot::new()).collect();
+        let msg = CoreMsg::Request {
+            id,
+            ops,
+            write,
+            stale,
+        };
+        if sender.try_send(msg).is_err() {
+            return None;
+        }
+        self.forwarded.borrow_mut().insert(id, slots.clone());
+        Some(slots)
+    }
+}
+
+/// Serves what another core of this host sends: requests for this core's group, and replies to
+/// requests this core forwarded.
+async fn forward_receiver(
+    ctx: Rc<CoreCtx>,
+    from: u16,
+    rx: glommio::channels::shared_channel::ConnectedReceiver<CoreMsg>,
+) {
+    while let Some(msg) = rx.recv().await {
+        match msg {
+            CoreMsg::Request {
+                id,
+                ops,
+                write,
+                stale,
+            } => {
+                let slots: Vec<ReplySlot> = {
+                    let mut g = ctx.group.borrow_mut();
+                    ops.into_iter()
+                        .map(|op| {
+                            if stale {
+                                ReplySlot::ready(GroupReply::Done(g.stale_read(&op)))
+                            } else if write {
+                                g.submit_write(KvCommand {
+                                    client_id: 0,
+                                    seq: 0,
+                                    op,
+                                })
+                            } else {
+                                g.submit_read(op)
+                            }
+                        })
+                        .collect()
+                };
+                let Some(back) = ctx.forward.borrow().get(&from).cloned() else {
+                    continue;
+                };
+                glommio::spawn_local(async move {
+                    let mut replies = Vec::with_capacity(slots.len());
+                    for s in &slots {
+                        replies.push(s.wait().await);
+                    }
+                    let _ = back.send(CoreMsg::Reply { id, replies }).await;
+                })
+                .detach();
+            }
+            CoreMsg::Reply { id, replies } => {
+                if let Some(slots) = ctx.forwarded.borrow_mut().remove(&id) {
+                    for (slot, reply) in slots.iter().zip(replies) {
+                        slot.fill(reply);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The ends of the forwarding channels one core owns, before connecting on its executor.
+struct CoreChannels {
+    senders: Vec<(u16, SharedSender<CoreMsg>)>,
+    receivers: Vec<(u16, SharedReceiver<CoreMsg>)>,
+}
+
+struct GroupSink {
+    group_id: GroupId,
+    group: Rc<RefCell<Group>>,
+    opts: VerifierOptions,
+    bad_frames: Rc<Cell<u64>>,
+}
+
+impl FrameSink for GroupSink {
+    fn deliver(&self, _from: CoreId, frame: bytes::Bytes) {
+        match decode_batch(&frame, &self.opts) {
+            Ok(messages) => {
+                let mut g = self.group.borrow_mut();
+                for (group, m) in messages {
+                    if group == self.group_id {
+                        g.deliver(m);
+                    } else {
+                        g.stats.messages_dropped += 1;
+                    }
+                }
+            }
+            Err(_) => self.bad_frames.set(self.bad_frames.get() + 1),
+        }
+    }
+}
+
+fn placement(cfg: &ServerConfig, core: u16) -> Placement {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pinned = match cfg.placement {
+        PlacementMode::Pinned => true,
+        PlacementMode::Unbound => false,
+        PlacementMode::Auto => {
+            // Hosts sharing this machine (same IP in the map) share its CPUs.
+            let my_ip = cfg.me().map(|h| h.peer.ip());
+            let sharing = cfg
+                .hosts
+                .iter()
+                .filter(|h| Some(h.peer.ip()) == my_ip)
+                .count()
+                .max(1);
+            cpus >= sharing * usize::from(cfg.cores)
+        }
+    };
+    if pinned {
+        Placement::Fixed(usize::from(core) % cpus)
+    } else {
+        Placement::Unbound
+    }
+}
+
+/// Runs the server until a core fails. Each core is one executor thread.
+pub fn run(cfg: ServerConfig) -> Result<(), NodeError> {
+    cfg.validate()?;
+    let cfg = Arc::new(cfg);
+    let view = Arc::new(HostView::new(usize::from(cfg.cores)));
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<Result<(), NodeError>>();
+    let mut channels: Vec<CoreChannels> = (0..cfg.cores)
+        .map(|_| CoreChannels {
+            senders: Vec::new(),
+            receivers: Vec::new(),
+        })
+        .collect();
+    for a in 0..cfg.cores {
+        for b in 0..cfg.cores {
+            if a != b {
+                let (tx, rx) = shared_channel::new_bounded(FORWARD_CHANNEL_CAPACITY);
+                channels[usize::from(a)].senders.push((b, tx));
+                channels[usize::from(b)].receivers.push((a, rx));
+            }
+        }
+    }
+    let mut handles = Vec::new();
+    for (core, chans) in (0..cfg.cores).zip(channels) {
+        let (cfg2, view2, tx) = (cfg.clone(), view.clone(), done_tx.clone());
+        let builder = LocalExecutorBuilder::new(placement(&cfg, core))
+            .name(&format!("tynamo-core-{core}"))
+            .io_memory(cfg.io_memory_bytes)
+            .preempt_timer(Duration::from_millis(10));
+        let handle = builder
+            .spawn(move || async move {
+                let r = run_core(cfg2, core, view2, chans).await;
+                let _ = tx.send(r);
+            })
+            .map_err(|e| NodeError::Executor {
+                core,
+                why: e.to_string(),
+            })?;
+        handles.push(handle);
+    }
+    drop(done_tx);
+    // Cores run forever; the first to stop decides the outcome.
+    match done_rx.recv() {
+        Ok(r) => r,
+        Err(_) => Err(NodeError::Core {
+            core: 0,
+            why: "every core stopped without a result".into(),
+        }),
+    }
+}
+
+fn raft_config(cfg: &ServerConfig) -> raft::Config {
+    let mut rc = raft::Config::new(cfg.id);
+    rc.heartbeat_ticks = cfg.heartbeat_ticks();
+    rc.election_ticks = cfg.election_ticks();
+    rc.lease_drift_ticks = (rc.election_ticks / 10).max(1);
+    rc.read_mode = cfg.read_mode;
+    rc.max_inflight_msgs = cfg.inflight_msgs_max;
+    rc.max_entries_per_msg = cfg.entries_per_msg_max;
+    rc
+}
+
+pub fn kv_config(cfg: &ServerConfig) -> kv::Config {
+    kv::Config {
+        shard_count: cfg.shard_count,
+        value_bytes_max: super::config::COMMAND_BYTES_MAX,
+        snapshot_log_bytes_threshold: cfg.snapshot_log_bytes,
+        ..kv::Config::default()
+    }
+}
+
+async fn run_core(
+    cfg: Arc<ServerConfig>,
+    core: u16,
+    view: Arc<HostView>,
+    channels: CoreChannels,
+) -> Result<(), NodeError> {
+    let err = |why: String| NodeError::Core { core, why };
+    let me = cfg
+        .me()
+        .cloned()
+        .ok_or_else(|| err("this host is not in the cluster map".into()))?;
+    let group_id = GroupId::from(core);
+    let dir = cfg.data_dir.join(format!("group-{core}"));
+    let wal_opts = WalOptions {
+        segment_bytes: cfg.segment_bytes,
+        entry_bytes_max: super::config::ENTRY_BYTES_MAX,
+        ..WalOptions::default()
+    };
+    let kvc = kv_config(&cfg);
+    let shards = cfg.group_shards(core);
+    let (storage, recovered) = GroupStorage::open(
+        group_id,
+        &dir,
+        wal_opts,
+        kvc.clone(),
+        &shards,
+        &cfg.voters(),
+    )
+    .await
+    .map_err(|e| err(e.to_string()))?;
+    let seed = cfg.id.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(core) ^ now_nanos();
+    let raw = RawNode::new(raft_config(&cfg), recovered.initial, seed)
+        .map_err(|e| err(format!("raft config: {e}")))?;
+    let group = Rc::new(RefCell::new(Group::new(
+        group_id,
+        raw,
+        recovered.kv,
+        kvc,
+        u64::from(cfg.election_ticks()),
+    )));
+    let wake = group.borrow().wake.clone();
+    let wal = storage.wal.clone();
+    let snapshots = storage.snapshots.clone();
+
+    // Peers.
+    let tcfg = Rc::new(TransportConfig {
+        cluster_id: cfg.cluster_id,
+        ..TransportConfig::default()
+    });
+    let tstats = Rc::new(TransportStats::default());
+    let me_core = CoreId { host: cfg.id, core };
+    let peer_addr = SocketAddr::new(me.peer.ip(), me.peer.port() + core);
+    let listener = bind_exclusive(peer_addr).map_err(|e| err(e.to_string()))?;
+    let bad_frames = Rc::new(Cell::new(0));
+    let sink = Rc::new(GroupSink {
+        group_id,
+        group: group.clone(),
+        opts: verifier_options(tcfg.frame_bytes_max),
+        bad_frames: bad_frames.clone(),
+    });
+    spawn_listener(listener, me_core, tcfg.clone(), tstats.clone(), sink);
+    let mut senders: HashMap<u64, PeerSender> = HashMap::new();
+    for h in cfg.hosts.iter().filter(|h| h.id != cfg.id) {
+        let to = CoreId { host: h.id, core };
+        let addr = SocketAddr::new(h.peer.ip(), h.peer.port() + core);
+        senders.insert(
+            h.id,
+            PeerSender::spawn(me_core, to, addr, tcfg.clone(), tstats.clone()),
+        );
+    }
+
+    // Clients.
+    let client_addr = SocketAddr::new(me.client.ip(), me.client.port() + core);
+    let client_listener = bind_exclusive(client_addr).map_err(|e| err(e.to_string()))?;
+    let ctx = Rc::new(CoreCtx {
+        cfg: cfg.clone(),
+        core,
+        group: group.clone(),
+        view: view.clone(),
+        wal: wal.clone(),
+        transport_stats: tstats,
+        bad_peer_frames: bad_frames,
+        next_connection_id: Cell::new(u64::from(core) << 48),
+        connections: Cell::new(0),
+        forward: RefCell::new(HashMap::new()),
+        forwarded: RefCell::new(HashMap::new()),
+        next_forward_id: Cell::new(1),
+    });
+    // Connecting waits for the other end's executor; do it off the start path.
+    for (to, tx) in channels.senders {
+        let ctx2 = ctx.clone();
+        glommio::spawn_local(async move {
+            let connected = tx.connect().await;
+            ctx2.forward.borrow_mut().insert(to, Rc::new(connected));
+        })
+        .detach();
+    }
+    for (from, rx) in channels.receivers {
+        let ctx2 = ctx.clone();
+        glommio::spawn_local(async move {
+            let connected = rx.connect().await;
+            forward_receiver(ctx2, from, connected).await;
+        })
+        .detach();
+    }
+    glommio::spawn_local(super::server::accept_loop(client_listener, ctx)).detach();
+
+    // Persister.
+    let persist_wake = Rc::new(Signal::default());
+    let persister =
+        glommio::spawn_local(persist_loop(group.clone(), storage, persist_wake.clone()));
+
+    // Ticker.
+    let tick = Duration::from_millis(cfg.tick_ms);
+    let g2 = group.clone();
+    glommio::spawn_local(async move {
+        loop {
+            glommio::timer::sleep(tick).await;
+            g2.borrow_mut().tick_due();
+        }
+    })
+    .detach();
+
+    // The group loop; it ends only on a fatal error of the replica or its storage.
+    let looper = group_loop(
+        group.clone(),
+        wake,
+        persist_wake,
+        senders,
+        view,
+        usize::from(core),
+        snapshots,
+        wal,
+    );
+    let why = futures_lite::future::or(looper, async {
+        let e = persister.await;
+        format!("storage failed: {e}")
+    })
+    .await;
+    Err(err(why))
+}
+
+fn now_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn group_loop(
+    group: Rc<RefCell<Group>>,
+    wake: Rc<Signal>,
+    persist_wake: Rc<Signal>,
+    senders: HashMap<u64, PeerSender>,
+    view: Arc<HostView>,
+    g: usize,
+    snapshots: Rc<tynamo_wal::SnapshotStore>,
+    wal: Rc<tynamo_wal::Wal>,
+) -> String {
+    let mut fbb = FlatBufferBuilder::new();
+    loop {
+        wake.wait().await;
+        let (mut messages, snapshot) = {
+            let mut gr = group.borrow_mut();
+            gr.turn();
+            if let Some(f) = gr.fatal.take() {
+                return f;
+            }
+            if !gr.jobs.is_empty() {
+                persist_wake.notify();
+            }
+            view.publish(g, &gr);
+            (std::mem::take(&mut gr.outbox), gr.snapshot_request.take())
+        };
+        send_messages(&mut fbb, g as GroupId, &mut messages, &senders);
+        if let Some(snap) = snapshot {
+            let (group, snapshots, wal) = (group.clone(), snapshots.clone(), wal.clone());
+            glommio::spawn_local(async move {
+                let gid = group.borrow().id;
+                match save_local_snapshot(gid, &snapshots, &snap.meta, &snap.data).await {
+                    Ok(()) => {
+                        let compact = group
+                            .borrow_mut()
+                            .snapshot_saved(snap.meta.index, snap.data.clone());
+                        if compact {
+                            if let Err(e) = wal.compact_prefix(snap.meta.index).await {
+                                eprintln!("tynamo: group {gid}: log compaction failed: {e}");
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("tynamo: group {gid}: snapshot failed: {e}");
+                        group.borrow_mut().snapshot_failed();
+                    }
+                }
+            })
+            .detach();
+        }
+    }
+}
+
+/// Sends a turn's messages: one frame per destination (cut at `FRAME_TARGET_BYTES`), in order.
+fn send_messages(
+    fbb: &mut FlatBufferBuilder<'static>,
+    group: GroupId,
+    messages: &mut [Message],
+    senders: &HashMap<u64, PeerSender>,
+) {
+    if messages.is_empty() {
+        return;
+    }
+    // Stable: messages to one peer keep their order.
+    messages.sort_by_key(|m| m.to);
+    let mut refs: Vec<(GroupId, &Message)> = Vec::new();
+    let mut at = 0;
+    while at < messages.len() {
+        let to = messages[at].to;
+        let mut bytes = 0u64;
+        refs.clear();
+        while at < messages.len() && messages[at].to == to {
+            let size = messages[at].size_bytes();
+            if !refs.is_empty() && bytes + size > FRAME_TARGET_BYTES {
+                break;
+            }
+            bytes += size;
+            refs.push((group, &messages[at]));
+            at += 1;
+        }
+        if let Some(sender) = senders.get(&to) {
+            let frame = encode_batch(fbb, &refs);
+            // A full outbox drops the frame: Raft retries from its progress state.
+            let _ = sender.send(frame);
+        }
+    }
+}

@@ -1,0 +1,718 @@
+//! The RESP front door of one core: accepts client connections and maps each command onto the
+//! core's group (one command in one place: `handle`).
+//!
+//! A connection reads what the socket has, parses every whole request in it, submits them all to
+//! the group (which proposes them as one batch in its next turn), then writes the replies in
+//! request order with one write. Pipelined requests are therefore answered in order and batched
+//! into one proposal per loop turn.
+//!
+//! Routing: key -> slot -> shard -> group (= core). A key of another group whose leader is on
+//! this host is forwarded to that core over a glommio channel (`executor::CoreMsg`); one led by
+//! another host gets `-MOVED` to that leader's core port (each core has its own port, so a
+//! cluster client reaches the owning core directly after one `MOVED`). A key of this core's
+//! group on a follower gets `-MOVED` to the leader, or `-TRYAGAIN` while no leader is known.
+//! Reads are linearizable (ReadIndex) unless the connection sent `READONLY`, in which case any
+//! replica answers from its local state.
+
+use std::collections::VecDeque;
+use std::fmt::Write as _;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+
+use bytes::{Bytes, BytesMut};
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::{TcpListener, TcpStream};
+
+use crate::kv::{Command as KvCommand, KvError, Op, Outcome};
+use crate::raft::NodeId;
+use crate::resp::command::{ClusterCommand, CommandQuery, SetCondition};
+use crate::resp::frame::{
+    decode_request, put_array_len, put_bulk, put_error, put_integer, put_null, put_simple,
+};
+use crate::resp::reply::{
+    cluster_info_text, cluster_nodes_text, put_cluster_shards, put_cluster_slots, put_hello,
+    put_moved, put_text, NodeInfo, ServerHello, SlotRange, Topology, INFO_CLUSTER_SECTION,
+};
+use crate::resp::{Command, Limits, Protocol, Request};
+use crate::shard::{key_slot, shard_slots, slot_shard};
+
+use super::executor::CoreCtx;
+use super::group::{GroupReply, ReplySlot};
+
+/// Caps on client requests: values up to the KV's own limit, arrays up to the multi-key limit.
+pub const CLIENT_LIMITS: Limits = Limits {
+    bulk_bytes_max: 16 << 20,
+    array_len_max: 4096,
+    depth_max: 4,
+    inline_bytes_max: 64 << 10,
+};
+/// Bytes asked of one read.
+const READ_CHUNK_BYTES: usize = 64 << 10;
+/// Requests answered per write round (pipelines longer than this are split into rounds).
+const PIPELINE_MAX: usize = 4096;
+
+/// How a group outcome becomes a reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// GET: bulk or null.
+    Value,
+    /// SET, MSET, session: +OK.
+    Ok,
+    /// SET NX: +OK when set, null when not.
+    OkIfSwapped,
+    /// APPEND, INCR: the integer.
+    Int,
+    /// DEL, EXISTS over several keys: the sum.
+    Sum,
+    /// MGET: an array.
+    Values,
+}
+
+enum Pending {
+    Now(BytesMut),
+    Wait {
+        slots: Vec<ReplySlot>,
+        shape: Shape,
+        slot: u16,
+        /// The group (= core) that serves the slot, for redirections.
+        group: u16,
+    },
+}
+
+struct Conn {
+    id: u64,
+    protocol: Protocol,
+    readonly: bool,
+    client_id: u64,
+    close: bool,
+}
+
+pub async fn accept_loop(listener: TcpListener, ctx: Rc<CoreCtx>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok(s) => s,
+            Err(_) => {
+                // EMFILE and friends: back off instead of spinning on accept.
+                glommio::timer::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        if ctx.connections.get() >= ctx.cfg.connections_max {
+            let mut s = stream;
+            let _ = s.write_all(b"-ERR max number of clients reached\r\n").await;
+            continue;
+        }
+        ctx.connections.set(ctx.connections.get() + 1);
+        let ctx2 = ctx.clone();
+        glommio::spawn_local(async move {
+            serve_connection(&ctx2, stream).await;
+            ctx2.connections.set(ctx2.connections.get() - 1);
+        })
+        .detach();
+    }
+}
+
+async fn serve_connection(ctx: &CoreCtx, mut stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let id = ctx.next_connection_id.get();
+    ctx.next_connection_id.set(id + 1);
+    let mut conn = Conn {
+        id,
+        protocol: Protocol::Resp2,
+        readonly: false,
+        client_id: 0,
+        close: false,
+    };
+    let mut rbuf = BytesMut::with_capacity(READ_CHUNK_BYTES);
+    let mut chunk = vec![0u8; READ_CHUNK_BYTES];
+    let mut wbuf = BytesMut::with_capacity(READ_CHUNK_BYTES);
+    let mut args: Vec<Bytes> = Vec::new();
+    let mut pending: VecDeque<Pending> = VecDeque::new();
+    loop {
+        let n = match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        rbuf.extend_from_slice(&chunk[..n]);
+        loop {
+            while pending.len() < PIPELINE_MAX && !conn.close {
+                match decode_request(&mut rbuf, &CLIENT_LIMITS, &mut args) {
+                    Ok(true) => {
+                        let p = handle(ctx, &mut conn, &args);
+                        match p {
+                            Pending::Now(bytes) if pending.is_empty() => {
+                                wbuf.extend_from_slice(&bytes)
+                            }
+                            other => pending.push_back(other),
+                        }
+                    }
+                    Ok(false) => break,
+                    Err(e) => {
+                        let mut out = BytesMut::new();
+                        put_error(&mut out, format!("ERR Protocol error: {e}").as_bytes());
+                        pending.push_back(Pending::Now(out));
+                        conn.close = true;
+                    }
+                }
+            }
+            let more = pending.len() >= PIPELINE_MAX;
+            for p in pending.drain(..) {
+                match p {
+                    Pending::Now(bytes) => wbuf.extend_from_slice(&bytes),
+                    Pending::Wait {
+                        slots,
+                        shape,
+                        slot,
+                        group,
+                    } => {
+                        let mut replies = Vec::with_capacity(slots.len());
+                        for s in &slots {
+                            replies.push(s.wait().await);
+                        }
+                        put_reply(ctx, &conn, &mut wbuf, shape, (slot, group), replies);
+                    }
+                }
+            }
+            if !wbuf.is_empty() {
+                if stream.write_all(&wbuf).await.is_err() {
+                    return;
+                }
+                wbuf.clear();
+            }
+            if conn.close {
+                let _ = stream.close().await;
+                return;
+            }
+            if !more {
+                break;
+            }
+        }
+    }
+}
+
+fn now(f: impl FnOnce(&mut BytesMut)) -> Pending {
+    let mut out = BytesMut::new();
+    f(&mut out);
+    Pending::Now(out)
+}
+
+fn error(text: &str) -> Pending {
+    now(|o| put_error(o, text.as_bytes()))
+}
+
+fn handle(ctx: &CoreCtx, conn: &mut Conn, args: &[Bytes]) -> Pending {
+    let request = match Request::parse(args) {
+        Ok(r) => r,
+        Err(e) => return error(&e.to_string()),
+    };
+    let protocol = conn.protocol;
+    match request.command {
+        Command::Ping(None) => now(|o| put_simple(o, b"PONG")),
+        Command::Ping(Some(m)) | Command::Echo(m) => now(|o| put_bulk(o, &m)),
+        Command::Hello { protocol: p, .. } => {
+            if let Some(p) = p {
+                conn.protocol = p;
+            }
+            let role = if ctx.group.borrow().is_leader() {
+                "master"
+            } else {
+                "replica"
+            };
+            let hello = ServerHello {
+                version: env!("CARGO_PKG_VERSION"),
+                connection_id: conn.id,
+                mode: "cluster",
+                role,
+            };
+            let proto = conn.protocol;
+            now(|o| put_hello(o, &hello, proto))
+        }
+        Command::Command(q) => match q {
+            CommandQuery::Count => now(|o| put_integer(o, 0)),
+            _ => now(|o| put_array_len(o, 0)),
+        },
+        Command::Info(_) => {
+            let text = info_text(ctx);
+            now(|o| put_text(o, &text, protocol))
+        }
+        Command::Cluster(sub) => cluster(ctx, sub, protocol),
+        Command::ReadOnly => {
+            conn.readonly = true;
+            now(|o| put_simple(o, b"OK"))
+        }
+        Command::ReadWrite => {
+            conn.readonly = false;
+            now(|o| put_simple(o, b"OK"))
+        }
+        Command::Asking => now(|o| put_simple(o, b"OK")),
+        Command::Quit => {
+            conn.close = true;
+            now(|o| put_simple(o, b"OK"))
+        }
+        Command::Session(client_id) => {
+            if client_id == 0 {
+                return error("ERR TYNAMO.SESSION needs a non-zero client id");
+            }
+            conn.client_id = client_id;
+            let mut g = ctx.group.borrow_mut();
+            if !g.is_leader() {
+                // Any leader can open the session; this core's group is as good as another.
+                return not_leader(ctx, g.leader(), 0, ctx.core);
+            }
+            let slot = g.submit_write(KvCommand {
+                client_id,
+                seq: 0,
+                op: Op::OpenSession,
+            });
+            Pending::Wait {
+                slots: vec![slot],
+                shape: Shape::Ok,
+                slot: 0,
+                group: ctx.core,
+            }
+        }
+        command => kv_command(ctx, conn, command, request.sequence.map(|s| s.seq)),
+    }
+}
+
+/// Builds the KV ops of a data command, with its reply shape and its keys.
+fn kv_ops(command: Command) -> Result<(Vec<Op>, Shape, Vec<Bytes>), String> {
+    let unsupported = |what: &str| Err(format!("ERR {what} is not supported by TynamoDB"));
+    Ok(match command {
+        Command::Get(key) => (vec![Op::Get { key: key.clone() }], Shape::Value, vec![key]),
+        Command::Set(set) => {
+            if set.expiry.is_some() {
+                return unsupported("SET with an expiry");
+            }
+            if set.get {
+                return unsupported("SET ... GET");
+            }
+            let key = set.key.clone();
+            match set.condition {
+                SetCondition::Always => (
+                    vec![Op::Put {
+                        key: set.key,
+                        value: set.value,
+                    }],
+                    Shape::Ok,
+                    vec![key],
+                ),
+                SetCondition::IfAbsent => (
+                    vec![Op::Cas {
+                        key: set.key,
+                        expected: None,
+                        new: Some(set.value),
+                    }],
+                    Shape::OkIfSwapped,
+                    vec![key],
+                ),
+                SetCondition::IfPresent => return unsupported("SET ... XX"),
+            }
+        }
+        Command::Append { key, value } => (
+            vec![Op::Append {
+                key: key.clone(),
+                value,
+            }],
+            Shape::Int,
+            vec![key],
+        ),
+        Command::Incr(key) => (
+            vec![Op::Incr {
+                key: key.clone(),
+                delta: 1,
+            }],
+            Shape::Int,
+            vec![key],
+        ),
+        Command::Del(keys) => (
+            keys.iter().map(|k| Op::Delete { key: k.clone() }).collect(),
+            Shape::Sum,
+            keys,
+        ),
+        Command::Exists(keys) => (
+            keys.iter().map(|k| Op::Exists { key: k.clone() }).collect(),
+            Shape::Sum,
+            keys,
+        ),
+        Command::MGet(keys) => (vec![Op::MGet { keys: keys.clone() }], Shape::Values, keys),
+        Command::MSet(pairs) => {
+            let keys = pairs.iter().map(|(k, _)| k.clone()).collect();
+            (vec![Op::MPut { pairs }], Shape::Ok, keys)
+        }
+        _ => return Err("ERR command not available here".into()),
+    })
+}
+
+fn kv_command(ctx: &CoreCtx, conn: &Conn, command: Command, seq: Option<u64>) -> Pending {
+    let (ops, shape, keys) = match kv_ops(command) {
+        Ok(x) => x,
+        Err(e) => return error(&e),
+    };
+    let Some(first) = keys.first() else {
+        return error("ERR wrong number of arguments");
+    };
+    if keys.len() > crate::kv::MULTI_KEYS_MAX as usize {
+        return error("ERR too many keys in one command");
+    }
+    let command_bytes: usize = ops.iter().map(op_bytes).sum();
+    if command_bytes > super::config::COMMAND_BYTES_MAX as usize {
+        return error(&format!(
+            "ERR keys and values of one command exceed {} bytes",
+            super::config::COMMAND_BYTES_MAX
+        ));
+    }
+    if keys.iter().any(|k| k.len() > KEY_BYTES_MAX) {
+        return error(&format!("ERR keys must be at most {KEY_BYTES_MAX} bytes"));
+    }
+    let slot = key_slot(first);
+    if keys.iter().any(|k| key_slot(k) != slot) {
+        return error("CROSSSLOT Keys in request don't hash to the same slot");
+    }
+    let cfg = &ctx.cfg;
+    let group_of_slot = cfg.shard_group(slot_shard(slot, cfg.shard_count));
+    let is_write = ops.iter().any(Op::is_write);
+    if group_of_slot != ctx.core {
+        let leader = ctx.view.leaders[usize::from(group_of_slot)].load(Ordering::Relaxed);
+        let stale = conn.readonly && !is_write;
+        // The group lives on another core of this host: forward when that core can answer
+        // (it leads, or the read may be stale). Sequenced writes are redirected instead: the
+        // client opened its session on the connection it has to that core.
+        if seq.is_none() && (leader == cfg.id || stale) {
+            return match ctx.forward(group_of_slot, ops, is_write, stale) {
+                Some(slots) => Pending::Wait {
+                    slots,
+                    shape,
+                    slot,
+                    group: group_of_slot,
+                },
+                None => error(&format!(
+                    "TRYAGAIN core {group_of_slot} is not accepting forwarded requests now"
+                )),
+            };
+        }
+        // Unknown leader: send the client to this host's core of that group, which knows more.
+        let host = if leader == 0 { cfg.id } else { leader };
+        return match ctx.client_addr(host, group_of_slot) {
+            Some(addr) => now(|o| put_moved(o, slot, addr)),
+            None => tryagain(slot),
+        };
+    }
+    let mut g = ctx.group.borrow_mut();
+    if !is_write && conn.readonly {
+        let replies = ops
+            .iter()
+            .map(|op| GroupReply::Done(g.stale_read(op)))
+            .collect();
+        drop(g);
+        let mut out = BytesMut::new();
+        put_reply(ctx, conn, &mut out, shape, (slot, ctx.core), replies);
+        return Pending::Now(out);
+    }
+    if !g.is_leader() {
+        return not_leader(ctx, g.leader(), slot, ctx.core);
+    }
+    let (client_id, seq) = match seq {
+        Some(seq) => {
+            if conn.client_id == 0 {
+                return error("ERR TYNAMO.SEQ needs TYNAMO.SESSION first on this connection");
+            }
+            if ops.len() != 1 {
+                return error("ERR TYNAMO.SEQ wraps a write of one key (or one MSET)");
+            }
+            (conn.client_id, seq)
+        }
+        None => (0, 0),
+    };
+    let slots = ops
+        .into_iter()
+        .map(|op| {
+            if is_write {
+                g.submit_write(KvCommand { client_id, seq, op })
+            } else {
+                g.submit_read(op)
+            }
+        })
+        .collect();
+    Pending::Wait {
+        slots,
+        shape,
+        slot,
+        group: ctx.core,
+    }
+}
+
+/// The KV's key limit (its default configuration).
+const KEY_BYTES_MAX: usize = 64 << 10;
+
+fn op_bytes(op: &Op) -> usize {
+    match op {
+        Op::Put { key, value } | Op::Append { key, value } => key.len() + value.len(),
+        Op::Cas { key, new, .. } => key.len() + new.as_ref().map_or(0, |v| v.len()),
+        Op::MPut { pairs } => pairs.iter().map(|(k, v)| k.len() + v.len()).sum(),
+        Op::MGet { keys } => keys.iter().map(|k| k.len()).sum(),
+        Op::Get { key } | Op::Exists { key } | Op::Delete { key } | Op::Incr { key, .. } => {
+            key.len()
+        }
+        Op::OpenSession | Op::CloseSession => 0,
+    }
+}
+
+fn tryagain(slot: u16) -> Pending {
+    error(&format!(
+        "TRYAGAIN no leader for slot {slot} right now (election in progress)"
+    ))
+}
+
+/// The reply for a replica of `group` that does not lead it: MOVED to the leader's core.
+fn not_leader(ctx: &CoreCtx, leader: NodeId, slot: u16, group: u16) -> Pending {
+    if leader == 0 {
+        return tryagain(slot);
+    }
+    match ctx.client_addr(leader, group) {
+        Some(addr) => now(|o| put_moved(o, slot, addr)),
+        None => tryagain(slot),
+    }
+}
+
+fn kv_error_text(e: &KvError) -> String {
+    match e {
+        KvError::NotAnInteger => "ERR value is not an integer or out of range".into(),
+        KvError::IntegerOverflow => "ERR increment or decrement would overflow".into(),
+        KvError::SessionUnknown { .. } | KvError::SequenceTooOld { .. } => {
+            format!("SESSIONEXPIRED {e}")
+        }
+        KvError::WrongShard { .. } | KvError::ShardNotServing { .. } => format!("TRYAGAIN {e}"),
+        other => format!("ERR {other}"),
+    }
+}
+
+fn put_reply(
+    ctx: &CoreCtx,
+    conn: &Conn,
+    out: &mut BytesMut,
+    shape: Shape,
+    (slot, group): (u16, u16),
+    replies: Vec<GroupReply>,
+) {
+    let mut outcomes = Vec::with_capacity(replies.len());
+    for r in replies {
+        match r {
+            GroupReply::Done(Outcome::Err(e)) => {
+                put_error(out, kv_error_text(&e).as_bytes());
+                return;
+            }
+            GroupReply::Done(o) => outcomes.push(o),
+            GroupReply::NotLeader { leader } => {
+                if let Pending::Now(b) = not_leader(ctx, leader, slot, group) {
+                    out.extend_from_slice(&b);
+                }
+                return;
+            }
+            GroupReply::Unavailable(why) => {
+                put_error(out, format!("TRYAGAIN {why}").as_bytes());
+                return;
+            }
+        }
+    }
+    let protocol = conn.protocol;
+    match shape {
+        Shape::Ok => put_simple(out, b"OK"),
+        Shape::OkIfSwapped => match outcomes.first() {
+            Some(Outcome::Bool(true)) => put_simple(out, b"OK"),
+            _ => put_null(out, protocol),
+        },
+        Shape::Value => match outcomes.first() {
+            Some(Outcome::Value(Some(v))) => put_bulk(out, v),
+            _ => put_null(out, protocol),
+        },
+        Shape::Int => match outcomes.first() {
+            Some(Outcome::Int(n)) => put_integer(out, *n),
+            _ => put_error(out, b"ERR unexpected result"),
+        },
+        Shape::Sum => {
+            let sum = outcomes
+                .iter()
+                .map(|o| if let Outcome::Int(n) = o { *n } else { 0 })
+                .sum();
+            put_integer(out, sum)
+        }
+        Shape::Values => match outcomes.first() {
+            Some(Outcome::Values(vs)) => {
+                put_array_len(out, vs.len());
+                for v in vs {
+                    match v {
+                        Some(v) => put_bulk(out, v),
+                        None => put_null(out, protocol),
+                    }
+                }
+            }
+            _ => put_error(out, b"ERR unexpected result"),
+        },
+    }
+}
+
+/// The cluster as clients see it: one slot range per group, its leader first.
+pub fn topology(ctx: &CoreCtx) -> Topology {
+    let cfg = &ctx.cfg;
+    let mut ranges = Vec::new();
+    for g in 0..cfg.cores {
+        let shards = cfg.group_shards(g);
+        let (Some(first), Some(last)) = (shards.first(), shards.last()) else {
+            continue;
+        };
+        let start = shard_slots(*first, cfg.shard_count).0;
+        let end = shard_slots(*last, cfg.shard_count).1;
+        let leader = ctx.view.leaders[usize::from(g)].load(Ordering::Relaxed);
+        let mut hosts: Vec<u64> = cfg.voters();
+        if let Some(i) = hosts.iter().position(|&h| h == leader) {
+            hosts.remove(i);
+            hosts.insert(0, leader);
+        }
+        let nodes = hosts
+            .iter()
+            .filter_map(|&h| {
+                ctx.client_addr(h, g).map(|addr| NodeInfo {
+                    id: node_id(h, g),
+                    addr,
+                })
+            })
+            .collect();
+        ranges.push(SlotRange { start, end, nodes });
+    }
+    let epoch = (0..usize::from(cfg.cores))
+        .map(|g| ctx.view.terms[g].load(Ordering::Relaxed))
+        .max()
+        .unwrap_or(0);
+    Topology { ranges, epoch }
+}
+
+fn node_id(host: u64, core: u16) -> String {
+    NodeInfo::id_from((u128::from(host) << 16) | u128::from(core))
+}
+
+fn cluster(ctx: &CoreCtx, sub: ClusterCommand, protocol: Protocol) -> Pending {
+    match sub {
+        ClusterCommand::Slots => {
+            let t = topology(ctx);
+            now(|o| put_cluster_slots(o, &t, protocol))
+        }
+        ClusterCommand::Shards => {
+            let t = topology(ctx);
+            now(|o| put_cluster_shards(o, &t, protocol))
+        }
+        ClusterCommand::Nodes => {
+            let text = cluster_nodes_text(&topology(ctx), &node_id(ctx.cfg.id, ctx.core));
+            now(|o| put_text(o, &text, protocol))
+        }
+        ClusterCommand::Info => {
+            let text = cluster_info_text(&topology(ctx));
+            now(|o| put_text(o, &text, protocol))
+        }
+        ClusterCommand::KeySlot(key) => now(|o| put_integer(o, i64::from(key_slot(&key)))),
+        ClusterCommand::MyId => {
+            let id = node_id(ctx.cfg.id, ctx.core);
+            now(|o| put_bulk(o, id.as_bytes()))
+        }
+    }
+}
+
+/// Bytes of the files in a directory (segments are preallocated: this is the disk the log holds).
+/// A few `stat`s of a handful of segment files; INFO is not on the hot path.
+fn dir_size_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn info_text(ctx: &CoreCtx) -> String {
+    let g = ctx.group.borrow();
+    let s = g.raw().status();
+    let stats = g.stats;
+    let wal = ctx.wal.stats();
+    let mut t = String::new();
+    let _ = write!(
+        t,
+        "# Server\r\nredis_version:7.0.0\r\ntynamo_version:{}\r\nhost_id:{}\r\ncore:{}\r\nprocess_id:{}\r\n\r\n",
+        env!("CARGO_PKG_VERSION"),
+        ctx.cfg.id,
+        ctx.core,
+        std::process::id()
+    );
+    let cfg = &ctx.cfg;
+    let _ = write!(
+        t,
+        "# Config\r\ncores:{}\r\ntick_ms:{}\r\nheartbeat_ms:{}\r\nelection_ms:{}\r\ninflight_msgs_max:{}\r\n\
+         entries_per_msg_max:{}\r\nread_mode:{:?}\r\nshard_count:{}\r\n\r\n",
+        cfg.cores,
+        cfg.tick_ms,
+        cfg.heartbeat_ms,
+        cfg.election_ms,
+        cfg.inflight_msgs_max,
+        cfg.entries_per_msg_max,
+        cfg.read_mode,
+        cfg.shard_count
+    );
+    let role = if g.is_leader() { "master" } else { "slave" };
+    let _ = write!(t, "# Replication\r\nrole:{role}\r\n\r\n");
+    let _ = write!(
+        t,
+        "# Raft\r\ngroup:{}\r\nraft_role:{:?}\r\nterm:{}\r\nleader:{}\r\ncommit_index:{}\r\napplied_index:{}\r\n\
+         persisted_index:{}\r\nsnapshot_index:{}\r\nlast_index:{}\r\nlog_entries:{}\r\nwal_first_index:{}\r\n\
+         wal_last_index:{}\r\nwal_size_bytes:{}\r\nwal_fdatasyncs:{}\r\nwal_bytes_written:{}\r\nproposals:{}\r\ncommands_proposed:{}\r\n\
+         entries_applied:{}\r\nreads_served:{}\r\nsnapshots_taken:{}\r\nsnapshots_installed:{}\r\npersist_rounds:{}\r\n\
+         peer_frames_sent:{}\r\npeer_frames_received:{}\r\npeer_frames_bad:{}\r\nconnected_clients:{}\r\n\r\n",
+        g.id,
+        s.role,
+        s.term,
+        s.leader,
+        s.commit,
+        s.applied,
+        s.persisted,
+        s.snapshot_index,
+        s.last_index,
+        s.last_index - s.snapshot_index,
+        ctx.wal.first_index(),
+        ctx.wal.last_index(),
+        dir_size_bytes(ctx.wal.dir()),
+        wal.fdatasyncs,
+        wal.bytes_written,
+        stats.proposals,
+        stats.commands_proposed,
+        stats.entries_applied,
+        stats.reads_served,
+        stats.snapshots_taken,
+        stats.snapshots_installed,
+        stats.persist_rounds,
+        ctx.transport_stats.frames_sent.get(),
+        ctx.transport_stats.frames_received.get(),
+        ctx.bad_peer_frames.get(),
+        ctx.connections.get(),
+    );
+    t.push_str("# Groups\r\n");
+    for gi in 0..usize::from(ctx.cfg.cores) {
+        let v = &ctx.view;
+        let _ = write!(
+            t,
+            "group{gi}:leader={},term={},commit={},applied={}\r\n",
+            v.leaders[gi].load(Ordering::Relaxed),
+            v.terms[gi].load(Ordering::Relaxed),
+            v.commits[gi].load(Ordering::Relaxed),
+            v.applied[gi].load(Ordering::Relaxed),
+        );
+    }
+    t.push_str("\r\n");
+    t.push_str(INFO_CLUSTER_SECTION);
+    let keys: usize = g.kv().shards().map(|(sh, _)| g.kv().key_count(sh)).sum();
+    let _ = write!(
+        t,
+        "\r\n# Keyspace\r\ndb0:keys={keys},expires=0,avg_ttl=0\r\n"
+    );
+    t
+}
