@@ -210,6 +210,29 @@ impl Configuration {
         counts
     }
 
+    /// The group replicas a slot runs, as (group, node id inside the group), in group order:
+    /// what one core of one host must host under this configuration.
+    pub fn replicas_at(&self, slot: Slot) -> Vec<(GroupId, NodeId)> {
+        self.groups
+            .iter()
+            .flat_map(|(&id, g)| {
+                g.replicas
+                    .iter()
+                    .filter(move |r| r.slot == slot)
+                    .map(move |r| (id, r.node_id))
+            })
+            .collect()
+    }
+
+    /// Groups this configuration creates: their replicas start empty and bootstrap a Raft group
+    /// whose voters are [`Group::voters`] when they first see this configuration.
+    pub fn groups_created(&self) -> impl Iterator<Item = (GroupId, &Group)> + '_ {
+        self.groups
+            .iter()
+            .filter(move |(_, g)| g.created_in == self.num)
+            .map(|(&id, g)| (id, g))
+    }
+
     /// Total cores over all hosts.
     pub fn core_count(&self) -> usize {
         self.hosts.values().map(|h| usize::from(h.cores)).sum()
@@ -543,6 +566,19 @@ pub(crate) mod tests {
         }
         c.controller = (1..=3).map(|h| Slot { host: h, core: 0 }).collect();
         c
+    }
+
+    #[test]
+    fn slots_know_their_replicas() {
+        let c = sample();
+        assert_eq!(c.replicas_at(Slot { host: 2, core: 1 }), vec![(2, 2)]);
+        assert_eq!(c.replicas_at(Slot { host: 3, core: 0 }), vec![(1, 3)]);
+        assert!(c.replicas_at(Slot { host: 4, core: 0 }).is_empty());
+        let created: Vec<GroupId> = c.groups_created().map(|(id, _)| id).collect();
+        assert_eq!(created, vec![1, 2]);
+        let mut later = c.clone();
+        later.num = 2;
+        assert_eq!(later.groups_created().count(), 0);
     }
 
     #[test]

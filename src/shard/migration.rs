@@ -529,7 +529,7 @@ impl GroupShards {
                     .groups
                     .get(&self.group)
                     .is_some_and(|g| g.created_in == config.num);
-                if !created_here {
+                if !created_here || previous.groups.contains_key(&self.group) {
                     return refuse("a new group starts at the configuration that created it");
                 }
             }
