@@ -1260,6 +1260,141 @@ mod tests {
     }
 
     #[test]
+    fn configurations_are_accepted_one_at_a_time_and_only_when_nothing_is_in_flight() {
+        let c = controller(vec![
+            join(1),
+            Op::Move { shard: 0, group: 1 },
+            join(2),
+            join(3),
+        ]);
+        let mut a = Replica::new(1);
+        assert_eq!(a.accept(&c, 1), ApplyOutcome::Applied);
+        // Skipping a number is refused; so is a previous that is not the current one.
+        assert!(matches!(
+            a.accept(&c, 3),
+            ApplyOutcome::Refused(MigrationError::ConfigOutOfOrder {
+                num: 3,
+                current: 1,
+                ..
+            })
+        ));
+        let forged = MigrationEntry::AcceptConfig {
+            previous: c.query(0).unwrap().clone(),
+            config: c.query(2).unwrap().clone(),
+        };
+        assert!(matches!(
+            a.commit(forged.encode()),
+            ApplyOutcome::Refused(_)
+        ));
+        assert_eq!(a.accept(&c, 2), ApplyOutcome::Applied);
+        assert_eq!(a.accept(&c, 3), ApplyOutcome::Applied);
+        // Configuration 3 moved shards to group 2: nothing more until they are handed over.
+        assert_eq!(a.shards.next_config_wanted(), None);
+        assert!(matches!(a.accept(&c, 4), ApplyOutcome::Stale { .. }));
+        assert_eq!(a.shards.config_num(), 3);
+        // Stale pieces of other configurations change nothing.
+        let exporting = a
+            .shards
+            .shards()
+            .find(|(_, p)| matches!(p, Phase::Exporting { .. }));
+        let (shard, _) = exporting.unwrap();
+        for stale in [
+            MigrationEntry::DeleteExported {
+                config_num: 2,
+                shard,
+            },
+            MigrationEntry::ConfirmDone {
+                config_num: 3,
+                shard,
+            },
+            MigrationEntry::Install {
+                config_num: 3,
+                shard,
+                blob: Bytes::new(),
+            },
+        ] {
+            let before = a.shards.clone();
+            assert!(matches!(
+                a.commit(stale.encode()),
+                ApplyOutcome::Stale { .. }
+            ));
+            assert_eq!(
+                a.shards.shards().collect::<Vec<_>>(),
+                before.shards().collect::<Vec<_>>()
+            );
+        }
+    }
+
+    #[test]
+    fn a_retried_write_after_a_move_gets_its_first_answer_at_the_new_owner() {
+        let c = controller(vec![join(1), join(2)]);
+        let mut a = Replica::new(1);
+        let mut b = Replica::new(2);
+        a.accept(&c, 1);
+        // A client with a session appends to a key of a shard that will move to group 2.
+        let moved = c.query(2).unwrap().shards_of(2);
+        let key = (0..)
+            .map(|i| format!("key{i}"))
+            .find(|k| moved.contains(&a.kv.shard_of(k.as_bytes())))
+            .unwrap();
+        let append = |seq: u64| {
+            encode_batch(
+                1,
+                &[KvCommand {
+                    client_id: 9,
+                    seq,
+                    op: KvOp::Append {
+                        key: Bytes::copy_from_slice(key.as_bytes()),
+                        value: Bytes::from_static(b"x"),
+                    },
+                }],
+            )
+        };
+        let open = encode_batch(
+            1,
+            &[KvCommand {
+                client_id: 9,
+                seq: 0,
+                op: KvOp::OpenSession,
+            }],
+        );
+        a.commit(open);
+        a.log.push(append(1));
+        let index = a.log.len() as u64;
+        assert_eq!(a.kv.apply_entry(index, &append(1)), vec![Outcome::Int(1)]);
+        // The answer is lost; meanwhile the shard moves.
+        a.accept(&c, 2);
+        b.accept(&c, 2);
+        let shard = a.kv.shard_of(key.as_bytes());
+        let PullReply::Blob(blob) = a.shards.handle_pull(&a.kv, shard, 2) else {
+            panic!()
+        };
+        b.commit(
+            MigrationEntry::Install {
+                config_num: 2,
+                shard,
+                blob,
+            }
+            .encode(),
+        );
+        // The retry at the new owner is answered from the session, not applied again.
+        b.log.push(append(1));
+        let index = b.log.len() as u64;
+        assert_eq!(b.kv.apply_entry(index, &append(1)), vec![Outcome::Int(1)]);
+        assert_eq!(b.get(&key), Outcome::Value(Some(Bytes::from_static(b"x"))));
+        // At the old owner (frozen) the retry is answered from its session as well: kv checks
+        // duplicates before the shard state, so no path applies it twice.
+        a.log.push(append(1));
+        let index = a.log.len() as u64;
+        let retry_at_old = a.kv.apply_entry(index, &append(1));
+        assert_eq!(
+            retry_at_old,
+            vec![Outcome::Int(1)],
+            "the old owner remembers it too"
+        );
+    }
+
+    #[test]
     fn blob_shard_reads_the_kv_blob_header() {
         let mut kv = Kv::new(kv_config(), 0..SHARDS);
         kv.set_shard_state(5, ShardState::Exporting).unwrap();
