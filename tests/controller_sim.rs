@@ -13,9 +13,9 @@ use rand_chacha::ChaCha8Rng;
 use tynamo::controller::{Command, ControllerApp, HostSpec, Op, Reply};
 use tynamo::sim::{Cluster, ClusterConfig, NetConfig, Outcome, ProposalId};
 
-const SEEDS: u64 = 40;
+const SEEDS: u64 = 60;
 const CLIENTS: u64 = 3;
-const OPS_PER_CLIENT: usize = 6;
+const OPS_PER_CLIENT: usize = 12;
 const TICKS_MAX: u64 = 20_000;
 
 struct Client {

@@ -545,9 +545,6 @@ impl GroupShards {
                 if previous != current {
                     return refuse("previous differs from the current configuration");
                 }
-                if previous.shard_count() != current.shard_count() {
-                    return refuse("the shard count changed");
-                }
                 if self.in_flight() {
                     return Err(ApplyOutcome::Stale {
                         reason: format!("configuration {} has shards in flight", current.num),
