@@ -353,11 +353,20 @@ impl RawNode {
             entries,
             hard_state.commit,
         );
+        // A torn write can leave entries (or a snapshot) of a term on disk without the hard
+        // state that came with them (the store writes entries first). The log then proves this
+        // replica was in that term, so it resumes there, with no vote: any vote it cast in that
+        // term was in the lost hard state, and a vote leaves only once durable, so none left.
+        let (term, vote) = if log.last_term() > hard_state.term {
+            (log.last_term(), NODE_NONE)
+        } else {
+            (hard_state.term, hard_state.vote)
+        };
         let id = cfg.id;
         let mut node = RawNode {
             id,
-            term: hard_state.term,
-            vote: hard_state.vote,
+            term,
+            vote,
             leader: NODE_NONE,
             role: Role::Follower,
             log,
@@ -675,7 +684,7 @@ impl RawNode {
             return false;
         };
         let lease_ticks = (self.cfg.election_ticks - self.cfg.lease_drift_ticks) as u64;
-        self.now_ticks < sent_tick + lease_ticks
+        self.now_ticks < sent_tick + lease_ticks || self.cfg.test_breakage.lease_never_expires
     }
 
     /// Starts handing leadership to `to` (TimeoutNow once it has caught up). Proposals are
@@ -1844,7 +1853,8 @@ impl RawNode {
     /// Counts votes. A candidate's own vote counts only once its term and vote are durable.
     fn poll(&mut self) {
         let self_durable = self.role == Role::PreCandidate
-            || (self.durable_hs.term == self.term && self.durable_hs.vote == self.id);
+            || (self.durable_hs.term == self.term && self.durable_hs.vote == self.id)
+            || self.cfg.test_breakage.count_own_vote_before_durable;
         let mut granted = 0;
         let mut rejected = 0;
         for &v in &self.conf.voters {
