@@ -3,12 +3,16 @@
 //! Exit codes: 0 every seed passed, 1 a safety violation or a panic, 2 a liveness failure
 //! (and no safety failure), 64 bad usage. The last line is always
 //! `RESULT seeds=N failed=F steps=S elapsed_ms=T`.
+//!
+//! `--break lease|vote|ack` runs a deliberately broken core or shell, to measure how often the
+//! invariants catch that bug (every failure is then expected; the exit code still says which).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
+use tynamo::raft::ReadMode;
 use tynamo::sim::{run_seed, Failure, Faults, RunOptions};
 
 #[derive(Parser, Debug)]
@@ -29,6 +33,13 @@ struct Args {
     /// Ticks of the fault phase per seed.
     #[arg(long, default_value_t = 600)]
     fault_ticks: u64,
+    /// `safe` or `lease` for every run (default: drawn from the seed).
+    #[arg(long)]
+    read_mode: Option<String>,
+    /// A deliberate bug, to measure catch rates: `lease` (leases never expire), `vote` (own
+    /// vote counted before durable), `ack` (writes reported durable on submission).
+    #[arg(long = "break")]
+    breakage: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -40,6 +51,28 @@ fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     };
+    let read_mode = match args.read_mode.as_deref() {
+        None => None,
+        Some("safe") => Some(ReadMode::Safe),
+        Some("lease") => Some(ReadMode::Lease),
+        Some(other) => {
+            eprintln!("tynamo-sim: --read-mode {other:?} is not safe or lease");
+            return ExitCode::from(64);
+        }
+    };
+    let mut template = RunOptions::new(1, faults);
+    template.fault_ticks = args.fault_ticks;
+    template.read_mode = read_mode;
+    match args.breakage.as_deref() {
+        None => {}
+        Some("lease") => template.breakage.lease_never_expires = true,
+        Some("vote") => template.breakage.count_own_vote_before_durable = true,
+        Some("ack") => template.ack_on_submit = true,
+        Some(other) => {
+            eprintln!("tynamo-sim: --break {other:?} is not lease, vote or ack");
+            return ExitCode::from(64);
+        }
+    }
     for &n in &args.nodes {
         if !(1..=7).contains(&n) {
             eprintln!("tynamo-sim: --nodes {n} is outside 1..=7");
@@ -61,8 +94,8 @@ fn main() -> ExitCode {
     for seed in args.seed_start..args.seed_start.saturating_add(args.seeds) {
         for &nodes in &args.nodes {
             runs += 1;
-            let mut opts = RunOptions::new(nodes, faults);
-            opts.fault_ticks = args.fault_ticks;
+            let mut opts = template.clone();
+            opts.nodes = nodes;
             let verdict = catch_unwind(AssertUnwindSafe(|| run_seed(seed, &opts)));
             let failure = match verdict {
                 Ok(Ok(summary)) => {
@@ -89,8 +122,15 @@ fn main() -> ExitCode {
             eprintln!("seed {seed} nodes {nodes}: FAILED: {failure}");
             if first_failure.is_none() {
                 first_failure = Some(format!(
-                    "tynamo-sim --seeds 1 --seed-start {seed} --nodes {nodes} --faults {} --fault-ticks {}",
-                    args.faults, args.fault_ticks
+                    "tynamo-sim --seeds 1 --seed-start {seed} --nodes {nodes} --faults {} --fault-ticks {}{}{}",
+                    args.faults,
+                    args.fault_ticks,
+                    args.read_mode
+                        .as_deref()
+                        .map_or(String::new(), |m| format!(" --read-mode {m}")),
+                    args.breakage
+                        .as_deref()
+                        .map_or(String::new(), |b| format!(" --break {b}")),
                 ));
             }
         }
