@@ -91,6 +91,9 @@ pub struct SimNode<A: App> {
     tick_skip_acc: u32,
     /// Highest commit index this incarnation was checked to hold on a quorum of disks.
     commit_checked: Index,
+    /// The configuration when this replica last handled a Ready as leader, until it handles
+    /// one as a non-leader: a leader can commit and step down between two Readies.
+    leader_conf: Option<crate::raft::ConfState>,
     applied_since_snapshot: u64,
 }
 
@@ -179,6 +182,7 @@ impl<A: App> Cluster<A> {
                 tick_skip_per_million: 0,
                 tick_skip_acc: 0,
                 commit_checked: 0,
+                leader_conf: None,
                 applied_since_snapshot: 0,
             });
         }
@@ -268,6 +272,7 @@ impl<A: App> Cluster<A> {
             tick_skip_per_million: 0,
             tick_skip_acc: 0,
             commit_checked: 0,
+                leader_conf: None,
             applied_since_snapshot: 0,
         });
         id
@@ -287,6 +292,7 @@ impl<A: App> Cluster<A> {
         n.app = A::default();
         n.incarnation += 1;
         n.commit_checked = 0;
+        n.leader_conf = None;
     }
 
     pub fn restart(&mut self, id: NodeId) -> Result<(), Violation> {
@@ -518,7 +524,15 @@ impl<A: App> Cluster<A> {
         if !raft.has_ready() {
             return Ok(false);
         }
-        let conf_before = (raft.role() == Role::Leader).then(|| raft.conf().clone());
+        let conf_before = if raft.role() == Role::Leader {
+            Some(raft.conf().clone())
+        } else {
+            // Stepped down since its last Ready: what it committed meanwhile is checked below.
+            self.nodes[i].leader_conf.take()
+        };
+        let Some(raft) = self.nodes[i].raft.as_mut() else {
+            return Ok(false);
+        };
         let mut rd = raft.ready();
         let commit = raft.status().commit;
         let role = raft.role();
@@ -544,7 +558,12 @@ impl<A: App> Cluster<A> {
             if role == Role::Leader {
                 self.checker.on_leader(id, term)?;
                 self.check_leader_vote_durable(i)?;
+            }
+            if role == Role::Leader || conf_before.is_some() {
                 self.check_commit_durable(i, commit, commit_term, conf_before.as_ref())?;
+            }
+            if role == Role::Leader {
+                self.nodes[i].leader_conf = self.nodes[i].raft.as_ref().map(|r| r.conf().clone());
             }
         }
         if self.crash_point() {
