@@ -496,7 +496,14 @@ impl RawNode {
         if self.election_elapsed >= self.cfg.election_ticks {
             self.election_elapsed = 0;
             if self.cfg.check_quorum {
-                if !self.quorum_active() {
+                // A leader handing off after its own removal keeps leading without a quorum:
+                // stepping down strands a group whose other voter has not yet learned that the
+                // removal committed (seed 1161 with one node, grown to two voters, then shrunk):
+                // that voter still needs our vote, which our longer log makes us refuse, and a
+                // non-voter never campaigns. Leading, we keep replicating and hand off with
+                // TimeoutNow. It counts itself for nothing (not a voter), its lease still ends
+                // on time, and what it commits needs the new voters, so this is safe.
+                if !self.quorum_active() && self.conf.is_voter(self.id) {
                     self.stats.leader_step_downs += 1;
                     self.become_follower(self.term, NODE_NONE);
                     return;
