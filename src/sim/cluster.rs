@@ -272,7 +272,7 @@ impl<A: App> Cluster<A> {
             tick_skip_per_million: 0,
             tick_skip_acc: 0,
             commit_checked: 0,
-                leader_conf: None,
+            leader_conf: None,
             applied_since_snapshot: 0,
         });
         id
