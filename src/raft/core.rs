@@ -473,9 +473,9 @@ impl RawNode {
 
     fn tick_election(&mut self) {
         self.election_elapsed = self.election_elapsed.saturating_add(1);
-        // A non-voter never campaigns, and its clock keeps running: resetting it would keep it
+        // A learner never campaigns, and its clock keeps running: resetting it would keep it
         // "in lease" of a leader long gone and make it refuse the votes a new leader needs.
-        if self.election_elapsed >= self.randomized_election_ticks && self.conf.is_voter(self.id) {
+        if self.election_elapsed >= self.randomized_election_ticks && self.may_campaign() {
             self.election_elapsed = 0;
             self.campaign(false);
         }
@@ -517,6 +517,18 @@ impl RawNode {
             self.heartbeat_elapsed = 0;
             self.bcast_heartbeat();
         }
+    }
+
+    /// Voters campaign. So does a replica that applied its own removal (it is in no list of a
+    /// non-empty configuration): a voter that has not yet learned that the removal committed
+    /// still needs its vote, which its longer log makes it refuse, so it must lead and hand
+    /// off instead (seeds 500152 and 500282 with one node grown to two voters: the removed
+    /// leader crashed before the other voter learned the commit). It wins only with the votes
+    /// of a quorum of the configuration it applied, which is committed, and PreVote keeps it
+    /// from disturbing a group that has a leader.
+    fn may_campaign(&self) -> bool {
+        self.conf.is_voter(self.id)
+            || (!self.conf.voters.is_empty() && !self.conf.contains(self.id))
     }
 
     fn quorum_active(&self) -> bool {
@@ -1917,6 +1929,10 @@ impl RawNode {
         self.pending_conf_index = noop_index;
         self.need_bcast = true;
         self.maybe_commit();
+        if !self.conf.is_voter(self.id) {
+            // A removed replica won (see `may_campaign`): bring a voter up to date, hand over.
+            self.hand_off_leadership();
+        }
     }
 
     // ----- invariants ------------------------------------------------------------------------
