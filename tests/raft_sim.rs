@@ -123,3 +123,16 @@ fn broken_candidate_counting_its_own_vote_early_is_caught_in_one_voter_groups() 
         "caught only in {hits:?}"
     );
 }
+
+/// Seeds that once failed, kept as regressions: a group started with one node grows to two
+/// voters and removes its leader, which steps down or crashes before the other voter learned
+/// that the removal committed (that voter still needed the removed replica's vote).
+#[test]
+fn regression_seeds_removed_leader_in_two_voter_group() {
+    let opts = RunOptions::new(1, Faults::all());
+    for seed in [1161, 500152, 500282] {
+        if let Err(f) = verdict(seed, &opts) {
+            panic!("seed {seed} with 1 node failed: {f}");
+        }
+    }
+}
