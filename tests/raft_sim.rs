@@ -79,7 +79,7 @@ fn broken_lease_that_never_expires_is_caught() {
     opts.breakage.lease_never_expires = true;
     let seeds = 0..200;
     let hits = caught(&opts, seeds.clone(), &["read"]);
-    // Measured: 52 of these 200 seeds (26%).
+    // Measured: 49 of these 200 seeds (25%), the first at seed 1.
     assert!(
         hits.first().is_some_and(|&s| s < 20),
         "first catch {hits:?}"
@@ -102,7 +102,7 @@ fn broken_shell_acking_writes_on_submission_is_caught() {
         seeds.clone(),
         &["hold it on disk", "lacks committed", "leads term"],
     );
-    // Measured: 93 of 100 (seeds whose disks never take longer than the network miss it).
+    // Measured: 88 of 100 (seeds whose disks never take longer than the network miss it).
     assert!(
         hits.len() * 100 >= (seeds.end - seeds.start) as usize * 80,
         "caught in {} of {} seeds",
