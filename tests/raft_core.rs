@@ -440,3 +440,40 @@ fn commit_only_hard_state_change_needs_no_fsync() {
     assert_eq!(rd.hard_state().map(|h| h.commit), Some(2));
     assert!(rd.must_write() && !rd.must_sync());
 }
+
+#[test]
+fn restart_after_a_torn_write_resumes_in_the_term_of_its_log() {
+    // The entries of term 3 reached the disk, the hard state written with them did not.
+    let mut storage = InitialState::bootstrap(&[1, 2, 3]);
+    storage.entries.push(ent(2, 3, 1));
+    let mut n = RawNode::new(cfg(2), storage, 7).unwrap();
+    assert_eq!(n.term(), 3, "the log proves the replica was in term 3");
+    assert_eq!(n.status().vote, NODE_NONE, "no vote survives: none left");
+    // The new term is written before anything relies on it.
+    let rd = n.ready();
+    assert_eq!(rd.hard_state().map(|hs| hs.term), Some(3));
+    // It can still vote in term 3 for a candidate whose log is as up to date.
+    n.on_persisted(rd.write_mark());
+    for _ in 0..20 {
+        n.tick();
+    }
+    n.step(Message {
+        from: 3,
+        to: 2,
+        term: 4,
+        body: MessageBody::Vote {
+            last_index: 2,
+            last_term: 3,
+            transfer: false,
+        },
+    })
+    .unwrap();
+    let mut rd = n.ready();
+    let votes = rd.take_persisted_messages();
+    assert!(
+        votes
+            .iter()
+            .any(|m| m.to == 3 && m.body == MessageBody::VoteResp { reject: false }),
+        "{votes:?}"
+    );
+}

@@ -4,6 +4,9 @@
 //! (and no safety failure), 64 bad usage. The last line is always
 //! `RESULT seeds=N failed=F steps=S elapsed_ms=T`; the kv workload adds `histories=H ops=M`
 //! (histories that passed the linearizability checker, and their operations).
+//!
+//! `--break lease|vote|ack` runs a deliberately broken core or shell, to measure how often the
+//! invariants catch that bug (every failure is then expected; the exit code still says which).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
@@ -11,6 +14,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
+use tynamo::raft::ReadMode;
 use tynamo::sim::kv::{history_path, run_kv_seed, write_history_file, KvOptions};
 use tynamo::sim::{run_seed, Failure, Faults, RunOptions};
 
@@ -40,6 +44,13 @@ struct Args {
     /// `DIR/kv-n<nodes>-seed<seed>.jsonl`.
     #[arg(long, value_name = "DIR")]
     history_out: Option<PathBuf>,
+    /// `safe` or `lease` for every run (default: drawn from the seed).
+    #[arg(long)]
+    read_mode: Option<String>,
+    /// A deliberate bug, to measure catch rates: `lease` (leases never expire), `vote` (own
+    /// vote counted before durable), `ack` (writes reported durable on submission).
+    #[arg(long = "break")]
+    breakage: Option<String>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,6 +99,32 @@ fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     }
+    if args.workload == Workload::Kv && (args.read_mode.is_some() || args.breakage.is_some()) {
+        eprintln!("tynamo-sim: --read-mode and --break apply to --workload raft only");
+        return ExitCode::from(64);
+    }
+    let read_mode = match args.read_mode.as_deref() {
+        None => None,
+        Some("safe") => Some(ReadMode::Safe),
+        Some("lease") => Some(ReadMode::Lease),
+        Some(other) => {
+            eprintln!("tynamo-sim: --read-mode {other:?} is not safe or lease");
+            return ExitCode::from(64);
+        }
+    };
+    let mut template = RunOptions::new(1, faults);
+    template.fault_ticks = args.fault_ticks;
+    template.read_mode = read_mode;
+    match args.breakage.as_deref() {
+        None => {}
+        Some("lease") => template.breakage.lease_never_expires = true,
+        Some("vote") => template.breakage.count_own_vote_before_durable = true,
+        Some("ack") => template.ack_on_submit = true,
+        Some(other) => {
+            eprintln!("tynamo-sim: --break {other:?} is not lease, vote or ack");
+            return ExitCode::from(64);
+        }
+    }
     for &n in &args.nodes {
         if !(1..=7).contains(&n) {
             eprintln!("tynamo-sim: --nodes {n} is outside 1..=7");
@@ -110,8 +147,8 @@ fn main() -> ExitCode {
     for seed in args.seed_start..args.seed_start.saturating_add(args.seeds) {
         for &nodes in &args.nodes {
             runs += 1;
-            let mut opts = RunOptions::new(nodes, faults);
-            opts.fault_ticks = args.fault_ticks;
+            let mut opts = template.clone();
+            opts.nodes = nodes;
             let verdict = catch_unwind(AssertUnwindSafe(|| match args.workload {
                 Workload::Raft => run_seed(seed, &opts).map(|s| (s.steps, 0)),
                 Workload::Kv => run_kv(
@@ -155,8 +192,15 @@ fn main() -> ExitCode {
                     Workload::Kv => "--workload kv ",
                 };
                 first_failure = Some(format!(
-                    "tynamo-sim -- {workload}--seeds 1 --seed-start {seed} --nodes {nodes} --faults {} --fault-ticks {}",
-                    args.faults, args.fault_ticks
+                    "tynamo-sim -- {workload}--seeds 1 --seed-start {seed} --nodes {nodes} --faults {} --fault-ticks {}{}{}",
+                    args.faults,
+                    args.fault_ticks,
+                    args.read_mode
+                        .as_deref()
+                        .map_or(String::new(), |m| format!(" --read-mode {m}")),
+                    args.breakage
+                        .as_deref()
+                        .map_or(String::new(), |b| format!(" --break {b}")),
                 ));
             }
         }

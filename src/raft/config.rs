@@ -21,6 +21,16 @@ pub enum ReadMode {
     Lease,
 }
 
+/// Deliberate bugs, for tests only: each one breaks a safety rule so that a test can prove the
+/// simulator's invariants catch it. Never set outside tests; all off by default.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TestBreakage {
+    /// Lease reads ignore the lease's end: a leader serves reads locally as long as it leads.
+    pub lease_never_expires: bool,
+    /// A candidate counts its own vote before its term and vote are durable.
+    pub count_own_vote_before_durable: bool,
+}
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub id: NodeId,
@@ -50,6 +60,8 @@ pub struct Config {
     pub snapshot_size_bytes_max: u64,
     /// A learner may be promoted only when it is at most this many entries behind the leader.
     pub promote_lag_entries_max: u64,
+    /// TEST ONLY: deliberate bugs (see [`TestBreakage`]). Leave at the default.
+    pub test_breakage: TestBreakage,
 }
 
 impl Config {
@@ -71,6 +83,7 @@ impl Config {
             snapshot_chunk_bytes: 1 << 20,
             snapshot_size_bytes_max: 1 << 32,
             promote_lag_entries_max: 1024,
+            test_breakage: TestBreakage::default(),
         }
     }
 

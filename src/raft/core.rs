@@ -353,11 +353,20 @@ impl RawNode {
             entries,
             hard_state.commit,
         );
+        // A torn write can leave entries (or a snapshot) of a term on disk without the hard
+        // state that came with them (the store writes entries first). The log then proves this
+        // replica was in that term, so it resumes there, with no vote: any vote it cast in that
+        // term was in the lost hard state, and a vote leaves only once durable, so none left.
+        let (term, vote) = if log.last_term() > hard_state.term {
+            (log.last_term(), NODE_NONE)
+        } else {
+            (hard_state.term, hard_state.vote)
+        };
         let id = cfg.id;
         let mut node = RawNode {
             id,
-            term: hard_state.term,
-            vote: hard_state.vote,
+            term,
+            vote,
             leader: NODE_NONE,
             role: Role::Follower,
             log,
@@ -464,9 +473,9 @@ impl RawNode {
 
     fn tick_election(&mut self) {
         self.election_elapsed = self.election_elapsed.saturating_add(1);
-        // A non-voter never campaigns, and its clock keeps running: resetting it would keep it
+        // A learner never campaigns, and its clock keeps running: resetting it would keep it
         // "in lease" of a leader long gone and make it refuse the votes a new leader needs.
-        if self.election_elapsed >= self.randomized_election_ticks && self.conf.is_voter(self.id) {
+        if self.election_elapsed >= self.randomized_election_ticks && self.may_campaign() {
             self.election_elapsed = 0;
             self.campaign(false);
         }
@@ -487,7 +496,14 @@ impl RawNode {
         if self.election_elapsed >= self.cfg.election_ticks {
             self.election_elapsed = 0;
             if self.cfg.check_quorum {
-                if !self.quorum_active() {
+                // A leader handing off after its own removal keeps leading without a quorum:
+                // stepping down strands a group whose other voter has not yet learned that the
+                // removal committed (seed 1161 with one node, grown to two voters, then shrunk):
+                // that voter still needs our vote, which our longer log makes us refuse, and a
+                // non-voter never campaigns. Leading, we keep replicating and hand off with
+                // TimeoutNow. It counts itself for nothing (not a voter), its lease still ends
+                // on time, and what it commits needs the new voters, so this is safe.
+                if !self.quorum_active() && self.conf.is_voter(self.id) {
                     self.stats.leader_step_downs += 1;
                     self.become_follower(self.term, NODE_NONE);
                     return;
@@ -501,6 +517,18 @@ impl RawNode {
             self.heartbeat_elapsed = 0;
             self.bcast_heartbeat();
         }
+    }
+
+    /// Voters campaign. So does a replica that applied its own removal (it is in no list of a
+    /// non-empty configuration): a voter that has not yet learned that the removal committed
+    /// still needs its vote, which its longer log makes it refuse, so it must lead and hand
+    /// off instead (seeds 500152 and 500282 with one node grown to two voters: the removed
+    /// leader crashed before the other voter learned the commit). It wins only with the votes
+    /// of a quorum of the configuration it applied, which is committed, and PreVote keeps it
+    /// from disturbing a group that has a leader.
+    fn may_campaign(&self) -> bool {
+        self.conf.is_voter(self.id)
+            || (!self.conf.voters.is_empty() && !self.conf.contains(self.id))
     }
 
     fn quorum_active(&self) -> bool {
@@ -675,7 +703,7 @@ impl RawNode {
             return false;
         };
         let lease_ticks = (self.cfg.election_ticks - self.cfg.lease_drift_ticks) as u64;
-        self.now_ticks < sent_tick + lease_ticks
+        self.now_ticks < sent_tick + lease_ticks || self.cfg.test_breakage.lease_never_expires
     }
 
     /// Starts handing leadership to `to` (TimeoutNow once it has caught up). Proposals are
@@ -1844,7 +1872,8 @@ impl RawNode {
     /// Counts votes. A candidate's own vote counts only once its term and vote are durable.
     fn poll(&mut self) {
         let self_durable = self.role == Role::PreCandidate
-            || (self.durable_hs.term == self.term && self.durable_hs.vote == self.id);
+            || (self.durable_hs.term == self.term && self.durable_hs.vote == self.id)
+            || self.cfg.test_breakage.count_own_vote_before_durable;
         let mut granted = 0;
         let mut rejected = 0;
         for &v in &self.conf.voters {
@@ -1900,6 +1929,10 @@ impl RawNode {
         self.pending_conf_index = noop_index;
         self.need_bcast = true;
         self.maybe_commit();
+        if !self.conf.is_voter(self.id) {
+            // A removed replica won (see `may_campaign`): bring a voter up to date, hand over.
+            self.hand_off_leadership();
+        }
     }
 
     // ----- invariants ------------------------------------------------------------------------

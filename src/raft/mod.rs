@@ -19,7 +19,7 @@ mod progress;
 mod storage;
 mod types;
 
-pub use self::config::{Config, ConfigError, ReadMode, TICK_MS_DEFAULT};
+pub use self::config::{Config, ConfigError, ReadMode, TestBreakage, TICK_MS_DEFAULT};
 pub use self::core::{
     CompactError, Dropped, InitialState, ProposeError, RawNode, ReadError, Ready, Role, Stats,
     Status, TransferError, WriteMark,

@@ -38,6 +38,13 @@ pub struct ClusterConfig {
     pub client_timeout_ticks: u64,
     /// Run the invariant checker (the benchmark turns it off to measure the core alone).
     pub checks: bool,
+    /// Chance (per million) that a replica crashes at each step of handling a `Ready` (after
+    /// taking it, after submitting its write, after sending its messages, after applying) and
+    /// after a write completes but before the node hears of it.
+    pub crash_in_ready_per_million: u32,
+    /// TEST ONLY, a deliberately broken shell: report every write to the node as durable as
+    /// soon as it is submitted (and send its persisted messages then), not when it completes.
+    pub ack_on_submit: bool,
 }
 
 impl ClusterConfig {
@@ -65,6 +72,8 @@ impl ClusterConfig {
             snapshot_every_entries: 0,
             client_timeout_ticks: 200,
             checks: true,
+            crash_in_ready_per_million: 0,
+            ack_on_submit: false,
         }
     }
 }
@@ -76,9 +85,16 @@ pub struct SimNode<A: App> {
     pub app: A,
     pub incarnation: u32,
     pub slow_disk: bool,
-    /// Clock skew: this replica misses a tick with this probability (per million), so its
-    /// clock runs slow against the others (the lease must tolerate it, see `lease_drift_ticks`).
+    /// Clock skew: this replica's clock runs slow, missing this many ticks per million, evenly
+    /// spread (a bounded drift, as the lease assumes: see `lease_drift_ticks`).
     pub tick_skip_per_million: u32,
+    /// Accumulated drift towards the next missed tick, in millionths of a tick.
+    tick_skip_acc: u32,
+    /// Highest commit index this incarnation was checked to hold on a quorum of disks.
+    commit_checked: Index,
+    /// The configuration when this replica last handled a Ready as leader, until it handles
+    /// one as a non-leader: a leader can commit and step down between two Readies.
+    leader_conf: Option<crate::raft::ConfState>,
     applied_since_snapshot: u64,
 }
 
@@ -165,6 +181,9 @@ impl<A: App> Cluster<A> {
                 incarnation: 0,
                 slow_disk: false,
                 tick_skip_per_million: 0,
+                tick_skip_acc: 0,
+                commit_checked: 0,
+                leader_conf: None,
                 applied_since_snapshot: 0,
             });
         }
@@ -193,6 +212,8 @@ impl<A: App> Cluster<A> {
                 .on_restart(id, 0, 1, &entries)
                 .expect("bootstrap log is consistent");
         }
+        // The bootstrap entry is committed and on every disk.
+        c.checker.on_commit_durable(1);
         c
     }
 
@@ -250,6 +271,9 @@ impl<A: App> Cluster<A> {
             incarnation: 0,
             slow_disk: false,
             tick_skip_per_million: 0,
+            tick_skip_acc: 0,
+            commit_checked: 0,
+            leader_conf: None,
             applied_since_snapshot: 0,
         });
         id
@@ -265,9 +289,11 @@ impl<A: App> Cluster<A> {
         let i = self.idx(id);
         let n = &mut self.nodes[i];
         n.raft = None;
-        n.disk.crash();
+        n.disk.crash(&mut self.rng);
         n.app = A::default();
         n.incarnation += 1;
+        n.commit_checked = 0;
+        n.leader_conf = None;
     }
 
     pub fn restart(&mut self, id: NodeId) -> Result<(), Violation> {
@@ -394,8 +420,11 @@ impl<A: App> Cluster<A> {
         self.now += 1;
         self.steps += 1;
         for n in &mut self.nodes {
-            let skip = n.tick_skip_per_million > 0
-                && self.rng.gen_range(0..1_000_000) < n.tick_skip_per_million;
+            n.tick_skip_acc += n.tick_skip_per_million.min(1_000_000);
+            let skip = n.tick_skip_acc >= 1_000_000;
+            if skip {
+                n.tick_skip_acc -= 1_000_000;
+            }
             if let Some(r) = n.raft.as_mut() {
                 if !skip {
                     r.tick();
@@ -443,6 +472,11 @@ impl<A: App> Cluster<A> {
             for i in 0..self.nodes.len() {
                 while let Some(c) = self.nodes[i].disk.next_completed(self.now) {
                     busy = true;
+                    if self.nodes[i].raft.is_some() && self.crash_point() {
+                        // Durable, but the node never heard: it crashes before on_persisted.
+                        self.crash(self.nodes[i].id);
+                        break;
+                    }
                     if let Some(r) = self.nodes[i].raft.as_mut() {
                         if self.trace {
                             eprintln!("t{} persisted n{} {:?}", self.now, i + 1, c.mark);
@@ -495,10 +529,20 @@ impl<A: App> Cluster<A> {
         if !raft.has_ready() {
             return Ok(false);
         }
+        let conf_before = if raft.role() == Role::Leader {
+            Some(raft.conf().clone())
+        } else {
+            // Stepped down since its last Ready: what it committed meanwhile is checked below.
+            self.nodes[i].leader_conf.take()
+        };
+        let Some(raft) = self.nodes[i].raft.as_mut() else {
+            return Ok(false);
+        };
         let mut rd = raft.ready();
         let commit = raft.status().commit;
         let role = raft.role();
         let term = raft.term();
+        let commit_term = raft.log_term(commit);
         if self.trace {
             eprintln!(
                 "t{now} ready n{id} {:?} term {term} commit {commit} hs {:?} entries {:?} snap {:?} apply {:?}",
@@ -518,7 +562,19 @@ impl<A: App> Cluster<A> {
             self.checker.on_entries(id, rd.entries())?;
             if role == Role::Leader {
                 self.checker.on_leader(id, term)?;
+                self.check_leader_vote_durable(i)?;
             }
+            if role == Role::Leader || conf_before.is_some() {
+                self.check_commit_durable(i, commit, commit_term, conf_before.as_ref())?;
+            }
+            if role == Role::Leader {
+                self.nodes[i].leader_conf = self.nodes[i].raft.as_ref().map(|r| r.conf().clone());
+            }
+        }
+        if self.crash_point() {
+            // After taking the Ready, before anything of it was done.
+            self.crash(id);
+            return Ok(true);
         }
         if rd.must_write() {
             let latency = self
@@ -539,10 +595,28 @@ impl<A: App> Cluster<A> {
             }
             let hs = rd.hard_state();
             let entries = rd.take_entries();
-            let pm = rd.take_persisted_messages();
+            let mut pm = rd.take_persisted_messages();
+            let early = if self.cfg.ack_on_submit {
+                std::mem::take(&mut pm)
+            } else {
+                Vec::new()
+            };
             self.nodes[i]
                 .disk
                 .submit(now + latency, hs, snapshot, entries, rd.write_mark(), pm);
+            if self.cfg.ack_on_submit {
+                if let Some(r) = self.nodes[i].raft.as_mut() {
+                    r.on_persisted(rd.write_mark());
+                }
+                for m in early {
+                    self.net.send(m, now, &mut self.rng);
+                }
+            }
+            if self.crash_point() {
+                // The write is submitted (the crash may keep part of it); nothing was sent.
+                self.crash(id);
+                return Ok(true);
+            }
         }
         for m in rd.take_messages() {
             if self.trace {
@@ -556,6 +630,11 @@ impl<A: App> Cluster<A> {
                 );
             }
             self.net.send(m, now, &mut self.rng);
+        }
+        if self.crash_point() {
+            // Messages are out, the write may still be in flight, nothing applied.
+            self.crash(id);
+            return Ok(true);
         }
         for e in rd.take_committed_entries() {
             if checks {
@@ -571,6 +650,11 @@ impl<A: App> Cluster<A> {
             if !self.proposals.is_empty() {
                 self.complete_proposals(id, e.index, e.term, result);
             }
+        }
+        if self.crash_point() {
+            // Applied, but no read served and no snapshot taken.
+            self.crash(id);
+            return Ok(true);
         }
         for rs in rd.take_read_states() {
             if let Some(r) = self.reads.get_mut(&rs.ctx) {
@@ -590,7 +674,12 @@ impl<A: App> Cluster<A> {
             .map(|(&ctx, r)| (ctx, r.index.unwrap_or(0)))
             .collect();
         for (ctx, index) in served {
-            self.reads.remove(&ctx);
+            if let Some(r) = self.reads.remove(&ctx) {
+                if checks {
+                    self.checker
+                        .on_read_served(id, ctx, applied, r.acked_at_start)?;
+                }
+            }
             self.read_outcomes
                 .insert(ctx, ReadOutcome::Ready { node: id, index });
         }
@@ -609,6 +698,85 @@ impl<A: App> Cluster<A> {
             node.applied_since_snapshot = 0;
         }
         Ok(true)
+    }
+
+    /// Whether a crash strikes at this point of the Ready loop (`crash_in_ready_per_million`).
+    fn crash_point(&mut self) -> bool {
+        let p = self.cfg.crash_in_ready_per_million;
+        p > 0 && self.rng.gen_range(0..1_000_000) < p
+    }
+
+    /// A leader of term T counted its own vote, so that vote must be on its disk: otherwise a
+    /// crash could let it vote for someone else in T, and T would have two leaders.
+    fn check_leader_vote_durable(&mut self, i: usize) -> Result<(), Violation> {
+        let n = &self.nodes[i];
+        let Some(r) = n.raft.as_ref() else {
+            return Ok(());
+        };
+        let hs = n.disk.hard_state();
+        if hs.term != r.term() || hs.vote != n.id {
+            return Err(Violation(format!(
+                "node {} leads term {} but its disk holds term {} vote {}",
+                n.id,
+                r.term(),
+                hs.term,
+                hs.vote
+            )));
+        }
+        Ok(())
+    }
+
+    /// What "committed" means: the entry at a leader's commit index is on the disks of a quorum
+    /// of voters. The commit was decided under the configuration before this Ready or under
+    /// the one its applied configuration entries produced, so either quorum will do.
+    fn check_commit_durable(
+        &mut self,
+        i: usize,
+        commit: Index,
+        commit_term: Option<Term>,
+        conf_before: Option<&crate::raft::ConfState>,
+    ) -> Result<(), Violation> {
+        let id = self.nodes[i].id;
+        if commit <= self.nodes[i].commit_checked || commit <= self.checker.durable_commit_max {
+            return Ok(());
+        }
+        let Some(term) = commit_term else {
+            return Ok(());
+        };
+        let Some(conf_after) = self.nodes[i].raft.as_ref().map(|r| r.conf().clone()) else {
+            return Ok(());
+        };
+        let holds = |v: NodeId| -> bool {
+            let Some(n) = self.nodes.get((v as usize).wrapping_sub(1)) else {
+                return false;
+            };
+            let base = n.disk.snapshot().map_or(0, |s| s.meta.index);
+            if commit <= base {
+                return true;
+            }
+            n.disk
+                .entries()
+                .get((commit - base - 1) as usize)
+                .is_some_and(|e| e.index == commit && e.term == term)
+        };
+        let quorum_holds = |conf: &crate::raft::ConfState| {
+            conf.voters.iter().filter(|&&v| holds(v)).count() >= conf.quorum()
+        };
+        if !quorum_holds(&conf_after) && !conf_before.is_some_and(quorum_holds) {
+            let on: Vec<NodeId> = conf_after
+                .voters
+                .iter()
+                .copied()
+                .filter(|&v| holds(v))
+                .collect();
+            return Err(Violation(format!(
+                "leader {id} committed index {commit} (term {term}) but only voters {on:?} of {:?} hold it on disk",
+                conf_after.voters
+            )));
+        }
+        self.nodes[i].commit_checked = commit;
+        self.checker.on_commit_durable(commit);
+        Ok(())
     }
 
     fn complete_proposals(&mut self, node: NodeId, index: Index, term: Term, result: Bytes) {

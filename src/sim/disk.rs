@@ -1,7 +1,17 @@
-//! A simulated disk per replica: writes complete in order after a latency (slow disks have a
-//! longer one); a crash loses every write not yet completed (unsynced).
+//! A simulated disk per replica, modelled on what a real one does under a WAL:
+//! - A write is submitted, then completes (its fsync returns) after a latency (slow disks have a
+//!   longer one). Writes complete in submission order. Only a completed write is durable, and
+//!   only a completed write is reported to the node (`next_completed`, then `on_persisted`).
+//! - A crash (power loss) loses every write whose completion was not reported, except that the
+//!   device may already hold a prefix of them, in order: whole writes, then part of the next one
+//!   (torn). A write is a sequence of records, in the order the `LogStore` contract gives:
+//!   snapshot, then each entry (the first one also truncates the conflicting suffix), then the
+//!   hard state. A torn write keeps a prefix of its records, so entries can survive without
+//!   the hard state written with them.
 
 use std::collections::VecDeque;
+
+use rand::Rng;
 
 use crate::raft::{
     ConfState, Entry, HardState, InitialState, LogStore, Message, Snapshot, WriteMark,
@@ -14,6 +24,15 @@ struct PendingWrite {
     entries: Vec<Entry>,
     mark: WriteMark,
     persisted_messages: Vec<Message>,
+}
+
+impl PendingWrite {
+    /// Records a crash can keep or lose one by one (an empty write is only a barrier).
+    fn records(&self) -> usize {
+        usize::from(self.snapshot.is_some())
+            + self.entries.len()
+            + usize::from(self.hard_state.is_some())
+    }
 }
 
 /// A completed write: report `mark` to the node, then send the messages.
@@ -75,9 +94,7 @@ impl SimDisk {
         }
         let w = self.pending.pop_front()?;
         self.writes += 1;
-        if let Err(never) = self.write(w.snapshot, w.entries, w.hard_state) {
-            match never {}
-        }
+        self.apply(w.snapshot, w.entries, w.hard_state);
         Some(Completion {
             mark: w.mark,
             persisted_messages: w.persisted_messages,
@@ -91,9 +108,45 @@ impl SimDisk {
         }
     }
 
-    /// Power loss: unsynced writes are gone.
-    pub fn crash(&mut self) {
+    /// Power loss: writes not reported complete are gone, except a random prefix of their
+    /// records (see the module comment) that the device had already made durable.
+    pub fn crash(&mut self, rng: &mut impl Rng) {
+        let records: usize = self.pending.iter().map(PendingWrite::records).sum();
+        let keep = rng.gen_range(0..=records);
+        self.crash_keeping_records(keep);
+    }
+
+    /// Power loss that keeps exactly the first `records` records of the pending writes.
+    pub fn crash_keeping_records(&mut self, mut records: usize) {
+        while records > 0 {
+            let Some(mut w) = self.pending.pop_front() else {
+                break;
+            };
+            let n = w.records();
+            if n <= records {
+                records -= n;
+                self.apply(w.snapshot, w.entries, w.hard_state);
+                continue;
+            }
+            // Torn: the snapshot, then entries, then the hard state, cut after `records`.
+            let snapshot = w.snapshot.take();
+            records -= usize::from(snapshot.is_some());
+            w.entries.truncate(records);
+            self.apply(snapshot, w.entries, None);
+            break;
+        }
         self.pending.clear();
+    }
+
+    fn apply(
+        &mut self,
+        snapshot: Option<Snapshot>,
+        entries: Vec<Entry>,
+        hard_state: Option<HardState>,
+    ) {
+        if let Err(never) = self.write(snapshot, entries, hard_state) {
+            match never {}
+        }
     }
 
     pub fn pending_writes(&self) -> usize {
@@ -226,7 +279,7 @@ mod tests {
         );
         assert!(d.next_completed(10).is_some());
         assert_eq!(d.entries().len(), 3);
-        d.crash();
+        d.crash_keeping_records(0);
         assert_eq!(d.pending_writes(), 0);
         let s = d.initial_state();
         assert_eq!(
@@ -237,6 +290,65 @@ mod tests {
             vec![(1, 1), (2, 1), (3, 1)]
         );
         assert_eq!(s.hard_state.commit, 2);
+    }
+
+    #[test]
+    fn a_crash_keeps_a_prefix_of_records_and_can_tear_a_write() {
+        let hs = |term| HardState {
+            term,
+            vote: 1,
+            commit: 0,
+        };
+        let pending = |d: &mut SimDisk| {
+            d.submit(
+                5,
+                Some(hs(2)),
+                None,
+                vec![ent(1, 2)],
+                WriteMark::default(),
+                vec![],
+            );
+            d.submit(
+                5,
+                Some(hs(3)),
+                None,
+                vec![ent(2, 3), ent(3, 3)],
+                WriteMark::default(),
+                vec![],
+            );
+        };
+        // The whole first write and one entry of the second, without its hard state.
+        let mut d = SimDisk::new(InitialState::default());
+        pending(&mut d);
+        d.crash_keeping_records(3);
+        assert_eq!(d.pending_writes(), 0);
+        assert_eq!(
+            d.entries().iter().map(|e| e.index).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+        assert_eq!(d.hard_state(), hs(2), "the torn write's hard state is lost");
+        // Everything kept when the device had it all.
+        let mut d = SimDisk::new(InitialState::default());
+        pending(&mut d);
+        d.crash_keeping_records(5);
+        assert_eq!(d.entries().len(), 3);
+        assert_eq!(d.hard_state(), hs(3));
+        // A random crash never keeps a record without every record before it, and it hits
+        // every cut point.
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(3);
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..200 {
+            let mut d = SimDisk::new(InitialState::default());
+            pending(&mut d);
+            d.crash(&mut rng);
+            let state = (d.entries().len(), d.hard_state().term);
+            assert!(
+                [(0, 0), (1, 0), (1, 2), (2, 2), (3, 2), (3, 3)].contains(&state),
+                "{state:?}"
+            );
+            seen.insert(state);
+        }
+        assert_eq!(seen.len(), 6);
     }
 
     #[test]

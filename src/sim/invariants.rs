@@ -8,7 +8,12 @@
 //! - State machine safety: no two nodes apply different entries at one index.
 //! - Commit never goes back within an incarnation; a restarted node resumes at or above the
 //!   snapshot it last made durable.
-//! - Reads: a read's index covers every write acknowledged before the read was issued.
+//! - Commitment is durable (checked by the cluster, which sees the disks): the entry at a
+//!   leader's commit index is on the disks of a quorum of voters, and a leader's vote for
+//!   itself is on its disk.
+//! - Reads are linearizable: a read's index, and the state it is served from, reflect every
+//!   write acknowledged to a client before the read was invoked; and the served state holds
+//!   nothing beyond what is durably committed.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -56,6 +61,8 @@ pub struct Checker {
     nodes: BTreeMap<NodeId, NodeView>,
     /// Highest index acknowledged to a client as committed.
     pub acked_max: Index,
+    /// Highest index seen committed and held on a quorum of disks.
+    pub durable_commit_max: Index,
 }
 
 impl Checker {
@@ -223,6 +230,35 @@ impl Checker {
         self.on_entries(id, entries)
     }
 
+    /// A leader's commit index was checked to be on a quorum of disks.
+    pub fn on_commit_durable(&mut self, index: Index) {
+        self.durable_commit_max = self.durable_commit_max.max(index);
+    }
+
+    /// Read `ctx` is answered from node `id`'s state machine, which has applied up to
+    /// `served_applied`. Every write acked before the read was invoked (up to `acked_at_start`)
+    /// must be in that state, and nothing that is not durably committed may be.
+    pub fn on_read_served(
+        &self,
+        id: NodeId,
+        ctx: u64,
+        served_applied: Index,
+        acked_at_start: Index,
+    ) -> Result<(), Violation> {
+        if served_applied < acked_at_start {
+            violation!(
+                "stale read: read {ctx} served by node {id} from state applied to {served_applied} misses a write acked at {acked_at_start} before the read began"
+            );
+        }
+        if served_applied > self.durable_commit_max {
+            violation!(
+                "dirty read: read {ctx} served by node {id} from state applied to {served_applied}, beyond the durably committed {}",
+                self.durable_commit_max
+            );
+        }
+        Ok(())
+    }
+
     pub fn on_acked(&mut self, index: Index) {
         self.acked_max = self.acked_max.max(index);
     }
@@ -302,6 +338,21 @@ mod tests {
         assert!(c.on_commit(1, 4).is_err());
         assert!(c.on_read(1, 3, 4).is_err());
         c.on_read(1, 4, 4).unwrap();
+    }
+
+    #[test]
+    fn stale_and_dirty_served_reads_are_caught() {
+        let mut c = Checker::default();
+        c.on_commit_durable(6);
+        c.on_read_served(1, 7, 5, 5).unwrap();
+        assert!(
+            c.on_read_served(1, 7, 4, 5).is_err(),
+            "misses an acked write"
+        );
+        assert!(
+            c.on_read_served(1, 7, 7, 5).is_err(),
+            "serves uncommitted state"
+        );
     }
 
     #[test]

@@ -3,19 +3,25 @@
 //! randomness comes from one ChaCha8 RNG seeded from the seed, and nothing iterates a HashMap.
 //!
 //! - `network.rs`: drop, duplicate, delay/reorder, directed partitions.
-//! - `disk.rs`: ordered writes with latency; a crash loses what is unsynced.
-//! - `cluster.rs`: the group, the client API, the Ready loop.
-//! - `invariants.rs`: the safety checker.
+//! - `disk.rs`: ordered writes with latency, durable only once complete; a crash loses what
+//!   was not reported complete, except a random in-order prefix of its records (torn writes).
+//! - `cluster.rs`: the group, the client API, the Ready loop (with crash points between its
+//!   steps), and the checks that need the disks: a leader's commit is on a quorum of disks,
+//!   its own vote is on its disk.
+//! - `invariants.rs`: the safety checker, including read linearizability at serve time.
 //! - `run.rs`: one seed with a fault schedule and a liveness phase (used by `tynamo-sim`).
 //! - `app.rs`: the application trait the KV service implements, and a hashing default.
 //! - `kv/`: the KV service as that application, simulated clients and checked histories.
 //!
 //! Running it:
-//! - CI: `cargo test --test raft_sim` runs 2,000 seeds of 3 nodes and 2,000 of 5 with every
-//!   fault (about 20 s here in the test profile, two tests in parallel).
+//! - CI: `cargo test --test raft_sim` runs 2,000 seeds of 3 nodes, 2,000 of 5, 300 of 1 and
+//!   500 of 2 with every fault, and the deliberately broken variants (`TestBreakage`,
+//!   `ClusterConfig::ack_on_submit`) that must be caught (about 10-20 s here in the test
+//!   profile, tests in parallel).
 //! - By hand: `cargo run --release --bin tynamo-sim -- --seeds 2000 --nodes 3,5 --faults all`
-//!   (about 15 s for the 4,000 runs). A failure prints the seed and the command that replays it;
-//!   `TYNAMO_SIM_TRACE=1` prints every delivery, write and apply of that run.
+//!   (about 10 s for the 4,000 runs). A failure prints the seed and the command that replays it;
+//!   `TYNAMO_SIM_TRACE=1` prints every delivery, write and apply of that run. `--break lease`
+//!   (with `--read-mode lease`), `--break ack` or `--break vote` measure catch rates.
 //!
 //! Plugging in another state machine (the KV service): implement [`App`], build a
 //! `Cluster<YourApp>`, and drive it with `propose`/`outcome` and `read`/`read_outcome`; a

@@ -4,12 +4,20 @@
 //! disks, and a lossy, duplicating, reordering network, all drawn from the seed) and then a
 //! liveness phase: every fault is healed and every replica restarted, and a leader must be
 //! elected and a new proposal committed within `LIVENESS_TICKS_MAX` ticks.
+//!
+//! Crashes strike between ticks and also inside a replica's Ready loop (after it took a Ready,
+//! after submitting the write, after sending, after applying, after a write completed but
+//! before the replica heard), and a crash keeps a random prefix of the unfinished writes.
+//!
+//! The schedule aims at the dangerous case for reads: a leader is isolated (often), its clock
+//! runs slow (as slow as the lease's drift bound allows, with `clock`), and clients keep
+//! reading from it while the majority elects a new leader and acknowledges writes.
 
 use bytes::Bytes;
 use rand::seq::SliceRandom;
 use rand::Rng;
 
-use crate::raft::{ConfChange, NodeId, Role};
+use crate::raft::{ConfChange, NodeId, ReadMode, Role, TestBreakage};
 
 use super::app::HashApp;
 use super::cluster::{Cluster, ClusterConfig, Outcome};
@@ -85,6 +93,12 @@ pub struct RunOptions {
     pub nodes: usize,
     pub faults: Faults,
     pub fault_ticks: u64,
+    /// Read mode for every replica; `None`: drawn from the seed (half the runs use leases).
+    pub read_mode: Option<ReadMode>,
+    /// TEST ONLY: deliberate bugs in the core (see `TestBreakage`).
+    pub breakage: TestBreakage,
+    /// TEST ONLY: a broken shell that reports writes durable when submitted.
+    pub ack_on_submit: bool,
 }
 
 impl RunOptions {
@@ -93,9 +107,18 @@ impl RunOptions {
             nodes,
             faults,
             fault_ticks: 600,
+            read_mode: None,
+            breakage: TestBreakage::default(),
+            ack_on_submit: false,
         }
     }
 }
+
+/// Clock skew bounds, in ticks missed per million. The lease is `election_ticks -
+/// lease_drift_ticks` = 16 of 20 ticks in the simulator, so a leader clock up to 20% slow is
+/// within the drift bound; an isolated leader gets up to 15% (a margin for whole-tick rounding).
+const CLOCK_SLOW_PER_MILLION_MAX: u32 = 100_000;
+const ISOLATED_LEADER_SLOW_PER_MILLION_MAX: u32 = 150_000;
 
 /// Ticks after healing within which a leader must exist and a new proposal must commit.
 pub const LIVENESS_TICKS_MAX: u64 = 600;
@@ -147,21 +170,34 @@ pub fn run_seed(seed: u64, opts: &RunOptions) -> Result<RunSummary, Failure> {
     cfg.snapshot_every_entries = rng.gen_range(10..100);
     cfg.raft.max_inflight_msgs = rng.gen_range(1..=4);
     cfg.raft.max_entries_per_msg = rng.gen_range(1..=32);
-    if rng.gen_bool(0.5) {
-        cfg.raft.read_mode = crate::raft::ReadMode::Lease;
+    let lease = rng.gen_bool(0.5);
+    cfg.raft.read_mode = match opts.read_mode {
+        Some(mode) => mode,
+        None if lease => ReadMode::Lease,
+        None => ReadMode::Safe,
+    };
+    cfg.raft.test_breakage = opts.breakage;
+    cfg.ack_on_submit = opts.ack_on_submit;
+    if opts.faults.crash {
+        cfg.crash_in_ready_per_million = rng.gen_range(0..200);
     }
     let mut c: Cluster<HashApp> = Cluster::new(cfg, seed);
     if opts.faults.clock {
-        // 10% slow at most: the lease (election 20 - drift 4 ticks) tolerates 20%.
         for n in &mut c.nodes {
-            n.tick_skip_per_million = rng.gen_range(0..100_000);
+            n.tick_skip_per_million = rng.gen_range(0..CLOCK_SLOW_PER_MILLION_MAX);
         }
     }
     let f = opts.faults;
+    // The leader most recently cut off from everyone, while that partition lasts.
+    let mut isolated: Option<NodeId> = None;
     for _ in 0..opts.fault_ticks {
         let ids: Vec<NodeId> = c.ids();
-        // Client load: a few proposals and reads per tick at most.
-        if c.rng.gen_bool(0.3) {
+        // The isolated leader, while it still believes it leads: the window for stale reads.
+        let stale = isolated.filter(|&l| c.raft(l).is_some_and(|r| r.role() == Role::Leader));
+        // Client load: a few proposals and reads per tick at most; while an old leader is cut
+        // off, the majority side gets more writes to acknowledge.
+        let write_chance = if stale.is_some() { 0.8 } else { 0.3 };
+        if c.rng.gen_bool(write_chance) {
             let size = c.rng.gen_range(1..64);
             let tag = c.rng.gen::<u64>();
             let mut data = tag.to_le_bytes().to_vec();
@@ -179,6 +215,10 @@ pub fn run_seed(seed: u64, opts: &RunOptions) -> Result<RunSummary, Failure> {
                 let _ = c.read_at(l);
             }
         }
+        if let Some(l) = stale {
+            // Clients cut off with the old leader keep reading from it.
+            let _ = c.read_at(l);
+        }
         if f.crash && c.rng.gen_bool(0.004) {
             let id = *ids.choose(&mut c.rng).unwrap_or(&1);
             c.crash(id);
@@ -190,11 +230,36 @@ pub fn run_seed(seed: u64, opts: &RunOptions) -> Result<RunSummary, Failure> {
                 }
             }
         }
-        if f.partition && c.rng.gen_bool(0.006) {
-            partition(&mut c, &ids);
-        }
-        if f.partition && c.net.is_partitioned() && c.rng.gen_bool(0.01) {
-            c.net.heal();
+        if f.partition {
+            let before = isolated;
+            if c.rng.gen_bool(0.006) {
+                isolated = partition(&mut c, &ids);
+            } else if !c.net.is_partitioned() && c.rng.gen_bool(0.05) {
+                // Hunt leaders: cut off one that serves reads, again and again.
+                if let Some(l) = c
+                    .leader()
+                    .filter(|&l| c.raft(l).is_some_and(|r| r.committed_in_term()))
+                {
+                    c.net.isolate(l, ids.iter().copied());
+                    isolated = Some(l);
+                }
+            }
+            if let Some(l) = isolated.filter(|_| isolated != before && f.clock) {
+                // Its clock runs slow, as slow as the drift bound allows.
+                c.nodes[(l - 1) as usize].tick_skip_per_million = c
+                    .rng
+                    .gen_range(CLOCK_SLOW_PER_MILLION_MAX..ISOLATED_LEADER_SLOW_PER_MILLION_MAX);
+            }
+            // Heal soon once the old leader has stepped down, never while it may serve reads.
+            let heal_chance = match (isolated, stale) {
+                (Some(_), Some(_)) => 0.0,
+                (Some(_), None) => 0.1,
+                (None, _) => 0.01,
+            };
+            if c.net.is_partitioned() && c.rng.gen_bool(heal_chance) {
+                c.net.heal();
+                isolated = None;
+            }
         }
         if f.slow_disk && c.rng.gen_bool(0.004) {
             let id = *ids.choose(&mut c.rng).unwrap_or(&1);
@@ -218,6 +283,7 @@ pub fn run_seed(seed: u64, opts: &RunOptions) -> Result<RunSummary, Failure> {
     // Heal everything and demand progress.
     c.net.heal();
     c.net.cfg = NetConfig::reliable();
+    c.cfg.crash_in_ready_per_million = 0;
     for &id in &ids {
         c.set_slow_disk(id, false);
         c.restart(id)?;
@@ -324,12 +390,14 @@ fn change_membership(c: &mut Cluster<HashApp>, voters_target: usize) {
     let _ = c.propose_conf_change(change);
 }
 
-fn partition(c: &mut Cluster<HashApp>, ids: &[NodeId]) {
+/// Cuts the network in one of three shapes; returns the leader when it was isolated.
+fn partition(c: &mut Cluster<HashApp>, ids: &[NodeId]) -> Option<NodeId> {
     c.net.heal();
     if ids.len() < 2 {
-        return;
+        return None;
     }
-    match c.rng.gen_range(0..3) {
+    // Isolating the leader is the dangerous case for reads: weigh it up.
+    match c.rng.gen_range(0..5) {
         0 => {
             // A random split in two.
             let mut shuffled = ids.to_vec();
@@ -343,11 +411,11 @@ fn partition(c: &mut Cluster<HashApp>, ids: &[NodeId]) {
                 }
             }
         }
-        1 => {
+        1..=2 => {
             // Isolate the leader.
-            if let Some(l) = c.leader() {
-                c.net.isolate(l, ids.iter().copied());
-            }
+            let l = c.leader()?;
+            c.net.isolate(l, ids.iter().copied());
+            return Some(l);
         }
         _ => {
             // Asymmetric: one node can send but not receive (or the reverse).
@@ -364,4 +432,5 @@ fn partition(c: &mut Cluster<HashApp>, ids: &[NodeId]) {
             }
         }
     }
+    None
 }
