@@ -152,7 +152,7 @@ impl Model {
                 Outcome::Ok
             }
             Op::Append { key, value } => {
-                if let Some(e) = self.key_err(key) {
+                if let Some(e) = self.key_err(key).or(self.value_err(value.len())) {
                     return err(e);
                 }
                 let mut v = self.data.get(key).map(|v| v.to_vec()).unwrap_or_default();

@@ -416,3 +416,27 @@ fn config_validation_rejects_a_bad_node_config() {
         })
     ));
 }
+
+#[test]
+fn commit_only_hard_state_change_needs_no_fsync() {
+    let mut n = follower(2);
+    n.step(append(1, 2, (1, 1), 1, vec![ent(2, 2, 1)])).unwrap();
+    let rd = n.ready();
+    assert!(rd.must_sync(), "new entries and a new term must be synced");
+    n.on_persisted(rd.write_mark());
+    let _ = n.ready();
+    // Only the commit index moves.
+    n.step(Message {
+        from: 1,
+        to: 2,
+        term: 2,
+        body: MessageBody::Heartbeat {
+            commit: 2,
+            round: 1,
+        },
+    })
+    .unwrap();
+    let rd = n.ready();
+    assert_eq!(rd.hard_state().map(|h| h.commit), Some(2));
+    assert!(rd.must_write() && !rd.must_sync());
+}

@@ -2,7 +2,7 @@
 //! symmetric, asymmetric and leader-isolating partitions, drops, duplicates, reordering, slow
 //! disks, leadership transfers). A failure names the seed and the command that reproduces it.
 
-use tynamo::sim::{run_seed, Faults, RunOptions};
+use tynamo::sim::{run_seed, Failure, Faults, RunOptions};
 
 /// Seeds per group size in CI. About 5 s per 2,000 runs on one core in the test profile.
 const SEEDS: u64 = 2_000;
@@ -11,7 +11,10 @@ fn run_many(nodes: usize, seed_start: u64) {
     let opts = RunOptions::new(nodes, Faults::all());
     let mut committed = 0;
     for seed in seed_start..seed_start + SEEDS {
-        match run_seed(seed, &opts) {
+        // A broken assertion inside the core panics: report the seed with it.
+        let verdict = std::panic::catch_unwind(|| run_seed(seed, &opts))
+            .unwrap_or_else(|_| Err(Failure::Safety("panic (see the message above)".to_string())));
+        match verdict {
             Ok(summary) => committed += summary.committed,
             Err(f) => panic!(
                 "seed {seed} with {nodes} nodes failed: {f}\nreproduce: cargo run --release --bin tynamo-sim -- --seeds 1 --seed-start {seed} --nodes {nodes} --faults all"

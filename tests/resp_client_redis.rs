@@ -440,3 +440,76 @@ fn a_dead_server_ends_in_retries_exhausted_after_the_bound() {
     assert_eq!(stats.connects, 1);
     assert_eq!(stats.retried, 50 * 4);
 }
+
+/// A server whose every answer comes from `answer` (one thread per connection).
+fn scripted_server(answer: fn(SocketAddr, &[Bytes]) -> Vec<u8>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { return };
+            std::thread::spawn(move || {
+                let (mut buf, mut args, mut chunk) = (BytesMut::new(), Vec::new(), [0u8; 4096]);
+                loop {
+                    let n = match s.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    buf.extend_from_slice(&chunk[..n]);
+                    while frame::decode_request(&mut buf, &Limits::DEFAULT, &mut args).unwrap() {
+                        if s.write_all(&answer(addr, &args)).is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_hole_in_the_slot_map_is_retried_then_reported_and_the_client_stays_usable() {
+    // Owns slots 0..=100 only.
+    let addr = scripted_server(|me, args| {
+        let mut out = BytesMut::new();
+        match args[0].to_ascii_uppercase().as_slice() {
+            b"CLUSTER" => {
+                let reply = format!(
+                    "*1\r\n*3\r\n:0\r\n:100\r\n*2\r\n$9\r\n127.0.0.1\r\n:{}\r\n",
+                    me.port()
+                );
+                out.extend_from_slice(reply.as_bytes());
+            }
+            b"GET" => frame::put_bulk(&mut out, b"v"),
+            _ => frame::put_error(&mut out, b"ERR unknown command"),
+        }
+        out.to_vec()
+    });
+    let owned_key = (0..)
+        .map(|i| format!("k{i}"))
+        .find(|k| key_slot(k.as_bytes()) <= 100)
+        .unwrap();
+    let (err, reply, stats) = run(move || async move {
+        let options = ClientOptions {
+            attempts_max: 2,
+            backoff_initial: Duration::from_millis(1),
+            ..ClientOptions::default()
+        };
+        let mut client = ClusterClient::connect_cluster(&[addr], options)
+            .await
+            .unwrap();
+        let err = client.call(&[b"GET", b"foo"]).await.unwrap_err();
+        let reply = client.call(&[b"GET", owned_key.as_bytes()]).await.unwrap();
+        (err, reply, client.stats())
+    });
+    match err {
+        ClientError::RetriesExhausted { last, attempts, .. } => {
+            assert_eq!(last, "slot 12182 has no owner in the slot map");
+            assert_eq!(attempts, 3);
+        }
+        other => panic!("expected RetriesExhausted, got {other}"),
+    }
+    assert_eq!(reply, bulk("v"));
+    assert_eq!(stats.retried, 3);
+}

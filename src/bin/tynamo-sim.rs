@@ -23,7 +23,7 @@ struct Args {
     /// Group sizes to run each seed with, e.g. `3` or `3,5`.
     #[arg(long, default_value = "3", value_delimiter = ',')]
     nodes: Vec<usize>,
-    /// `all`, `none`, or a comma list of crash,partition,net,disk,transfer.
+    /// `all`, `none`, or a comma list of crash,partition,net,disk,transfer,membership,clock.
     #[arg(long, default_value = "all")]
     faults: String,
     /// Ticks of the fault phase per seed.
@@ -80,19 +80,12 @@ fn main() -> ExitCode {
                 }
             };
             failed += 1;
-            let code = if matches!(failure, Failure::Safety(_)) {
-                1
-            } else {
-                2
+            // Safety failures outrank liveness failures in the exit code.
+            exit = match failure {
+                Failure::Safety(_) => 1,
+                Failure::Liveness(_) if exit == 0 => 2,
+                Failure::Liveness(_) => exit,
             };
-            if exit == 0 || code == 1 {
-                exit = exit
-                    .max(code)
-                    .min(if code == 1 { 1 } else { exit.max(code) });
-            }
-            if code == 1 {
-                exit = 1;
-            }
             eprintln!("seed {seed} nodes {nodes}: FAILED: {failure}");
             if first_failure.is_none() {
                 first_failure = Some(format!(

@@ -259,6 +259,83 @@ pub fn read_history(reader: impl BufRead) -> Result<Vec<Record>, HistoryError> {
     }
 }
 
+/// Builds a history as operations are invoked and complete (for a workload driver): every
+/// operation still pending at [`finish`](Recorder::finish) is recorded as timed out.
+#[derive(Debug, Default)]
+pub struct Recorder {
+    pending: std::collections::BTreeMap<u64, Record>,
+    next_id: u64,
+    records: Vec<Record>,
+}
+
+/// Names one pending operation of a [`Recorder`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OpId(u64);
+
+impl Recorder {
+    pub fn new() -> Recorder {
+        Recorder::default()
+    }
+
+    /// An operation starts at `time`. `value` is the value of a put or append.
+    pub fn invoke(
+        &mut self,
+        client: ClientId,
+        op: OpKind,
+        key: impl Into<Bytes>,
+        value: Option<Bytes>,
+        time: u64,
+    ) -> OpId {
+        let id = OpId(self.next_id);
+        self.next_id += 1;
+        let record = Record {
+            client,
+            op,
+            key: JsonBytes(key.into()),
+            value: value.map(JsonBytes),
+            invoke: time,
+            complete: None,
+            result: None,
+            status: Status::Timeout,
+        };
+        self.pending.insert(id.0, record);
+        id
+    }
+
+    /// The operation completed at `time`; `result` is what a get returned (None: missing).
+    /// Returns false if `id` is not pending (already completed or failed).
+    pub fn complete(&mut self, id: OpId, time: u64, result: Option<Bytes>) -> bool {
+        self.end(id, time, result, Status::Ok)
+    }
+
+    /// The operation definitely did not take effect (e.g. refused before being proposed).
+    pub fn fail(&mut self, id: OpId, time: u64) -> bool {
+        self.end(id, time, None, Status::Fail)
+    }
+
+    fn end(&mut self, id: OpId, time: u64, result: Option<Bytes>, status: Status) -> bool {
+        let Some(mut record) = self.pending.remove(&id.0) else {
+            return false;
+        };
+        record.complete = Some(time.max(record.invoke));
+        record.result = result.map(JsonBytes);
+        record.status = status;
+        self.records.push(record);
+        true
+    }
+
+    pub fn pending_count(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// The history, in invoke order; operations still pending are timed out.
+    pub fn finish(mut self) -> Vec<Record> {
+        self.records.extend(self.pending.into_values());
+        self.records.sort_by_key(|r| r.invoke);
+        self.records
+    }
+}
+
 /// Reads a history file.
 pub fn read_history_file(path: &Path) -> Result<Vec<Record>, HistoryError> {
     let file = std::fs::File::open(path).map_err(|source| HistoryError::File {
@@ -397,5 +474,48 @@ mod tests {
             error.contains("c.jsonl") && error.contains("line 1"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn the_recorder_times_out_what_never_completed() {
+        let mut recorder = Recorder::new();
+        let put = recorder.invoke(
+            ClientId::Number(1),
+            OpKind::Put,
+            "k",
+            Some(Bytes::from("v")),
+            10,
+        );
+        let get = recorder.invoke(ClientId::Number(2), OpKind::Get, "k", None, 5);
+        let _lost = recorder.invoke(
+            ClientId::Number(3),
+            OpKind::Append,
+            "k",
+            Some(Bytes::from("x")),
+            7,
+        );
+        let refused = recorder.invoke(ClientId::Number(4), OpKind::Delete, "k", None, 8);
+        assert!(recorder.complete(put, 12, None));
+        assert!(recorder.complete(get, 13, Some(Bytes::from("v"))));
+        assert!(!recorder.complete(get, 14, None), "completed twice");
+        assert!(recorder.fail(refused, 9));
+        assert_eq!(recorder.pending_count(), 1);
+        let records = recorder.finish();
+        let summary: Vec<(u64, Status)> = records.iter().map(|r| (r.invoke, r.status)).collect();
+        assert_eq!(
+            summary,
+            [
+                (5, Status::Ok),
+                (7, Status::Timeout),
+                (8, Status::Fail),
+                (10, Status::Ok)
+            ]
+        );
+        assert_eq!(records[0].result, Some(JsonBytes::from("v")));
+        assert_eq!(records[1].complete, None);
+
+        for r in &records {
+            r.validate().unwrap();
+        }
     }
 }

@@ -24,20 +24,28 @@
 //! against histories that are linearizable by construction:
 //! - a read that sees the current state is taken without branching (partial-order reduction);
 //! - a timed-out put or append whose value no read contains is dropped before the search;
-//! - a new state is refused when it contradicts a pending read that no put or delete can
-//!   precede (appends only grow a value, so the state must be a prefix of what it read):
-//!   concurrent appends are not tried in all their orders;
+//! - a new state is refused when it contradicts a pending read: appends only extend a value,
+//!   so a read sees the current value or that of a put or delete that can still come before
+//!   it, followed by appends; if none of those can lead to what it returned, the state is a
+//!   dead end (this keeps concurrent appends from being tried in all their orders, and catches
+//!   a wrong order of concurrent writes at once instead of at a distant return);
 //! - the memo cache treats timed-out writes as optional: a configuration is pruned when one
 //!   with the same finite operations and state, and a subset of its timed-out ones, was seen.
 //!
-//! Cost sketch (2-core CI machine, from the tests): 4000 operations on one key with 8 clients
-//! (puts, appends, deletes, gets, 5% timeouts) take ~0.5M steps, ~0.3 s; appends and gets only
-//! take about one step per operation even at 12 clients. Mixed writes at 10+ concurrent
-//! clients on one key can need millions of steps: the step budget then gives `Unknown`, so
-//! workloads should spread clients over keys. Memory: one cache entry per step of about
-//! n/8 bytes plus the value (values are shared `Bytes`).
+//! Cost sketch (2-core CI machine, test profile, measured on random linearizable histories
+//! of puts, appends, deletes and gets with 5% timeouts and failures, all on one key): 4000
+//! operations from 8 clients take 20-35k steps (~0.1 s); 4000 from 10 clients 0.15-0.7M steps
+//! (0.1-0.7 s); 3600 from 12 clients 0.5-1.8M steps (1-2 s); 16 clients exceed 3M steps. Appends
+//! and gets only take about one step per operation. A step costs a bitset clone, an Fx hash
+//! of it and a walk of at most 64 pending events; states carry an incrementally updated
+//! fingerprint, so long values are not rehashed. Past the step budget the verdict is
+//! `Unknown`, so workloads should spread clients over keys. Memory: at most one cache entry per step, of
+//! about n/8 bytes plus the value (values are shared `Bytes`), bounded by
+//! `memo_bytes_max_per_key` (512 MiB by default; a 4000-operation key reaches it after ~0.8M
+//! entries).
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -49,6 +57,8 @@ use super::history::{JsonBytes, OpKind, Record, Status};
 pub struct CheckConfig {
     /// Search steps allowed per key before the key's verdict is Unknown.
     pub steps_max_per_key: u64,
+    /// Memory the memo cache of one key may use (estimated) before its verdict is Unknown.
+    pub memo_bytes_max_per_key: usize,
     /// Wall-clock budget for the whole check; None = only the step limit.
     pub time_budget: Option<Duration>,
     /// Treat a missing key and an empty value as equal (Porcupine's and Jepsen's KV models
@@ -60,6 +70,7 @@ impl Default for CheckConfig {
     fn default() -> Self {
         CheckConfig {
             steps_max_per_key: 2_000_000,
+            memo_bytes_max_per_key: 512 << 20,
             time_budget: Some(Duration::from_secs(60)),
             missing_equals_empty: false,
         }
@@ -101,32 +112,82 @@ enum Input {
 #[derive(Debug, Clone)]
 struct KeyOp {
     call: u64,
+    /// u64::MAX for a timed-out operation (it returns "at infinity").
     ret: u64,
+    /// Possibly applied, possibly not: need not be linearized. An explicit flag, not `ret ==
+    /// u64::MAX`, so a completed operation stamped u64::MAX stays mandatory.
+    timed_out: bool,
     input: Input,
     record: usize,
 }
 
-type State = Option<Bytes>;
+/// The value of the key in the sequential model, with a fingerprint for the memo cache.
+///
+/// The cache hashes every new state; hashing the whole value made long append chains cost
+/// O(length) per search step (most of the time, measured). The fingerprint is a polynomial
+/// hash that an append extends in O(appended bytes); equality still compares the values, so
+/// a fingerprint collision costs a comparison, never a wrong verdict.
+#[derive(Debug, Clone)]
+struct State {
+    value: Option<Bytes>,
+    fingerprint: u64,
+}
+
+impl PartialEq for State {
+    fn eq(&self, other: &State) -> bool {
+        self.fingerprint == other.fingerprint && self.value == other.value
+    }
+}
+
+impl Eq for State {}
+
+impl std::hash::Hash for State {
+    fn hash<H: std::hash::Hasher>(&self, hasher: &mut H) {
+        hasher.write_u64(self.fingerprint);
+    }
+}
+
+impl State {
+    const MISSING: State = State {
+        value: None,
+        fingerprint: 0,
+    };
+
+    fn present(value: Bytes) -> State {
+        let fingerprint = rolling_hash(&value);
+        State {
+            value: Some(value),
+            fingerprint,
+        }
+    }
+}
 
 /// The sequential model of one key: a value or missing.
 fn step(state: &State, input: &Input, missing_equals_empty: bool) -> Option<State> {
     match input {
-        Input::Put(value) => Some(Some(value.clone())),
-        Input::Append(value) => Some(Some(match state {
-            None => value.clone(),
+        Input::Put(value) => Some(State::present(value.clone())),
+        Input::Append(value) => Some(match &state.value {
+            None => State::present(value.clone()),
             Some(old) => {
                 let mut joined = BytesMut::with_capacity(old.len() + value.len());
                 joined.extend_from_slice(old);
                 joined.extend_from_slice(value);
-                joined.freeze()
+                // rolling_hash(old ++ value) = rolling_hash(old) * BASE^len(value) + rolling_hash(value)
+                let shift = value
+                    .iter()
+                    .fold(state.fingerprint, |h, _| h.wrapping_mul(HASH_BASE));
+                State {
+                    value: Some(joined.freeze()),
+                    fingerprint: shift.wrapping_add(rolling_hash(value)),
+                }
             }
-        })),
-        Input::Delete => Some(None),
+        }),
+        Input::Delete => Some(State::MISSING),
         Input::Get(seen) => {
             let equal = if missing_equals_empty {
-                state.as_deref().unwrap_or_default() == seen.as_deref().unwrap_or_default()
+                state.value.as_deref().unwrap_or_default() == seen.as_deref().unwrap_or_default()
             } else {
-                state == seen
+                state.value == *seen
             };
             equal.then(|| state.clone())
         }
@@ -147,7 +208,9 @@ pub fn check_history(records: &[Record], config: &CheckConfig) -> CheckReport {
         if r.status == Status::Fail {
             continue;
         }
-        let timed_out = r.status == Status::Timeout;
+        // A completed record without a complete time (not validated) is treated as timed out:
+        // its return time is unknown.
+        let timed_out = r.status == Status::Timeout || r.complete.is_none();
         let value = || r.value.as_ref().map(|v| v.0.clone()).unwrap_or_default();
         let input = match r.op {
             OpKind::Put => Input::Put(value()),
@@ -158,12 +221,12 @@ pub fn check_history(records: &[Record], config: &CheckConfig) -> CheckReport {
         };
         let ret = match (timed_out, r.complete) {
             (false, Some(complete)) => complete.max(r.invoke),
-            // A validated record always has a complete time unless it timed out.
             _ => u64::MAX,
         };
         by_key.entry(&r.key).or_default().push(KeyOp {
             call: r.invoke,
             ret,
+            timed_out,
             input,
             record: i,
         });
@@ -228,7 +291,7 @@ const UNOBSERVED_LENGTHS_MAX: usize = 64;
 /// read: dropping them keeps the search near-linear. Empty values are kept (always "contained").
 fn drop_unobserved_timeouts(ops: &mut Vec<KeyOp>) {
     let is_candidate = |op: &KeyOp| {
-        op.ret == u64::MAX && matches!(&op.input, Input::Put(v) | Input::Append(v) if !v.is_empty())
+        op.timed_out && matches!(&op.input, Input::Put(v) | Input::Append(v) if !v.is_empty())
     };
     if !ops.iter().any(is_candidate) {
         return;
@@ -242,6 +305,16 @@ fn drop_unobserved_timeouts(ops: &mut Vec<KeyOp>) {
         .collect();
     results.sort_unstable();
     results.dedup();
+    // A result that is a prefix of another adds no substrings; in sorted order a prefix sits
+    // right before the strings it starts (appends make most results prefixes of later ones).
+    let results: Vec<&[u8]> = (0..results.len())
+        .filter(|&i| {
+            results
+                .get(i + 1)
+                .map_or(true, |next| !next.starts_with(results[i]))
+        })
+        .map(|i| results[i])
+        .collect();
     let mut by_length: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
     for (i, op) in ops.iter().enumerate() {
         if let (true, Input::Put(v) | Input::Append(v)) = (is_candidate(op), &op.input) {
@@ -315,8 +388,44 @@ fn rolling_hash(bytes: &[u8]) -> u64 {
 
 const NIL: u32 = u32::MAX;
 
+/// The Firefox/rustc hash: a multiply and rotate per word. The memo cache hashes a bitset of
+/// the linearized operations at every search step; SipHash took a quarter of the search time.
+/// Keys come from the history being checked, so flooding resistance is not needed here.
+#[derive(Default)]
+struct FxHasher(u64);
+
+impl Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u64(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+
+    fn write_usize(&mut self, word: usize) {
+        self.write_u64(word as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// Hash table slot, vectors' headers and the state handle of one memo entry, roughly.
+const MEMO_ENTRY_OVERHEAD_BYTES: usize = 96;
+
 /// Pending reads whose results are checked against a new state at each search step.
-const PENDING_READS_CHECKED_MAX: usize = 64;
+const PENDING_READS_CHECKED_MAX: usize = 8;
+/// Pending puts and deletes, and pending appends, tracked for that check; reads behind more
+/// are not checked.
+const PENDING_WRITES_TRACKED_MAX: usize = 32;
+/// Pending events walked for that check.
+const PENDING_NODES_WALKED_MAX: usize = 64;
 
 /// The event list: nodes 0..2n are events in time order, node 2n is the head sentinel.
 struct Events {
@@ -333,10 +442,12 @@ impl Events {
     fn new(ops: &[KeyOp]) -> Events {
         let n = ops.len();
         // (time, 0 = call / 1 = return, op): calls first at equal times.
+        // Kind 0 = call, 1 = return, 2 = timed-out return: calls first at equal times, and
+        // timed-out returns after every real one (they are "at infinity").
         let mut order: Vec<(u64, u8, u32)> = Vec::with_capacity(2 * n);
         for (i, op) in ops.iter().enumerate() {
             order.push((op.call, 0, i as u32));
-            order.push((op.ret, 1, i as u32));
+            order.push((op.ret, if op.timed_out { 2 } else { 1 }, i as u32));
         }
         order.sort_unstable();
         let nodes = 2 * n;
@@ -420,7 +531,7 @@ fn check_key(ops: &[KeyOp], config: &CheckConfig, deadline: Option<Instant>) -> 
     let mut entry = NIL;
     while search.pending_finite > 0 {
         steps += 1;
-        if steps > config.steps_max_per_key {
+        if steps > config.steps_max_per_key || search.memo_bytes > config.memo_bytes_max_per_key {
             return (KeyVerdict::Unknown, steps);
         }
         if steps % 4096 == 0 && deadline.is_some_and(|d| Instant::now() >= d) {
@@ -442,10 +553,10 @@ fn check_key(ops: &[KeyOp], config: &CheckConfig, deadline: Option<Instant>) -> 
             entry = search.events.next[search.events.head as usize];
         }
         // With a finite operation pending, its return is in the list, so a scan always stops at
-        // a return before the end of the list.
+        // a return before the end of the list; the end is handled like a return all the same.
         debug_assert_ne!(entry, NIL);
         let e = entry as usize;
-        if search.events.matching[e] != NIL {
+        if entry != NIL && search.events.matching[e] != NIL {
             // A call: try to linearize its operation here.
             if search.try_linearize(entry, false) {
                 restart = true;
@@ -463,6 +574,9 @@ fn check_key(ops: &[KeyOp], config: &CheckConfig, deadline: Option<Instant>) -> 
     (KeyVerdict::Ok, steps)
 }
 
+/// (linearized finite operations, state) -> sets of linearized timed-out operations.
+type MemoCache = HashMap<(Vec<u64>, State), Vec<Vec<u64>>, BuildHasherDefault<FxHasher>>;
+
 /// The state of the depth-first search over one key's operations.
 struct Search<'a> {
     ops: &'a [KeyOp],
@@ -477,12 +591,12 @@ struct Search<'a> {
     /// it. A configuration is hopeless if one seen before had the same finite set and state
     /// and a subset of its timed-out ops: a timed-out write not yet applied may always be left
     /// out (applied after everything), so fewer applied timed-out ops means as many futures.
-    cache: HashMap<(Vec<u64>, State), Vec<Vec<u64>>>,
+    cache: MemoCache,
     /// The linearized calls, the state before each, and whether it was forced (no branching).
     calls: Vec<(u32, State, bool)>,
     state: State,
-    /// Whether the key has any put or delete (if not, its value only grows).
-    has_resets: bool,
+    /// Estimated memory held by `cache`.
+    memo_bytes: usize,
 }
 
 impl<'a> Search<'a> {
@@ -490,7 +604,7 @@ impl<'a> Search<'a> {
         let mut class_index = Vec::with_capacity(ops.len());
         let (mut finite_count, mut timed_out_count) = (0usize, 0usize);
         for op in ops {
-            if op.ret == u64::MAX {
+            if op.timed_out {
                 class_index.push(timed_out_count);
                 timed_out_count += 1;
             } else {
@@ -506,17 +620,15 @@ impl<'a> Search<'a> {
             finite_set: vec![0u64; finite_count.div_ceil(64)],
             timed_out_set: vec![0u64; timed_out_count.div_ceil(64)],
             pending_finite: finite_count,
-            cache: HashMap::new(),
+            cache: HashMap::default(),
             calls: Vec::new(),
-            state: None,
-            has_resets: ops
-                .iter()
-                .any(|op| matches!(op.input, Input::Put(_) | Input::Delete)),
+            state: State::MISSING,
+            memo_bytes: 0,
         }
     }
 
     fn timed_out(&self, op: usize) -> bool {
-        self.ops[op].ret == u64::MAX
+        self.ops[op].timed_out
     }
 
     /// A read that may be linearized now and sees the current state.
@@ -544,63 +656,101 @@ impl<'a> Search<'a> {
     /// Whether moving to `new_state` (by linearizing call node `call`) makes some pending read
     /// impossible.
     ///
-    /// A read not yet linearized comes after every operation linearized from here on. If no
-    /// put or delete can be linearized before it (none is pending with a call before the read's
-    /// return), only appends can change the value until then, so the current value must be a
-    /// prefix of what the read returned, and a present value can never become missing. Without
-    /// this, concurrent appends are tried in all their orders (k! for k of them) before a read
-    /// far ahead reveals the one that happened.
+    /// A read not yet linearized comes after every operation linearized from here on, and
+    /// only operations with a call before its return can come between. Appends only extend a
+    /// value; so the value the read sees is the current one, or the value of a put or delete
+    /// linearized in between, followed by appends: a prefix of what it read, or, from missing,
+    /// missing or something starting with a pending append's value (a present value never
+    /// becomes missing by appends). If no such path leads to what the read returned, this state
+    /// is a dead end. Without this, concurrent appends are tried in all their orders (k! for k
+    /// of them) before a read far ahead reveals the one that happened, and wrong orders of
+    /// concurrent writes survive until a read's return.
     fn contradicts_pending_reads(&self, new_state: &State, call: u32) -> bool {
-        let head_next = self.events.next[self.events.head as usize];
-        // The earliest call of a pending put or delete (other than the one being linearized).
-        let mut reset_call_time = u64::MAX;
-        if self.has_resets {
-            let mut node = head_next;
-            while node != NIL {
-                let n = node as usize;
-                if self.events.matching[n] != NIL && node != call {
-                    let op = &self.ops[self.events.op[n] as usize];
-                    if matches!(op.input, Input::Put(_) | Input::Delete) {
-                        reset_call_time = op.call;
-                        break;
-                    }
-                }
-                node = self.events.next[n];
-            }
-        }
-        let empty = Bytes::new();
-        let current = match new_state {
-            None if !self.missing_equals_empty => return false,
-            None => &empty,
-            Some(value) => value,
-        };
-        // Pending reads in time order, up to the first pending reset (a read returning before it
-        // has its call before it too). Bounded, so a step costs O(window), not O(history).
-        let mut node = head_next;
-        let mut reads_checked = 0;
-        while node != NIL && reads_checked < PENDING_READS_CHECKED_MAX {
+        // One walk over the pending events in time order, collecting reads and the writes that
+        // could precede them. Bounded: a step costs O(window), not O(history).
+        let mut resets = [(0u64, None::<&Bytes>); PENDING_WRITES_TRACKED_MAX];
+        let mut resets_len = 0;
+        let mut appends = [(0u64, None::<&Bytes>); PENDING_WRITES_TRACKED_MAX];
+        let mut appends_len = 0;
+        let mut writes_overflow_call = u64::MAX;
+        let mut reads = [0u32; PENDING_READS_CHECKED_MAX];
+        let mut reads_len = 0;
+        let mut horizon = 0u64;
+        let mut walked_until = u64::MAX;
+        let mut node = self.events.next[self.events.head as usize];
+        let mut nodes_walked = 0;
+        while node != NIL {
             let n = node as usize;
-            let op = &self.ops[self.events.op[n] as usize];
+            let op_index = self.events.op[n];
+            let op = &self.ops[op_index as usize];
             let is_call = self.events.matching[n] != NIL;
             let time = if is_call { op.call } else { op.ret };
-            if time >= reset_call_time {
+            if (reads_len == reads.len() && time > horizon)
+                || nodes_walked == PENDING_NODES_WALKED_MAX
+            {
+                walked_until = time;
                 break;
             }
-            if let (true, Input::Get(seen)) = (is_call, &op.input) {
-                if op.ret < reset_call_time {
-                    reads_checked += 1;
-                    let possible = match seen {
-                        Some(seen) => seen.starts_with(current),
-                        None => self.missing_equals_empty && current.is_empty(),
-                    };
-                    if !possible {
-                        return true;
+            nodes_walked += 1;
+            if is_call && node != call {
+                match &op.input {
+                    Input::Put(_) | Input::Delete if resets_len == resets.len() => {
+                        writes_overflow_call = writes_overflow_call.min(op.call);
                     }
+                    Input::Put(value) => {
+                        resets[resets_len] = (op.call, Some(value));
+                        resets_len += 1;
+                    }
+                    Input::Delete => {
+                        resets[resets_len] = (op.call, None);
+                        resets_len += 1;
+                    }
+                    Input::Append(_) if appends_len == appends.len() => {
+                        writes_overflow_call = writes_overflow_call.min(op.call);
+                    }
+                    Input::Append(value) => {
+                        appends[appends_len] = (op.call, Some(value));
+                        appends_len += 1;
+                    }
+                    Input::Get(_) if reads_len < reads.len() => {
+                        reads[reads_len] = op_index;
+                        reads_len += 1;
+                        horizon = horizon.max(op.ret);
+                    }
+                    Input::Get(_) => {}
                 }
             }
             node = self.events.next[n];
         }
-        false
+        // `from` (None = missing) followed only by appends that may come before `before`: can a
+        // read see `seen`?
+        let reachable = |from: Option<&Bytes>, seen: &Option<Bytes>, before: u64| match (from, seen)
+        {
+            (_, None) => from.map_or(true, |f| self.missing_equals_empty && f.is_empty()),
+            (Some(from), Some(seen)) => seen.starts_with(from),
+            (None, Some(seen)) => {
+                (self.missing_equals_empty && seen.is_empty())
+                    || appends[..appends_len].iter().any(|&(append_call, value)| {
+                        append_call < before && value.is_some_and(|v| seen.starts_with(v))
+                    })
+            }
+        };
+        reads[..reads_len].iter().any(|&read| {
+            let read = &self.ops[read as usize];
+            let Input::Get(seen) = &read.input else {
+                return false;
+            };
+            // Only if the walk saw, and kept, every write with a call before the read's return.
+            if read.ret > walked_until || writes_overflow_call < read.ret {
+                return false;
+            }
+            if reachable(new_state.value.as_ref(), seen, read.ret) {
+                return false;
+            }
+            !resets[..resets_len].iter().any(|&(reset_call, value)| {
+                reset_call < read.ret && reachable(value, seen, read.ret)
+            })
+        })
     }
 
     /// Linearizes the operation of call node `call` next, if the model accepts it and the
@@ -631,6 +781,8 @@ impl<'a> Search<'a> {
             return false;
         }
         seen.retain(|x| !is_subset(&new_timed_out, x));
+        self.memo_bytes +=
+            (self.finite_set.len() + new_timed_out.len()) * 8 + MEMO_ENTRY_OVERHEAD_BYTES;
         seen.push(new_timed_out);
         let previous = std::mem::replace(&mut self.state, new_state);
         self.calls.push((call, previous, forced));
@@ -664,5 +816,56 @@ impl<'a> Search<'a> {
                 return Some(self.events.next[call as usize]);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_appended_state_has_the_fingerprint_of_its_value() {
+        let mut state = State::MISSING;
+        for part in ["ab", "", "c", "defg"] {
+            state = step(&state, &Input::Append(Bytes::from(part)), false).unwrap();
+        }
+        let direct = State::present(Bytes::from("abcdefg"));
+        assert_eq!(state.fingerprint, direct.fingerprint);
+        assert_eq!(state, direct);
+        // Equal fingerprints alone do not make states equal.
+        let forged = State {
+            value: Some(Bytes::from("other")),
+            fingerprint: direct.fingerprint,
+        };
+        assert_ne!(forged, direct);
+    }
+
+    #[test]
+    fn unobserved_timed_out_writes_are_dropped_and_observed_ones_kept() {
+        let op = |input, ret| KeyOp {
+            call: 0,
+            ret,
+            timed_out: ret == u64::MAX,
+            input,
+            record: 0,
+        };
+        let mut ops = vec![
+            op(Input::Append(Bytes::from("seen")), u64::MAX),
+            op(Input::Put(Bytes::from("unseen")), u64::MAX),
+            op(Input::Put(Bytes::from("")), u64::MAX),
+            op(Input::Put(Bytes::from("finite")), 5),
+            op(Input::Get(Some(Bytes::from("x-seen-y"))), 9),
+            op(Input::Get(Some(Bytes::from("x-se"))), 9),
+        ];
+        drop_unobserved_timeouts(&mut ops);
+        let kept: Vec<String> = ops
+            .iter()
+            .map(|op| match &op.input {
+                Input::Put(v) | Input::Append(v) => String::from_utf8(v.to_vec()).unwrap(),
+                Input::Get(_) => "get".into(),
+                Input::Delete => "delete".into(),
+            })
+            .collect();
+        assert_eq!(kept, ["seen", "", "finite", "get", "get"]);
     }
 }

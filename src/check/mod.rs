@@ -1,8 +1,9 @@
 //! The linearizability checker for recorded key-value histories.
 //!
 //! - [`history`]: the JSON-lines history format (`--history-out DIR` of the simulator), its serde
-//!   types, reader and writer. Keys and values are bytes: a JSON string when UTF-8, else
-//!   `{"hex": "..."}`.
+//!   types, reader and writer (a file, or every `*.jsonl` of a directory), and a [`Recorder`]
+//!   that builds a history from invoke / complete / fail events. Keys and values are bytes: a
+//!   JSON string when UTF-8, else `{"hex": "..."}`.
 //! - [`linearizable`]: Wing & Gong / Porcupine search per key, with memoisation, timed-out writes
 //!   treated as possibly applied, and a step and time budget that ends in an `Unknown` verdict.
 //!
@@ -21,6 +22,6 @@ pub mod linearizable;
 
 pub use history::{
     read_history, read_history_dir, read_history_file, write_history, ClientId, HistoryError,
-    HistoryWriter, JsonBytes, OpKind, Record, Status,
+    HistoryWriter, JsonBytes, OpId, OpKind, Record, Recorder, Status,
 };
 pub use linearizable::{check_history, CheckConfig, CheckReport, Verdict};

@@ -17,6 +17,11 @@
 //!
 //! A single (non-cluster) server is the degenerate map where node 0 owns every slot; MOVED is
 //! still followed if it ever answers one.
+//!
+//! Limit: a batch is written to a node in full before its replies are read. A server that
+//! stops reading while its replies are not being read could then stall until `io_timeout` once
+//! a batch's requests and replies exceed the socket buffers (a few MiB on Linux); Redis keeps
+//! reading, and so must a TynamoDB core (bounded by its own per-connection limits).
 
 use super::connection::{ConnectOptions, Connection};
 use super::error::{resolve, ClientError};
@@ -107,7 +112,11 @@ impl Batch {
         self.items.is_empty()
     }
 
-    /// Adds a request routed by `key` (`None`: any node). Returns its index.
+    /// Adds a request routed by `key` (`None`: slot 0's owner). Returns its index.
+    ///
+    /// `write` must be true exactly for the writes `Command::is_write` names (SET, APPEND, DEL,
+    /// INCR, MSET): those are the ones sent under `TYNAMO.SEQ` for exactly-once, and the server
+    /// refuses the wrapper around anything else.
     pub fn push(&mut self, key: Option<&[u8]>, write: bool, args: &[&[u8]]) -> usize {
         self.push_with(key, write, args.len(), |out| {
             for a in args {
@@ -414,10 +423,22 @@ impl ClusterClient {
         let (mut attempts, mut redirects) = (0u32, 0u32);
         let mut backoff = self.options.backoff_initial;
         while !self.pending.is_empty() {
-            let (must_wait, moved, last) = self.round(batch, &mut redirects).await?;
+            let (must_wait, stale_map, last) = match self.round(batch, &mut redirects).await {
+                Ok(outcome) => outcome,
+                Err(e) => {
+                    // Requests may be queued or in flight on any node: their replies would be
+                    // read as answers to later requests. Drop those connections.
+                    for node in &mut self.nodes {
+                        if node.conn.as_ref().is_some_and(|c| c.in_flight() > 0) {
+                            node.conn = None;
+                        }
+                    }
+                    return Err(e);
+                }
+            };
             std::mem::swap(&mut self.pending, &mut self.retry);
-            if moved {
-                // Best effort: the MOVED entries already point at the new owners.
+            if stale_map {
+                // Best effort: MOVED entries already point at the new owners.
                 let _ = self.refresh_slots().await;
             }
             if self.pending.is_empty() {
@@ -442,7 +463,7 @@ impl ClusterClient {
     }
 
     /// One send/receive round over `self.pending`; what must be re-sent goes to `self.retry`.
-    /// Returns (a backoff is due, a MOVED was seen, last failure).
+    /// Returns (a backoff is due, the slot map needs a refresh, last failure).
     async fn round(
         &mut self,
         batch: &mut Batch,
@@ -475,7 +496,12 @@ impl ClusterClient {
                 self.slots[usize::from(item.slot)]
             };
             if node == NO_NODE {
-                return Err(ClientError::SlotUnowned { slot: item.slot });
+                // Part of the cluster is unknown or down: re-read the map, then retry.
+                last = ClientError::SlotUnowned { slot: item.slot }.to_string();
+                (must_wait, moved) = (true, true);
+                self.stats.retried += 1;
+                self.retry.push(i);
+                continue;
             }
             if self.nodes[usize::from(node)].down_this_round {
                 self.stats.retried += 1;

@@ -155,7 +155,8 @@ pub enum Op {
 }
 
 impl Op {
-    /// Whether the op changes state (and so goes through session duplicate detection).
+    /// Whether the op may change state: everything but Get, Exists and MGet. Data writes go
+    /// through session duplicate detection; session ops are idempotent by themselves.
     pub fn is_write(&self) -> bool {
         !matches!(self, Op::Get { .. } | Op::Exists { .. } | Op::MGet { .. })
     }
@@ -392,7 +393,7 @@ impl Entry {
 }
 
 /// Encodes a batch entry. Panics (a programmer error) on an empty or oversized batch or an
-/// oversized field: the server checks [`super::Limits`] before proposing.
+/// oversized field: the server checks [`super::Config::check_op`] before proposing.
 pub fn encode_batch(timestamp_ms: u64, commands: &[Command]) -> Bytes {
     assert!(!commands.is_empty() && commands.len() <= BATCH_COMMANDS_MAX as usize);
     let size = 2

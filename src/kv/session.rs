@@ -279,7 +279,9 @@ fn trim_window(session: &mut Session, results_max: usize) {
     if session.results.len() > results_max {
         let drop = session.results.len() - results_max;
         // Everything below the oldest kept seq is now unknown: raise the floor past the dropped.
-        session.seq_floor = session.seq_floor.max(session.results[drop - 1].seq + 1);
+        session.seq_floor = session
+            .seq_floor
+            .max(session.results[drop - 1].seq.saturating_add(1));
         session.results.drain(..drop);
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! stream := frame*
-//! frame  := body_len:u32 crc:u32 kind:u8 body[body_len]    crc = crc32c-ieee(kind || body)
+//! frame  := body_len:u32 crc:u32 kind:u8 body[body_len]    crc = CRC-32 (IEEE, zlib's) of kind || body
 //!
 //! kind 1 Header      magic:u32 "TYKV" version:u16 applied_index:u64 log_time_ms:u64 shard_count:u16
 //! kind 2 Shard       shard:u16 state:u8 key_count:u64           (shards in increasing order)
@@ -20,8 +20,10 @@
 //! yields one frame per chunk, about `chunk_bytes_target` each, so a replica streams a snapshot
 //! to disk or to a peer without building it whole. The reader takes chunks of any size, keeps at
 //! most one partial frame buffered, checks every CRC, count, order and shard of every key, and
-//! fails with the stream offset of the bad frame on truncation or garbage. Keys and values of a
-//! restored state are slices of the frame buffers (no per-key copy).
+//! fails with the stream offset of the bad frame on truncation or garbage. A restored value
+//! that is most of its frame (a large value) stays a slice of the frame buffer; smaller keys
+//! and values are copied out so they do not pin whole frames (see `detach`).
+//! All integers are little-endian; `bytes` is a u32 length then the bytes.
 //!
 //! The writer borrows the state machine: apply cannot run while a snapshot is being produced.
 //! The driver drains it into memory or writes it out within one loop turn; sizing: at ~1 GB/s
@@ -36,7 +38,7 @@ use super::codec::{put_bytes, Reader};
 use super::command::{ShardState, FIELD_BYTES_MAX};
 use super::error::DecodeError;
 use super::session::{decode_session, encode_session, Session};
-use super::state_machine::{Config, ConfigError, ShardData, StateMachine};
+use super::state_machine::{detach, Config, ConfigError, ShardData, StateMachine};
 use crate::shard::key_shard;
 
 const SNAPSHOT_MAGIC: u32 = u32::from_le_bytes(*b"TYKV");
@@ -560,8 +562,9 @@ impl Restorer {
                             "key at body offset {key_offset} belongs to shard {key_shard}, not {shard}"
                         )));
                     }
+                    let key = detach(key, body.len());
                     self.last_key = Some(key.clone());
-                    data.insert(key, value);
+                    data.insert(key, detach(value, body.len()));
                 }
                 self.key_count += u64::from(count);
             }

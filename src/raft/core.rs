@@ -8,7 +8,8 @@
 //!    stored log), `entries()` (truncate the stored log from the first entry's index, then
 //!    append), `hard_state()`. Writes complete (become durable) in the order they were started.
 //!    `must_write()` says whether a write is needed at all; a write with nothing in it is still
-//!    an ordering barrier for `persisted_messages`.
+//!    an ordering barrier for `persisted_messages`. `must_sync()` says whether it needs an
+//!    fsync (a commit-index-only change does not); unsynced writes still complete in order.
 //! 2. Send `messages()` at once: they do not depend on the write (the leader's AppendEntries
 //!    leave before its own fsync: the leader counts itself only once `on_persisted` says so).
 //! 3. Send `persisted_messages()` only after this write and every earlier one are durable:
@@ -109,6 +110,8 @@ pub struct Ready {
     committed_entries: Vec<Entry>,
     read_states: Vec<ReadState>,
     mark: WriteMark,
+    /// The hard state of the previous `Ready`, to tell a commit-only change apart.
+    prev_hard_state: HardState,
 }
 
 impl Ready {
@@ -118,6 +121,18 @@ impl Ready {
             || !self.entries.is_empty()
             || self.snapshot.is_some()
             || !self.persisted_messages.is_empty()
+    }
+    /// The write must be fsynced before `on_persisted`: it carries entries, a snapshot, a new
+    /// term or vote, or messages that promise durability. A write whose only change is the
+    /// commit index need not be synced (like etcd's `MustSync`): a lost commit index is
+    /// learned again from the leader.
+    pub fn must_sync(&self) -> bool {
+        !self.entries.is_empty()
+            || self.snapshot.is_some()
+            || !self.persisted_messages.is_empty()
+            || self.hard_state.is_some_and(|hs| {
+                hs.term != self.prev_hard_state.term || hs.vote != self.prev_hard_state.vote
+            })
     }
     pub fn hard_state(&self) -> Option<HardState> {
         self.hard_state
@@ -285,7 +300,6 @@ pub struct RawNode {
     randomized_election_ticks: u32,
     // Candidate.
     votes: BTreeMap<NodeId, bool>,
-    transfer_campaign: bool,
     // Follower.
     /// Highest index known to match the current leader's log (reset when the term changes).
     leader_match: Index,
@@ -356,7 +370,6 @@ impl RawNode {
             heartbeat_elapsed: 0,
             randomized_election_ticks: cfg.election_ticks,
             votes: BTreeMap::new(),
-            transfer_campaign: false,
             leader_match: 0,
             acked_index: 0,
             incoming_snapshot: None,
@@ -451,11 +464,11 @@ impl RawNode {
 
     fn tick_election(&mut self) {
         self.election_elapsed = self.election_elapsed.saturating_add(1);
-        if self.election_elapsed >= self.randomized_election_ticks {
+        // A non-voter never campaigns, and its clock keeps running: resetting it would keep it
+        // "in lease" of a leader long gone and make it refuse the votes a new leader needs.
+        if self.election_elapsed >= self.randomized_election_ticks && self.conf.is_voter(self.id) {
             self.election_elapsed = 0;
-            if self.conf.is_voter(self.id) {
-                self.campaign(false);
-            }
+            self.campaign(false);
         }
     }
 
@@ -466,6 +479,9 @@ impl RawNode {
             self.transfer_elapsed += 1;
             if self.transfer_elapsed >= self.cfg.election_ticks {
                 self.transferee = NODE_NONE;
+                if !self.conf.is_voter(self.id) {
+                    self.hand_off_leadership();
+                }
             }
         }
         if self.election_elapsed >= self.cfg.election_ticks {
@@ -776,9 +792,12 @@ impl RawNode {
             }
             if self.need_bcast {
                 self.need_bcast = false;
-                let ids: Vec<NodeId> = self.progress.keys().copied().collect();
-                for id in ids {
+                // Walk the followers in id order without allocating: a group has at most a
+                // handful, and `send_append` needs `&mut self`.
+                let mut next = self.progress.keys().next().copied();
+                while let Some(id) = next {
                     self.send_append(id, false);
+                    next = self.progress.range(id + 1..).next().map(|(&k, _)| k);
                 }
             }
         }
@@ -786,6 +805,7 @@ impl RawNode {
         self.need_round = false;
         let mut rd = Ready::default();
         let hs = self.hard_state();
+        rd.prev_hard_state = self.last_hs;
         if hs != self.last_hs {
             rd.hard_state = Some(hs);
             self.last_hs = hs;
@@ -846,12 +866,6 @@ impl RawNode {
         if self.role != Role::Leader {
             return;
         }
-        if !self.conf.is_voter(self.id) {
-            // Removed (or demoted): a replica outside the voters cannot lead.
-            self.stats.leader_step_downs += 1;
-            self.become_follower(self.term, NODE_NONE);
-            return;
-        }
         let last = self.log.last_index();
         let inflight_max = self.cfg.max_inflight_msgs;
         let members: Vec<NodeId> = self.conf.members().filter(|&m| m != self.id).collect();
@@ -870,12 +884,44 @@ impl RawNode {
         }
         self.maybe_commit();
         self.need_bcast = true;
+        if !self.conf.is_voter(self.id) {
+            self.hand_off_leadership();
+        }
+    }
+
+    /// This leader applied its own removal. Stepping down at once could strand the group: the
+    /// remaining voters may not know yet that the removal committed (so they still count us),
+    /// and our log may be longer than theirs (so we would refuse them our vote). Instead we keep
+    /// leading without counting ourselves, take no proposals, keep replicating (which carries
+    /// the commit index), and hand over to the most caught-up voter with TimeoutNow.
+    fn hand_off_leadership(&mut self) {
+        let Some((&to, _)) = self
+            .progress
+            .iter()
+            .filter(|(id, _)| self.conf.is_voter(**id))
+            .max_by_key(|(id, p)| (p.match_index, std::cmp::Reverse(**id)))
+        else {
+            return;
+        };
+        self.transferee = to;
+        self.transfer_elapsed = 0;
+        let caught_up = self
+            .progress
+            .get(&to)
+            .is_some_and(|p| p.match_index == self.log.last_index());
+        if caught_up {
+            self.send_timeout_now(to);
+        } else {
+            self.send_append(to, true);
+        }
     }
 
     // ----- step ------------------------------------------------------------------------------
 
     /// Feeds one message from the network. Malformed, misaddressed or stale messages are
-    /// dropped, counted, and reported in the `Err`; the node's state is unchanged by them.
+    /// dropped, counted, and reported in the `Err`; they never panic the node, and they change
+    /// nothing beyond what any message of that term would (a newer term is still adopted, and
+    /// a stale leader is told about it).
     pub fn step(&mut self, m: Message) -> Result<(), Dropped> {
         let result = self.step_inner(m);
         if let Err(d) = result {
@@ -1093,8 +1139,7 @@ impl RawNode {
                 entries,
             } => {
                 self.accept_leader(m.from);
-                self.handle_append(prev_index, prev_term, commit, &entries);
-                Ok(())
+                self.handle_append(prev_index, prev_term, commit, &entries)
             }
             MessageBody::Heartbeat { commit, round } => {
                 self.accept_leader(m.from);
@@ -1183,9 +1228,12 @@ impl RawNode {
         pr.recent_active = true;
         match m.body {
             MessageBody::AppendResp {
-                index,
-                reject: Some(hint),
+                reject: Some(hint), ..
             } => {
+                if hint.rejected_index > self.log.last_index() {
+                    // We never sent a prev_index beyond our log, which only grows.
+                    return Err(Dropped::Malformed("reject of an index we never sent"));
+                }
                 let next = if hint.conflict_term > 0 {
                     let idx = self
                         .log
@@ -1198,9 +1246,9 @@ impl RawNode {
                 } else {
                     hint.conflict_index
                 };
-                let _ = index;
+                let next = next.clamp(1, self.log.last_index() + 1);
                 let pr = self.progress.get_mut(&m.from).ok_or(Dropped::UnknownPeer)?;
-                if pr.maybe_decr_to(hint.rejected_index, next.max(1)) {
+                if pr.maybe_decr_to(hint.rejected_index, next) {
                     self.send_append(m.from, true);
                 }
                 Ok(())
@@ -1313,7 +1361,7 @@ impl RawNode {
         prev_term: Term,
         commit: Index,
         entries: &[Entry],
-    ) {
+    ) -> Result<(), Dropped> {
         let committed = self.log.committed;
         // Our committed prefix matches every leader's log (leader completeness).
         self.leader_match = self.leader_match.max(committed);
@@ -1346,14 +1394,19 @@ impl RawNode {
                     reject: Some(hint),
                 },
             );
-            return;
+            return Ok(());
         }
-        debug_assert!(
-            entries
-                .iter()
-                .all(|e| e.index > self.leader_match || self.log.match_term(e.index, e.term)),
-            "the same leader sent a conflicting entry at or below its matched index"
-        );
+        // This leader's log only grows, so nothing it sends can conflict with what it already
+        // matched with us; a message that does is broken and would make us cut acked entries.
+        let contradicts = entries
+            .iter()
+            .take_while(|e| e.index <= self.leader_match)
+            .any(|e| !self.log.match_term(e.index, e.term));
+        if contradicts {
+            return Err(Dropped::Malformed(
+                "append contradicts entries the leader already matched",
+            ));
+        }
         let last_new = self.log.append_after_match(prev_index, entries);
         self.leader_match = self.leader_match.max(last_new);
         self.log.commit_to(commit.min(self.leader_match));
@@ -1362,6 +1415,7 @@ impl RawNode {
         if self.log.persisted().min(self.leader_match) >= last_new {
             self.maybe_ack(true);
         }
+        Ok(())
     }
 
     /// Acks the durable prefix that matches the leader, when it grew (or when `force`).
@@ -1504,7 +1558,11 @@ impl RawNode {
             if pr.is_paused() {
                 return;
             }
-            let next = pr.next_index;
+            debug_assert!(
+                pr.next_index >= 1 && pr.next_index <= last + 1,
+                "next index out of the log"
+            );
+            let next = pr.next_index.clamp(1, last + 1);
             if next > last && !allow_empty {
                 return;
             }
@@ -1703,7 +1761,6 @@ impl RawNode {
         self.need_round = false;
         self.need_bcast = false;
         self.uncommitted_bytes = 0;
-        self.transfer_campaign = false;
     }
 
     fn become_follower(&mut self, term: Term, leader: NodeId) {
@@ -1764,7 +1821,6 @@ impl RawNode {
         self.reset_common(self.term + 1);
         self.role = Role::Candidate;
         self.vote = self.id;
-        self.transfer_campaign = transfer;
         self.votes.insert(self.id, true);
         let (last_index, last_term) = (self.log.last_index(), self.log.last_term());
         for v in self.conf.voters.clone() {

@@ -501,4 +501,92 @@ mod tests {
         log.slice(1, 10, 100, 1, &mut out);
         assert_eq!(out.len(), 1, "one entry always goes, however large");
     }
+
+    mod model {
+        use super::*;
+        use proptest::prelude::*;
+
+        #[derive(Clone, Debug)]
+        enum Op {
+            /// Follower append after a matching prefix of `prev` entries, with these terms.
+            Append { prev: usize, terms: Vec<u64> },
+            /// Hand the unstable entries to the disk (a write starts).
+            StartWrite,
+            /// The oldest write in flight completes.
+            CompleteWrite,
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                (0usize..12, proptest::collection::vec(1u64..4, 0..5))
+                    .prop_map(|(prev, terms)| Op::Append { prev, terms }),
+                Just(Op::StartWrite),
+                Just(Op::CompleteWrite),
+            ]
+        }
+
+        proptest! {
+            /// Whatever the interleaving of overwrites and write completions, `persisted`
+            /// never claims a prefix the disk does not hold exactly as memory does.
+            #[test]
+            fn persisted_prefix_is_always_on_disk(ops in proptest::collection::vec(op(), 1..80)) {
+                let mut log = RaftLog::restore_from_storage(0, 0, vec![], 0);
+                let mut disk: Vec<Entry> = Vec::new();
+                let mut in_flight: VecDeque<(Vec<Entry>, PersistMark)> = VecDeque::new();
+                let mut serial = 0u8;
+                for op in ops {
+                    match op {
+                        Op::Append { prev, terms } => {
+                            let prev = prev.min(log.last_index() as usize) as u64;
+                            let base = log.term(prev).unwrap_or(0);
+                            let mut term = base;
+                            let entries: Vec<Entry> = terms
+                                .iter()
+                                .enumerate()
+                                .map(|(i, t)| {
+                                    term = term.max(*t);
+                                    serial = serial.wrapping_add(1);
+                                    Entry {
+                                        index: prev + 1 + i as u64,
+                                        term,
+                                        kind: EntryKind::Normal,
+                                        data: Bytes::from(vec![serial]),
+                                    }
+                                })
+                                .collect();
+                            // Same (index, term) must mean the same entry (log matching): reuse
+                            // what memory holds for entries that match by term.
+                            let entries: Vec<Entry> = entries
+                                .into_iter()
+                                .map(|e| match log.entry(e.index) {
+                                    Some(old) if old.term == e.term => old.clone(),
+                                    _ => e,
+                                })
+                                .collect();
+                            log.append_after_match(prev, &entries);
+                        }
+                        Op::StartWrite => {
+                            let mut out = Vec::new();
+                            let (_, mark) = log.take_unstable(&mut out);
+                            in_flight.push_back((out, mark));
+                        }
+                        Op::CompleteWrite => {
+                            if let Some((entries, mark)) = in_flight.pop_front() {
+                                if let Some(first) = entries.first() {
+                                    disk.truncate((first.index - 1) as usize);
+                                    disk.extend(entries);
+                                }
+                                log.stable_to(mark);
+                            }
+                        }
+                    }
+                    let p = log.persisted() as usize;
+                    prop_assert!(p <= disk.len(), "persisted {} beyond disk {}", p, disk.len());
+                    for i in 1..=p as u64 {
+                        prop_assert_eq!(Some(&disk[(i - 1) as usize]), log.entry(i), "index {} differs", i);
+                    }
+                }
+            }
+        }
+    }
 }

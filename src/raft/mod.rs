@@ -16,6 +16,7 @@ mod core;
 mod log;
 mod membership;
 mod progress;
+mod storage;
 mod types;
 
 pub use self::config::{Config, ConfigError, ReadMode, TICK_MS_DEFAULT};
@@ -28,4 +29,5 @@ pub use self::membership::{
     apply_change, decode_conf, encode_conf, ConfChange, ConfChangeError, MEMBERS_MAX,
 };
 pub use self::progress::{Inflights, Progress, ProgressState};
+pub use self::storage::LogStore;
 pub use self::types::*;

@@ -61,9 +61,8 @@ pub fn put_ask(out: &mut BytesMut, slot: u16, owner: SocketAddr) {
 }
 
 fn put_redirect(out: &mut BytesMut, kind: &str, slot: u16, owner: SocketAddr) {
-    let mut text = String::with_capacity(48);
-    let _ = write!(text, "{kind} {slot} {owner}");
-    put_error(out, text.as_bytes());
+    // Formatted straight into the output (BytesMut is fmt::Write): no allocation per redirect.
+    let _ = write!(out, "-{kind} {slot} {owner}\r\n");
 }
 
 /// `-TRYAGAIN ...`: the request cannot be served now (e.g. multi-key during a migration).
@@ -80,9 +79,12 @@ pub fn put_clusterdown(out: &mut BytesMut) {
 }
 
 fn put_ip(out: &mut BytesMut, addr: SocketAddr) {
-    let mut ip = String::with_capacity(40);
-    let _ = write!(ip, "{}", addr.ip());
-    put_bulk(out, ip.as_bytes());
+    // The longest IPv6 text is 45 bytes: format on the stack, then write the bulk string.
+    let mut text = [0u8; 64];
+    let mut cursor = std::io::Cursor::new(&mut text[..]);
+    let _ = std::io::Write::write_fmt(&mut cursor, format_args!("{}", addr.ip()));
+    let len = cursor.position() as usize;
+    put_bulk(out, &text[..len]);
 }
 
 /// `CLUSTER SLOTS` (Redis 7): per range `[start, end, [ip, port, id, {}], ...]`.

@@ -75,6 +75,9 @@ pub struct SimNode<A: App> {
     pub app: A,
     pub incarnation: u32,
     pub slow_disk: bool,
+    /// Clock skew: this replica misses a tick with this probability (per million), so its
+    /// clock runs slow against the others (the lease must tolerate it, see `lease_drift_ticks`).
+    pub tick_skip_per_million: u32,
     applied_since_snapshot: u64,
 }
 
@@ -160,6 +163,7 @@ impl<A: App> Cluster<A> {
                 app: A::default(),
                 incarnation: 0,
                 slow_disk: false,
+                tick_skip_per_million: 0,
                 applied_since_snapshot: 0,
             });
         }
@@ -244,6 +248,7 @@ impl<A: App> Cluster<A> {
             app: A::default(),
             incarnation: 0,
             slow_disk: false,
+            tick_skip_per_million: 0,
             applied_since_snapshot: 0,
         });
         id
@@ -343,6 +348,12 @@ impl<A: App> Cluster<A> {
     /// Registers a linearizable read at the leader. Returns its id.
     pub fn read(&mut self) -> Option<u64> {
         let leader = self.leader()?;
+        self.read_at(leader)
+    }
+
+    /// Registers a read at `leader`, which may be a stale leader that does not know it was
+    /// deposed: it must not answer with an index that misses an acknowledged write.
+    pub fn read_at(&mut self, leader: NodeId) -> Option<u64> {
         let i = self.idx(leader);
         let ctx = self.next_id;
         let incarnation = self.nodes[i].incarnation;
@@ -378,8 +389,12 @@ impl<A: App> Cluster<A> {
         self.now += 1;
         self.steps += 1;
         for n in &mut self.nodes {
+            let skip = n.tick_skip_per_million > 0
+                && self.rng.gen_range(0..1_000_000) < n.tick_skip_per_million;
             if let Some(r) = n.raft.as_mut() {
-                r.tick();
+                if !skip {
+                    r.tick();
+                }
             }
         }
         self.settle()?;
@@ -553,16 +568,26 @@ impl<A: App> Cluster<A> {
             }
         }
         for rs in rd.take_read_states() {
-            if let Some(r) = self.reads.remove(&rs.ctx) {
+            if let Some(r) = self.reads.get_mut(&rs.ctx) {
                 self.checker.on_read(id, rs.index, r.acked_at_start)?;
-                self.read_outcomes.insert(
-                    rs.ctx,
-                    ReadOutcome::Ready {
-                        node: id,
-                        index: rs.index,
-                    },
-                );
+                r.index = Some(rs.index);
             }
+        }
+        // A confirmed read is served once the state machine has caught up with its index.
+        let applied = self.nodes[i]
+            .raft
+            .as_ref()
+            .map_or(0, |r| r.status().applied);
+        let served: Vec<(u64, Index)> = self
+            .reads
+            .iter()
+            .filter(|(_, r)| r.node == id && r.index.is_some_and(|x| x <= applied))
+            .map(|(&ctx, r)| (ctx, r.index.unwrap_or(0)))
+            .collect();
+        for (ctx, index) in served {
+            self.reads.remove(&ctx);
+            self.read_outcomes
+                .insert(ctx, ReadOutcome::Ready { node: id, index });
         }
         let every = self.cfg.snapshot_every_entries;
         let node = &mut self.nodes[i];
@@ -629,9 +654,7 @@ impl<A: App> Cluster<A> {
         let gone: Vec<u64> = self
             .reads
             .iter()
-            .filter(|(_, r)| {
-                r.deadline <= now || !alive(r.node, r.incarnation) || r.index.is_some()
-            })
+            .filter(|(_, r)| r.deadline <= now || !alive(r.node, r.incarnation))
             .map(|(&id, _)| id)
             .collect();
         for id in gone {

@@ -241,3 +241,77 @@ impl Checker {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::EntryKind;
+    use bytes::Bytes;
+
+    fn ent(index: Index, term: Term, byte: u8) -> Entry {
+        Entry {
+            index,
+            term,
+            kind: EntryKind::Normal,
+            data: Bytes::from(vec![byte]),
+        }
+    }
+
+    #[test]
+    fn two_leaders_in_one_term_is_caught() {
+        let mut c = Checker::default();
+        c.on_leader(1, 3).unwrap();
+        c.on_leader(1, 3).unwrap();
+        assert!(c.on_leader(2, 3).is_err());
+        c.on_leader(2, 4).unwrap();
+    }
+
+    #[test]
+    fn log_matching_violation_is_caught() {
+        let mut c = Checker::default();
+        c.on_entries(1, &[ent(1, 1, 0), ent(2, 2, 0)]).unwrap();
+        // Same (index, term) at 2 but a different entry before it.
+        assert!(c.on_entries(2, &[ent(1, 1, 9), ent(2, 2, 0)]).is_err());
+    }
+
+    #[test]
+    fn state_machine_safety_violation_is_caught() {
+        let mut c = Checker::default();
+        c.on_apply(1, &ent(1, 1, 0)).unwrap();
+        assert!(c.on_apply(2, &ent(1, 1, 7)).is_err());
+        assert!(c.on_apply(1, &ent(3, 1, 0)).is_err(), "a gap in applying");
+    }
+
+    #[test]
+    fn leader_missing_a_committed_entry_is_caught() {
+        let mut c = Checker::default();
+        c.on_entries(1, &[ent(1, 1, 0), ent(2, 1, 0)]).unwrap();
+        c.on_apply(1, &ent(1, 1, 0)).unwrap();
+        c.on_apply(1, &ent(2, 1, 0)).unwrap();
+        c.on_entries(2, &[ent(1, 1, 0)]).unwrap();
+        assert!(c.on_leader(2, 2).is_err());
+        c.on_entries(3, &[ent(1, 1, 0), ent(2, 1, 0), ent(3, 2, 0)])
+            .unwrap();
+        c.on_leader(3, 3).unwrap();
+    }
+
+    #[test]
+    fn commit_going_back_and_stale_reads_are_caught() {
+        let mut c = Checker::default();
+        c.on_commit(1, 5).unwrap();
+        assert!(c.on_commit(1, 4).is_err());
+        assert!(c.on_read(1, 3, 4).is_err());
+        c.on_read(1, 4, 4).unwrap();
+    }
+
+    #[test]
+    fn restart_below_durable_snapshot_is_caught() {
+        let mut c = Checker::default();
+        for i in 1..=5 {
+            c.on_apply(1, &ent(i, 1, 0)).unwrap();
+        }
+        c.on_snapshot_durable(1, 4);
+        assert!(c.on_restart(1, 3, 3, &[]).is_err());
+        c.on_restart(1, 4, 4, &[ent(5, 1, 0)]).unwrap();
+    }
+}

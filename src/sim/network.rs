@@ -141,3 +141,61 @@ impl Network {
         !self.cut.is_empty()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::MessageBody;
+    use rand::SeedableRng;
+
+    fn msg(from: NodeId, to: NodeId) -> Message {
+        Message {
+            from,
+            to,
+            term: 1,
+            body: MessageBody::TimeoutNow,
+        }
+    }
+
+    #[test]
+    fn cut_links_drop_in_one_direction_only() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let mut net = Network::new(NetConfig::reliable());
+        net.cut_link(1, 2);
+        net.send(msg(1, 2), 0, &mut rng);
+        net.send(msg(2, 1), 0, &mut rng);
+        let delivered: Vec<_> = std::iter::from_fn(|| net.next_due(1)).collect();
+        assert_eq!(delivered.len(), 1);
+        assert_eq!(delivered[0].from, 2);
+        assert_eq!(net.stats.dropped, 1);
+    }
+
+    #[test]
+    fn a_partition_made_after_sending_still_drops() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let mut net = Network::new(NetConfig::reliable());
+        net.send(msg(1, 2), 0, &mut rng);
+        net.isolate(2, [1, 3]);
+        assert!(net.next_due(5).is_none());
+        net.heal();
+        assert!(!net.is_partitioned());
+    }
+
+    #[test]
+    fn lossy_network_drops_duplicates_and_delays() {
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let cfg = NetConfig {
+            drop_per_million: 200_000,
+            dup_per_million: 200_000,
+            delay_ticks_min: 1,
+            delay_ticks_max: 5,
+        };
+        let mut net = Network::new(cfg);
+        for i in 0..1000 {
+            net.send(msg(1, 2), i, &mut rng);
+        }
+        let delivered = std::iter::from_fn(|| net.next_due(10_000)).count() as u64;
+        assert!(net.stats.dropped > 100, "drops happen");
+        assert!(delivered > 1000 - net.stats.dropped, "duplicates happen");
+    }
+}

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use rand::seq::SliceRandom;
 use rand::Rng;
 
-use crate::raft::{NodeId, Role};
+use crate::raft::{ConfChange, NodeId, Role};
 
 use super::app::HashApp;
 use super::cluster::{Cluster, ClusterConfig, Outcome};
@@ -23,6 +23,10 @@ pub struct Faults {
     pub lossy_net: bool,
     pub slow_disk: bool,
     pub transfer: bool,
+    /// Membership changes: add learners (new replicas), promote them, remove voters.
+    pub membership: bool,
+    /// Clock skew: replicas whose clocks run up to 10% slow (within the lease's drift bound).
+    pub clock: bool,
 }
 
 impl Faults {
@@ -33,6 +37,8 @@ impl Faults {
             lossy_net: true,
             slow_disk: true,
             transfer: true,
+            membership: true,
+            clock: true,
         }
     }
     pub fn none() -> Faults {
@@ -42,9 +48,11 @@ impl Faults {
             lossy_net: false,
             slow_disk: false,
             transfer: false,
+            membership: false,
+            clock: false,
         }
     }
-    /// Parses `all`, `none`, or a comma list of `crash,partition,net,disk,transfer`.
+    /// Parses `all`, `none`, or a comma list of `crash,partition,net,disk,transfer,membership,clock`.
     pub fn parse(s: &str) -> Result<Faults, String> {
         match s {
             "all" => return Ok(Faults::all()),
@@ -59,9 +67,11 @@ impl Faults {
                 "net" => f.lossy_net = true,
                 "disk" => f.slow_disk = true,
                 "transfer" => f.transfer = true,
+                "membership" => f.membership = true,
+                "clock" => f.clock = true,
                 other => {
                     return Err(format!(
-                    "unknown fault {other:?} (all, none, crash, partition, net, disk, transfer)"
+                    "unknown fault {other:?} (all, none, crash, partition, net, disk, transfer, membership, clock)"
                 ))
                 }
             }
@@ -141,9 +151,15 @@ pub fn run_seed(seed: u64, opts: &RunOptions) -> Result<RunSummary, Failure> {
         cfg.raft.read_mode = crate::raft::ReadMode::Lease;
     }
     let mut c: Cluster<HashApp> = Cluster::new(cfg, seed);
-    let ids: Vec<NodeId> = c.ids();
+    if opts.faults.clock {
+        // 10% slow at most: the lease (election 20 - drift 4 ticks) tolerates 20%.
+        for n in &mut c.nodes {
+            n.tick_skip_per_million = rng.gen_range(0..100_000);
+        }
+    }
     let f = opts.faults;
     for _ in 0..opts.fault_ticks {
+        let ids: Vec<NodeId> = c.ids();
         // Client load: a few proposals and reads per tick at most.
         if c.rng.gen_bool(0.3) {
             let size = c.rng.gen_range(1..64);
@@ -153,7 +169,15 @@ pub fn run_seed(seed: u64, opts: &RunOptions) -> Result<RunSummary, Failure> {
             let _ = c.propose(Bytes::from(data));
         }
         if c.rng.gen_bool(0.05) {
-            let _ = c.read();
+            // Any node that believes it leads, stale leaders included.
+            let leaders: Vec<NodeId> = ids
+                .iter()
+                .copied()
+                .filter(|&id| c.raft(id).is_some_and(|r| r.role() == Role::Leader))
+                .collect();
+            if let Some(&l) = leaders.choose(&mut c.rng) {
+                let _ = c.read_at(l);
+            }
         }
         if f.crash && c.rng.gen_bool(0.004) {
             let id = *ids.choose(&mut c.rng).unwrap_or(&1);
@@ -185,8 +209,12 @@ pub fn run_seed(seed: u64, opts: &RunOptions) -> Result<RunSummary, Failure> {
                 }
             }
         }
+        if f.membership && c.rng.gen_bool(0.004) {
+            change_membership(&mut c, opts.nodes);
+        }
         c.step()?;
     }
+    let ids: Vec<NodeId> = c.ids();
     // Heal everything and demand progress.
     c.net.heal();
     c.net.cfg = NetConfig::reliable();
@@ -231,15 +259,32 @@ pub fn run_seed(seed: u64, opts: &RunOptions) -> Result<RunSummary, Failure> {
             roles.join(" ")
         )));
     }
-    // Every live replica eventually applies what the leader committed.
+    // Every member eventually applies what the leader committed (removed replicas are not
+    // members any more and may stay behind).
     let target = c.checker.committed_len();
+    let members_of = |c: &Cluster<HashApp>| -> Option<Vec<NodeId>> {
+        let leader = c.raft(c.leader()?)?;
+        Some(leader.conf().members().collect())
+    };
     let converged = c.run_until(LIVENESS_TICKS_MAX, |c| {
-        ids.iter()
-            .all(|&id| c.raft(id).is_some_and(|r| r.status().applied >= target))
+        members_of(c).is_some_and(|members| {
+            members
+                .iter()
+                .all(|&id| c.raft(id).is_some_and(|r| r.status().applied >= target))
+        })
     })?;
+    let members = members_of(&c).unwrap_or_else(|| ids.clone());
     if !converged {
         return Err(Failure::Liveness(format!(
-            "replicas did not all apply index {target} after healing"
+            "replicas did not all apply index {target} after healing: {}",
+            members
+                .iter()
+                .map(|&id| format!(
+                    "{id}:{:?}",
+                    c.raft(id).map(|r| (r.role(), r.status().applied))
+                ))
+                .collect::<Vec<_>>()
+                .join(" ")
         )));
     }
     let leaders = ids
@@ -256,8 +301,34 @@ pub fn run_seed(seed: u64, opts: &RunOptions) -> Result<RunSummary, Failure> {
     })
 }
 
+/// Replicas a run may grow to by adding learners.
+const NODES_MAX: usize = 7;
+
+/// One single-server change at the leader: promote a learner, remove a surplus voter, or add a
+/// brand new replica as a learner. Refusals (one change pending, learner behind) are fine.
+fn change_membership(c: &mut Cluster<HashApp>, voters_target: usize) {
+    let Some(leader) = c.leader() else { return };
+    let Some(conf) = c.raft(leader).map(|r| r.conf().clone()) else {
+        return;
+    };
+    let change = if let Some(&learner) = conf.learners.first() {
+        ConfChange::PromoteLearner(learner)
+    } else if conf.voters.len() > voters_target {
+        ConfChange::Remove(*conf.voters.choose(&mut c.rng).unwrap_or(&leader))
+    } else if c.nodes.len() < NODES_MAX {
+        let id = c.add_node();
+        ConfChange::AddLearner(id)
+    } else {
+        return;
+    };
+    let _ = c.propose_conf_change(change);
+}
+
 fn partition(c: &mut Cluster<HashApp>, ids: &[NodeId]) {
     c.net.heal();
+    if ids.len() < 2 {
+        return;
+    }
     match c.rng.gen_range(0..3) {
         0 => {
             // A random split in two.

@@ -252,8 +252,7 @@ pub fn json_report(s: &Summary) -> Value {
         }
         let mut o = Map::new();
         for (k, v) in latency_fields("", h, s.elapsed) {
-            let n: f64 = v.parse().unwrap_or(0.0);
-            o.insert(k, json!(n));
+            o.insert(k, number(&v));
         }
         o.insert("mean_us".into(), json!(h.mean()));
         o.insert("stddev_us".into(), json!(h.stdev()));
@@ -265,7 +264,7 @@ pub fn json_report(s: &Summary) -> Value {
     root.insert("workload".into(), json!(s.workload));
     root.insert("elapsed_s".into(), json!(s.elapsed.as_secs_f64()));
     for (k, v) in latency_fields("", &all, s.elapsed) {
-        root.insert(k, json!(v.parse::<f64>().unwrap_or(0.0)));
+        root.insert(k, number(&v));
     }
     root.insert("errors".into(), json!(s.measured.error_count()));
     root.insert("errors_by_kind".into(), json!(s.measured.errors));
@@ -278,6 +277,14 @@ pub fn json_report(s: &Summary) -> Value {
         );
     }
     Value::Object(root)
+}
+
+/// A RESULT field value as a JSON number (an integer when it is one).
+fn number(text: &str) -> Value {
+    match text.parse::<u64>() {
+        Ok(n) => json!(n),
+        Err(_) => json!(text.parse::<f64>().unwrap_or(0.0)),
+    }
 }
 
 /// Writes `<dir>/<op>.hgrm` for each operation type that ran.
@@ -518,7 +525,8 @@ mod tests {
     fn json_and_svg_carry_each_operation() {
         let s = summary();
         let j = json_report(&s);
-        assert_eq!(j["operations"]["get"]["ops"], json!(1000.0));
+        assert_eq!(j["operations"]["get"]["ops"], json!(1000));
+        assert_eq!(j["operations"]["get"]["p99_us"], json!(990));
         assert_eq!(j["errors_by_kind"]["ERR"], json!(1));
         let svg = svg_plot(&s);
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));

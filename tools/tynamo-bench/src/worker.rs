@@ -15,7 +15,6 @@
 use crate::report::{new_histogram, Measured};
 use crate::verify::{self, Ledger};
 use crate::workload::{format_key, Choice, Dist, KeyChooser, OpKind, Rmw, ValueSize, Workload};
-use bytes::BytesMut;
 use hdrhistogram::Histogram;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -30,6 +29,9 @@ use tynamo::resp::frame::{self, Frame};
 
 /// Requests per batch while filling the key space (`--load`) and in the final scan.
 const FILL_BATCH: usize = 256;
+/// Pause after a batch failed as a whole, so that a target refusing everything (e.g. a cluster
+/// with unowned slots) is not hammered in a tight loop; the client already backed off inside.
+const ERROR_PAUSE: Duration = Duration::from_millis(10);
 /// How often each thread publishes its recent latencies for the progress line.
 const PROGRESS_PERIOD: Duration = Duration::from_millis(500);
 
@@ -258,10 +260,6 @@ fn owned_key(key: u64, c: usize, connections: usize, keys: u64) -> u64 {
     }
 }
 
-fn put_key_bulk(out: &mut BytesMut, key: &[u8]) {
-    frame::put_bulk(out, key);
-}
-
 /// `--load`: connection `c` writes every key it owns once (version 1 when verifying).
 async fn fill(
     state: Rc<ThreadState>,
@@ -287,7 +285,7 @@ async fn fill(
                 .unwrap_or(0);
             batch.push_with(Some(&key_buf), true, 3, |out| {
                 frame::put_bulk(out, b"SET");
-                put_key_bulk(out, &key_buf);
+                frame::put_bulk(out, &key_buf);
                 if version > 0 {
                     verify::put_value(out, key, version, size);
                 } else {
@@ -399,11 +397,14 @@ async fn drive(state: Rc<ThreadState>, c: usize, mut client: ClusterClient, star
                     break;
                 }
                 let kind = client_error_kind(&e);
-                let mut m = state.measured.borrow_mut();
-                for _ in 0..count {
-                    m.error(kind);
+                {
+                    let mut m = state.measured.borrow_mut();
+                    for _ in 0..count {
+                        m.error(kind);
+                    }
                 }
                 shared.errors.fetch_add(count as u64, Ordering::Relaxed);
+                glommio::timer::sleep(ERROR_PAUSE).await;
             }
         }
     }
@@ -467,7 +468,7 @@ fn next_op(
             let version = ledger.map(|l| l.borrow_mut().issue(key)).unwrap_or(0);
             batch.push_with(Some(key_buf), true, 3, |out| {
                 frame::put_bulk(out, b"SET");
-                put_key_bulk(out, key_buf);
+                frame::put_bulk(out, key_buf);
                 if version > 0 {
                     verify::put_value(out, key, version, size);
                 } else {

@@ -104,7 +104,7 @@ fn verified_run_against_redis_reports_every_request() {
     assert!(stdout.contains("#[Mean    ="));
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    assert_eq!(summary["ops"], serde_json::json!(5000.0));
+    assert_eq!(summary["ops"], serde_json::json!(5000));
     assert_eq!(summary["verify"]["ok"], serde_json::json!(true));
     assert!(std::fs::read_to_string(hgrm.join("get.hgrm"))
         .unwrap()
@@ -321,5 +321,205 @@ fn local_mode_without_a_server_is_a_clear_error() {
         text(&out.stderr).contains("--local is not available"),
         "{}",
         text(&out.stderr)
+    );
+}
+
+#[test]
+fn every_workload_sends_its_mix_and_verifies() {
+    if !redis_available() {
+        return;
+    }
+    let redis = RedisServer::start(&[]);
+    let addr = format!("127.0.0.1:{}", redis.port);
+    /// (workload, extra args, operation types that must appear, that must not)
+    type Case<'a> = (&'a str, &'a [&'a str], &'a [&'a str], &'a [&'a str]);
+    let cases: &[Case<'_>] = &[
+        (
+            "b",
+            &["--dist", "zipfian:0.5"],
+            &["get", "set"],
+            &["incr", "append"],
+        ),
+        ("c", &["--read-mode", "stale"], &["get"], &["set"]),
+        ("d", &[], &["get", "set"], &["incr"]),
+        ("write", &["--value-size", "10..300"], &["set"], &["get"]),
+        (
+            "f",
+            &["--rmw", "append"],
+            &["get", "append"],
+            &["set", "incr"],
+        ),
+    ];
+    for (workload, extra, present, absent) in cases {
+        let verify: &[&str] = if *workload == "f" { &[] } else { &["--verify"] };
+        let mut args = vec![
+            "--server",
+            &addr,
+            "--workload",
+            workload,
+            "--requests",
+            "3000",
+            "--keys",
+            "200",
+            "--connections",
+            "3",
+            "--pipeline",
+            "4",
+            "--load",
+        ];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(verify);
+        let out = bench(&args);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{workload}: {}",
+            text(&out.stderr)
+        );
+        let r = result_fields(&out);
+        assert_eq!(
+            (r["ops"].as_str(), r["errors"].as_str()),
+            ("3000", "0"),
+            "{workload}"
+        );
+        for op in *present {
+            assert!(
+                r.contains_key(&format!("{op}_ops")),
+                "{workload}: no {op} in {r:?}"
+            );
+        }
+        for op in *absent {
+            assert!(
+                !r.contains_key(&format!("{op}_ops")),
+                "{workload}: unexpected {op}"
+            );
+        }
+        if !verify.is_empty() {
+            assert_eq!(r["verify"], "ok", "{workload}");
+        }
+    }
+}
+
+/// Answers GETs with nil; the 10th GET is answered only after `STALL` (a server hiccup).
+fn stalling_server() -> SocketAddr {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static GETS: AtomicUsize = AtomicUsize::new(0);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { return };
+            std::thread::spawn(move || {
+                let (mut buf, mut args, mut chunk) = (BytesMut::new(), Vec::new(), [0u8; 4096]);
+                loop {
+                    let n = match s.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    buf.extend_from_slice(&chunk[..n]);
+                    let mut out = BytesMut::new();
+                    while frame::decode_request(&mut buf, &Limits::DEFAULT, &mut args).unwrap() {
+                        if args[0].as_ref() == b"GET" {
+                            if GETS.fetch_add(1, Ordering::SeqCst) == 9 {
+                                std::thread::sleep(STALL);
+                            }
+                            frame::put_null(&mut out, frame::Protocol::Resp2);
+                        } else {
+                            frame::put_error(&mut out, b"ERR unknown command");
+                        }
+                    }
+                    if s.write_all(&out).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+const STALL: std::time::Duration = std::time::Duration::from_millis(400);
+
+#[test]
+fn open_loop_charges_a_stall_to_every_request_due_during_it() {
+    let addr = stalling_server().to_string();
+    // 1000 requests/s on one connection: ~400 requests fall due during the 400 ms stall. Measured
+    // from their due time (not from when the stalled connection could send them), they took
+    // 400 ms down to ~0 ms, so more than half of the 500 took over 100 ms. A closed-loop client
+    // would report one slow request. (Lower bounds only: a slower machine only adds latency.)
+    let out = bench(&[
+        "--server",
+        &addr,
+        "--rate",
+        "1000",
+        "--requests",
+        "500",
+        "--connections",
+        "1",
+        "--workload",
+        "c",
+        "--keys",
+        "10",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let r = result_fields(&out);
+    assert_eq!(r["ops"], "500");
+    let p50: u64 = r["get_p50_us"].parse().unwrap();
+    let max: u64 = r["get_max_us"].parse().unwrap();
+    assert!(
+        p50 >= 100_000,
+        "p50 {p50} us: the stall was not charged to the requests due during it"
+    );
+    assert!(max >= STALL.as_micros() as u64 * 99 / 100, "max {max} us");
+}
+
+#[test]
+fn local_mode_runs_the_demo_and_stops_it_afterwards() {
+    if !redis_available() {
+        return;
+    }
+    // A stand-in `tynamo demo`: a one-node Redis Cluster that prints its address like the demo.
+    // It runs as `/bin/sh demo` from a temporary directory (a script executed directly could hit
+    // ETXTBSY when another test thread forks while it is being written).
+    let dir = tempfile::tempdir().unwrap();
+    let port = support::free_port();
+    let script = r#"
+redis-server --port $FAKE_PORT --bind 127.0.0.1 --cluster-enabled yes --save "" \
+    --cluster-config-file "$PWD/nodes.conf" --dir "$PWD" --daemonize no >/dev/null &
+pid=$!
+trap 'kill $pid; wait $pid; exit 0' INT TERM
+until redis-cli -p $FAKE_PORT PING >/dev/null 2>&1; do sleep 0.05; done
+redis-cli -p $FAKE_PORT CLUSTER ADDSLOTSRANGE 0 16383 >/dev/null
+until redis-cli -p $FAKE_PORT CLUSTER INFO | grep -q cluster_state:ok; do sleep 0.05; done
+echo "host 1 serves clients on 127.0.0.1:$FAKE_PORT; try redis-cli -c -p $FAKE_PORT"
+wait $pid
+"#;
+    std::fs::write(dir.path().join("demo"), script).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tynamo-bench"))
+        .args([
+            "--local",
+            "--requests",
+            "500",
+            "--connections",
+            "2",
+            "--keys",
+            "50",
+            "--load",
+            "--verify",
+        ])
+        .env("TYNAMO_BIN", "/bin/sh")
+        .env("FAKE_PORT", port.to_string())
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let r = result_fields(&out);
+    assert_eq!((r["ops"].as_str(), r["verify"].as_str()), ("500", "ok"));
+    assert!(text(&out.stderr).contains("[tynamo demo] host 1 serves clients on"));
+    // The bench stopped the demo, and the demo its server, before exiting.
+    support::wait_until(
+        "the demo's server to stop",
+        std::time::Duration::from_secs(10),
+        || TcpStream::connect(("127.0.0.1", port)).is_err(),
     );
 }
