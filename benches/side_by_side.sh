@@ -19,8 +19,9 @@
 # >= 0.7x Redis GET; p99 at 256 connections < 10 ms for every workload.
 #
 # Environment: DURATION (10s per cell), CONNS, WORKLOADS, KEYS (10000), VALUE_SIZE (256),
-# CORES (2 per host), BASE (TynamoDB client port of host 1, 17001), REDIS_PORT (16379),
-# SKIP_BUILD=1, SERVER_ARGS (extra `tynamo server` flags), OUT (target/side-by-side).
+# CORES (2 per host), BASE (TynamoDB client port of host 1, 23001), REDIS_PORT (23379),
+# SKIP_BUILD=1, SERVER_ARGS (extra `tynamo server` flags), OUT (target/side-by-side), PERF=1 and
+# PERF_CONNS (a CPU profile of the leader, see below; needs perf: apt-get install linux-perf).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -30,8 +31,8 @@ WORKLOADS=${WORKLOADS:-"write a c"}
 KEYS=${KEYS:-10000}
 VALUE_SIZE=${VALUE_SIZE:-256}
 CORES=${CORES:-2}
-BASE=${BASE:-17001}
-REDIS_PORT=${REDIS_PORT:-16379}
+BASE=${BASE:-23001}
+REDIS_PORT=${REDIS_PORT:-23379}
 SERVER_ARGS=${SERVER_ARGS:-}
 OUT=${OUT:-target/side-by-side}
 BIN=target/release
@@ -172,14 +173,46 @@ say "loading $KEYS keys of $VALUE_SIZE B into each"
 bench "${TYNAMO[@]}" --workload write --load --requests 1 --connections 64 > /dev/null
 bench "${REDIS[@]}" --workload write --load --requests 1 --connections 64 > /dev/null
 
+# PERF=1: a CPU profile (perf record -g) of group 0's leader process during the TynamoDB runs at
+# PERF_CONNS connections (default: the largest), summarised into $OUT/perf-<workload>-c<conns>.txt.
+PERF=${PERF:-}
+PERF_CONNS=${PERF_CONNS:-$(tr ' ' '\n' <<< "$CONNS" | sort -n | tail -n 1)}
+secs() { awk -v d="$1" 'BEGIN { s = d + 0; if (d ~ /ms$/) s /= 1000; else if (d ~ /m$/) s *= 60; print int(s) }'; }
+profile_leader() { # workload conns
+  local pid="" port
+  for h in $(seq 1 $HOSTS); do
+    port=$((BASE + 10 * (h - 1)))
+    if info "$port" | grep -q 'raft_role:Leader'; then
+      pid=$(info "$port" | tr -d '\r' | sed -n 's/^process_id://p')
+      break
+    fi
+  done
+  if [ -z "$pid" ]; then say "perf: no leader found for group 0"; return 1; fi
+  local base="$OUT/perf-$1-c$2" span
+  span=$(( $(secs "$DURATION") > 3 ? $(secs "$DURATION") - 2 : 1 ))
+  sleep 1 # past the connection setup
+  perf record -F 499 -g -p "$pid" -o "$base.data" -- sleep "$span" > /dev/null 2>&1
+  perf report -i "$base.data" --stdio --no-children --percent-limit 1 --sort symbol \
+    2> /dev/null | grep -E '^ +[0-9.]+%' | sed -E 's/[ -]+$//' > "$base.txt" || true
+  perf report -i "$base.data" --stdio --no-children --sort dso 2> /dev/null |
+    grep -E '^ +[0-9.]+%' > "$base.dso.txt" || true
+  say "perf: leader pid $pid (group 0), top symbols in $base.txt"
+}
+
 declare -A R
 for w in $WORKLOADS; do
   for c in $CONNS; do
     for sys in tynamo redis; do
       if [ "$sys" = tynamo ]; then target=("${TYNAMO[@]}"); else target=("${REDIS[@]}"); fi
       say "$sys workload $w, $c connections, $DURATION"
+      profiling=""
+      if [ -n "$PERF" ] && [ "$sys" = tynamo ] && [ "$c" = "$PERF_CONNS" ]; then
+        profile_leader "$w" "$c" &
+        profiling=$!
+      fi
       line=$(bench "${target[@]}" --workload "$w" --connections "$c" --duration "$DURATION" \
         --json "$OUT/$sys-$w-c$c.json")
+      if [ -n "$profiling" ]; then wait "$profiling" || say "perf failed (see $OUT)"; fi
       R[$sys,$w,$c,ops]=$(field "$line" ops_per_s)
       R[$sys,$w,$c,p50]=$(field "$line" p50_us)
       R[$sys,$w,$c,p99]=$(field "$line" p99_us)
@@ -245,6 +278,13 @@ for w in $WORKLOADS; do
   if has "$w" 256; then
     target "workload $w p99 at 256 conns < 10 ms" "${R[tynamo,$w,256,p99]} < 10000" \
       "$(ms "${R[tynamo,$w,256,p99]}") ms"
+  fi
+done
+for f in "$OUT"/perf-*-c"$PERF_CONNS".txt; do
+  if [ -n "$PERF" ] && [ -s "$f" ]; then
+    echo
+    echo "CPU profile of group 0's leader ($f, self time, top 12):"
+    head -n 12 "$f"
   fi
 done
 echo "$result targets_met=$met targets_missed=$missed"
