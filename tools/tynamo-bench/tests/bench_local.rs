@@ -121,6 +121,10 @@ fn a_verified_run_on_a_local_cluster_stops_it_and_removes_its_data() {
     let (gets, sets): (u64, u64) = (r["get_ops"].parse().unwrap(), r["set_ops"].parse().unwrap());
     assert_eq!(gets + sets, 3000);
     assert!(gets > 0 && sets > 0, "a 50/50 mix: {gets} gets {sets} sets");
+    assert!(
+        !stderr.contains("did not stop"),
+        "hosts must stop on SIGTERM: {stderr}"
+    );
     let (dir, base) = cluster_of(&stderr);
     assert_cluster_gone(&dir, base);
 }
@@ -181,6 +185,10 @@ fn ctrl_c_during_a_run_stops_the_cluster_and_removes_its_data() {
     let all = reader.join().unwrap();
     assert_eq!(status.code(), Some(128 + libc::SIGINT), "{all}");
     assert!(all.contains("stopping the local cluster"), "{all}");
+    assert!(
+        !all.contains("did not stop"),
+        "hosts must stop on SIGTERM: {all}"
+    );
     assert_cluster_gone(&dir, base);
 }
 
