@@ -153,6 +153,8 @@ struct ThreadState {
 
 /// Connection attempts when TynamoDB refuses the client's random session id (below).
 const SESSION_ID_ATTEMPTS_MAX: usize = 64;
+/// Pause between connection attempts while no seed leads its group (64 x 100 ms bounds it).
+const ELECTION_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 /// TynamoDB's answer to `TYNAMO.SESSION <id>` with an id above i64::MAX.
 const SESSION_ID_REFUSED: &str = "ERR value is not an integer or out of range";
 
@@ -176,6 +178,17 @@ async fn connect(cfg: &Config, stale: bool) -> Result<ClusterClient, ClientError
             Err(e)
                 if attempts < SESSION_ID_ATTEMPTS_MAX
                     && e.to_string().contains(SESSION_ID_REFUSED) => {}
+            // Workaround: a core that does not lead its group answers the session command with
+            // -MOVED or -TRYAGAIN, which the client takes as a refusal of that seed; during an
+            // election every seed refuses. Wait (bounded) for a leader instead of failing.
+            Err(e)
+                if attempts < SESSION_ID_ATTEMPTS_MAX && {
+                    let text = e.to_string();
+                    text.contains("MOVED ") || text.contains("TRYAGAIN ")
+                } =>
+            {
+                glommio::timer::sleep(ELECTION_WAIT).await;
+            }
             other => return other,
         }
     }
