@@ -53,9 +53,20 @@ struct Args {
     /// A plain RESP server host:port (every key sent to it).
     #[arg(long)]
     server: Option<String>,
-    /// Start a local 3-host TynamoDB cluster for the run (`tynamo demo`) and stop it after.
+    /// Start a local 3-host TynamoDB cluster for the run (`tynamo server` x 3, data in a
+    /// temporary directory) and stop it after.
     #[arg(long)]
     local: bool,
+    /// --local: cores (= Raft groups) per host.
+    #[arg(long, default_value_t = 2)]
+    local_cores: u16,
+    /// --local: client port of host 1 (host h: +10(h-1), peers +100); default: a free block.
+    #[arg(long)]
+    local_base_port: Option<u16>,
+    /// --local: an extra argument for every `tynamo server` (repeat it: --local-server-arg=--window
+    /// --local-server-arg=4).
+    #[arg(long, allow_hyphen_values = true)]
+    local_server_arg: Vec<String>,
     /// Connections in total (spread over the threads).
     #[arg(long, default_value_t = 50)]
     connections: usize,
@@ -238,7 +249,7 @@ fn resolve_all(list: &str) -> Result<Vec<std::net::SocketAddr>, String> {
 fn main() -> ExitCode {
     let args = Args::parse();
     // Held for the whole run: dropping it stops the local cluster.
-    let mut _local = None;
+    let mut local_cluster = None;
     let (target, target_name) = if let Some(s) = &args.server {
         match resolve(s) {
             Ok(addr) => (Target::Single(addr), s.clone()),
@@ -251,10 +262,15 @@ fn main() -> ExitCode {
             Err(e) => return fail(e),
         }
     } else {
-        match local::LocalCluster::start() {
+        let options = local::LocalOptions {
+            cores: args.local_cores,
+            base_port: args.local_base_port,
+            server_args: args.local_server_arg.clone(),
+        };
+        match local::LocalCluster::start(&options) {
             Ok(cluster) => {
                 let seeds = cluster.seeds.clone();
-                _local = Some(cluster);
+                local_cluster = Some(cluster);
                 (Target::Cluster(seeds), "local 3-host cluster".to_string())
             }
             Err(e) => return fail(e),
@@ -358,6 +374,15 @@ fn main() -> ExitCode {
     }
     println!("{}", report::result_line(&summary));
     let _ = std::io::stdout().flush();
+    if let Some(cluster) = &local_cluster {
+        let exited = cluster.exited_hosts();
+        for e in &exited {
+            eprintln!("tynamo-bench: {e}");
+        }
+        if !exited.is_empty() && mismatches == 0 {
+            status = ExitCode::from(2);
+        }
+    }
     if mismatches > 0 {
         eprintln!("tynamo-bench: --verify found {mismatches} mismatches");
         return ExitCode::from(1);

@@ -151,14 +151,46 @@ struct ThreadState {
     pattern: Vec<u8>,
 }
 
+/// Connection attempts when TynamoDB refuses the client's random session id (below).
+const SESSION_ID_ATTEMPTS_MAX: usize = 64;
+/// Pause between connection attempts while no seed leads its group (64 x 100 ms bounds it).
+const ELECTION_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+/// TynamoDB's answer to `TYNAMO.SESSION <id>` with an id above i64::MAX.
+const SESSION_ID_REFUSED: &str = "ERR value is not an integer or out of range";
+
 async fn connect(cfg: &Config, stale: bool) -> Result<ClusterClient, ClientError> {
     let options = ClientOptions {
         read_only: stale,
         ..cfg.client.clone()
     };
-    match &cfg.target {
-        Target::Single(addr) => ClusterClient::connect_single(*addr, options).await,
-        Target::Cluster(seeds) => ClusterClient::connect_cluster(seeds, options).await,
+    // Workaround: the client draws its session id from all of u64, while the server parses it
+    // as an i64 and refuses half of them (the client opens the session on its first connection,
+    // so the refusal surfaces here, on no other request). A new client draws a new id: after
+    // 64 attempts the odds that every id was refused are 2^-64.
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let connected = match &cfg.target {
+            Target::Single(addr) => ClusterClient::connect_single(*addr, options.clone()).await,
+            Target::Cluster(seeds) => ClusterClient::connect_cluster(seeds, options.clone()).await,
+        };
+        match connected {
+            Err(e)
+                if attempts < SESSION_ID_ATTEMPTS_MAX
+                    && e.to_string().contains(SESSION_ID_REFUSED) => {}
+            // Workaround: a core that does not lead its group answers the session command with
+            // -MOVED or -TRYAGAIN, which the client takes as a refusal of that seed; during an
+            // election every seed refuses. Wait (bounded) for a leader instead of failing.
+            Err(e)
+                if attempts < SESSION_ID_ATTEMPTS_MAX && {
+                    let text = e.to_string();
+                    text.contains("MOVED ") || text.contains("TRYAGAIN ")
+                } =>
+            {
+                glommio::timer::sleep(ELECTION_WAIT).await;
+            }
+            other => return other,
+        }
     }
 }
 

@@ -307,24 +307,6 @@ fn a_target_answering_garbage_exits_2_with_a_clear_error() {
 }
 
 #[test]
-fn local_mode_without_a_server_is_a_clear_error() {
-    // A stand-in `tynamo` that exits at once, as the unwritten server does today. (A script
-    // written by the test could hit ETXTBSY when another test thread forks meanwhile.)
-    let fake = "/bin/false";
-    let out = Command::new(env!("CARGO_BIN_EXE_tynamo-bench"))
-        .args(["--local", "--requests", "10"])
-        .env("TYNAMO_BIN", fake)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        text(&out.stderr).contains("--local is not available"),
-        "{}",
-        text(&out.stderr)
-    );
-}
-
-#[test]
 fn every_workload_sends_its_mix_and_verifies() {
     if !redis_available() {
         return;
@@ -471,55 +453,4 @@ fn open_loop_charges_a_stall_to_every_request_due_during_it() {
         "p50 {p50} us: the stall was not charged to the requests due during it"
     );
     assert!(max >= STALL.as_micros() as u64 * 99 / 100, "max {max} us");
-}
-
-#[test]
-fn local_mode_runs_the_demo_and_stops_it_afterwards() {
-    if !redis_available() {
-        return;
-    }
-    // A stand-in `tynamo demo`: a one-node Redis Cluster that prints its address like the demo.
-    // It runs as `/bin/sh demo` from a temporary directory (a script executed directly could hit
-    // ETXTBSY when another test thread forks while it is being written).
-    let dir = tempfile::tempdir().unwrap();
-    let port = support::free_port();
-    let script = r#"
-redis-server --port $FAKE_PORT --bind 127.0.0.1 --cluster-enabled yes --save "" \
-    --cluster-config-file "$PWD/nodes.conf" --dir "$PWD" --daemonize no >/dev/null &
-pid=$!
-trap 'kill $pid; wait $pid; exit 0' INT TERM
-until redis-cli -p $FAKE_PORT PING >/dev/null 2>&1; do sleep 0.05; done
-redis-cli -p $FAKE_PORT CLUSTER ADDSLOTSRANGE 0 16383 >/dev/null
-until redis-cli -p $FAKE_PORT CLUSTER INFO | grep -q cluster_state:ok; do sleep 0.05; done
-echo "host 1 serves clients on 127.0.0.1:$FAKE_PORT; try redis-cli -c -p $FAKE_PORT"
-wait $pid
-"#;
-    std::fs::write(dir.path().join("demo"), script).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_tynamo-bench"))
-        .args([
-            "--local",
-            "--requests",
-            "500",
-            "--connections",
-            "2",
-            "--keys",
-            "50",
-            "--load",
-            "--verify",
-        ])
-        .env("TYNAMO_BIN", "/bin/sh")
-        .env("FAKE_PORT", port.to_string())
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let r = result_fields(&out);
-    assert_eq!((r["ops"].as_str(), r["verify"].as_str()), ("500", "ok"));
-    assert!(text(&out.stderr).contains("[tynamo demo] host 1 serves clients on"));
-    // The bench stopped the demo, and the demo its server, before exiting.
-    support::wait_until(
-        "the demo's server to stop",
-        std::time::Duration::from_secs(10),
-        || TcpStream::connect(("127.0.0.1", port)).is_err(),
-    );
 }
