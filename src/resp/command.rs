@@ -219,9 +219,17 @@ fn is(arg: &[u8], name: &str) -> bool {
     arg.eq_ignore_ascii_case(name.as_bytes())
 }
 
+/// The full u64 range (session ids are random u64s), digits only, no sign, no leading zero.
 fn parse_u64(arg: &[u8]) -> Result<u64, CommandError> {
-    parse_i64(arg)
-        .and_then(|v| u64::try_from(v).ok())
+    let canonical =
+        !arg.is_empty() && arg.iter().all(u8::is_ascii_digit) && (arg.len() == 1 || arg[0] != b'0');
+    if !canonical {
+        return Err(CommandError::NotInteger);
+    }
+    arg.iter()
+        .try_fold(0u64, |acc, &d| {
+            acc.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+        })
         .ok_or(CommandError::NotInteger)
 }
 
@@ -733,6 +741,24 @@ mod tests {
 
     fn err(words: &[&str]) -> String {
         parse(words).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn u64_arguments_cover_the_whole_range_and_nothing_else() {
+        assert_eq!(parse_u64(b"0"), Ok(0));
+        assert_eq!(parse_u64(b"18446744073709551615"), Ok(u64::MAX));
+        assert_eq!(parse_u64(b"9223372036854775808"), Ok(1 << 63));
+        for bad in [
+            &b""[..],
+            b"18446744073709551616",
+            b"-1",
+            b"+1",
+            b"01",
+            b" 1",
+            b"1a",
+        ] {
+            assert_eq!(parse_u64(bad), Err(CommandError::NotInteger), "{bad:?}");
+        }
     }
 
     #[test]
