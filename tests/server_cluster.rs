@@ -887,3 +887,58 @@ fn a_request_for_another_core_of_the_same_host_is_forwarded_not_redirected() {
         other => panic!("{other:?}"),
     }
 }
+
+fn int(f: Frame) -> i64 {
+    match f {
+        Frame::Integer(n) => n,
+        other => panic!("expected an integer, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_sequenced_write_for_another_core_is_forwarded_with_its_session_and_applied_once() {
+    let _l = lock();
+    let mut c = Cluster::start(3, 2, &[]);
+    c.wait_leader(0, None);
+    let l1 = c.wait_leader(1, None);
+    // "foo" (slot 12182) belongs to group 1; the session is declared on core 0 of group 1's
+    // leader host, which may or may not lead group 0 (OK or MOVED: the id stays either way).
+    let mut a = Resp::connect(c.port(l1, 0)).unwrap();
+    match a.call(&[b"TYNAMO.SESSION", b"4242"]).unwrap() {
+        Frame::Simple(_) => {}
+        Frame::Error(e) => assert!(e.starts_with(b"MOVED 0 "), "{e:?}"),
+        other => panic!("{other:?}"),
+    }
+    let seq = |a: &mut Resp, n: &[u8]| a.call(&[b"TYNAMO.SEQ", n, b"1", b"INCR", b"foo"]);
+    // Forwarded to core 1 (an integer, not a MOVED), which opens the session there first.
+    assert_eq!(int(seq(&mut a, b"1").unwrap()), 1);
+    // The retry of seq 1 is recognised through the forwarding path too.
+    assert_eq!(int(seq(&mut a, b"1").unwrap()), 1);
+    assert_eq!(int(seq(&mut a, b"2").unwrap()), 2);
+    // The same client at the owning core directly: the session forwarded there is the one it
+    // finds, so its retry of seq 2 is a duplicate.
+    let mut b = Resp::connect(c.port(l1, 1)).unwrap();
+    assert!(matches!(
+        b.call(&[b"TYNAMO.SESSION", b"4242"]).unwrap(),
+        Frame::Simple(_)
+    ));
+    assert_eq!(
+        int(b
+            .call(&[b"TYNAMO.SEQ", b"2", b"1", b"INCR", b"foo"])
+            .unwrap()),
+        2
+    );
+    match b.call(&[b"GET", b"foo"]).unwrap() {
+        Frame::Bulk(v) => assert_eq!(&v[..], b"2"),
+        other => panic!("{other:?}"),
+    }
+    // A sequence still needs a session, forwarded or not.
+    let mut plain = Resp::connect(c.port(l1, 0)).unwrap();
+    match plain
+        .call(&[b"TYNAMO.SEQ", b"3", b"1", b"INCR", b"foo"])
+        .unwrap()
+    {
+        Frame::Error(e) => assert!(e.starts_with(b"ERR TYNAMO.SEQ needs TYNAMO.SESSION")),
+        other => panic!("{other:?}"),
+    }
+}

@@ -95,20 +95,42 @@ impl HostView {
     }
 }
 
+/// A sequenced (exactly-once) write's identity: the connection's session and the write's seq.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionWrite {
+    pub client_id: u64,
+    pub seq: u64,
+}
+
+impl SessionWrite {
+    /// The command that opens (or refreshes) this write's session in a group.
+    pub fn open(self) -> KvCommand {
+        KvCommand {
+            client_id: self.client_id,
+            seq: 0,
+            op: Op::OpenSession,
+        }
+    }
+}
+
+/// One client request handed to the group of another core.
+pub struct Forward {
+    pub ops: Vec<Op>,
+    pub write: bool,
+    /// A READONLY read: answered from the replica's applied state.
+    pub stale: bool,
+    /// Set for a `TYNAMO.SEQ` write (then `ops` holds exactly that one write).
+    pub session: Option<SessionWrite>,
+    /// Open the session in the target group first (the connection has not written there yet).
+    pub open_session: bool,
+}
+
 /// Requests forwarded between the cores of one host (a client on core a asked for a key of the
 /// group on core b, whose leader is on this host) and their replies. Bounded channels, one per
 /// ordered pair of cores.
 pub enum CoreMsg {
-    Request {
-        id: u64,
-        ops: Vec<Op>,
-        write: bool,
-        stale: bool,
-    },
-    Reply {
-        id: u64,
-        replies: Vec<GroupReply>,
-    },
+    Request { id: u64, forward: Forward },
+    Reply { id: u64, replies: Vec<GroupReply> },
 }
 
 /// Forwarded requests in flight per ordered pair of cores.
@@ -141,24 +163,12 @@ impl CoreCtx {
 
     /// Hands `ops` to the group on `core` (same host) and returns the slots its replies will
     /// fill, or None when that core's queue is full.
-    pub fn forward(
-        &self,
-        core: u16,
-        ops: Vec<Op>,
-        write: bool,
-        stale: bool,
-    ) -> Option<Vec<ReplySlot>> {
+    pub fn forward(&self, core: u16, forward: Forward) -> Option<Vec<ReplySlot>> {
         let sender = self.forward.borrow().get(&core).cloned()?;
         let id = self.next_forward_id.get();
         self.next_forward_id.set(id + 1);
-        let slots: Vec<ReplySlot> = ops.iter().map(|_| ReplySlot::new()).collect();
-        let msg = CoreMsg::Request {
-            id,
-            ops,
-            write,
-            stale,
-        };
-        if sender.try_send(msg).is_err() {
+        let slots: Vec<ReplySlot> = forward.ops.iter().map(|_| ReplySlot::new()).collect();
+        if sender.try_send(CoreMsg::Request { id, forward }).is_err() {
             return None;
         }
         self.forwarded.borrow_mut().insert(id, slots.clone());
@@ -175,24 +185,27 @@ async fn forward_receiver(
 ) {
     while let Some(msg) = rx.recv().await {
         match msg {
-            CoreMsg::Request {
-                id,
-                ops,
-                write,
-                stale,
-            } => {
+            CoreMsg::Request { id, forward } => {
+                let Forward {
+                    ops,
+                    write,
+                    stale,
+                    session,
+                    open_session,
+                } = forward;
                 let slots: Vec<ReplySlot> = {
                     let mut g = ctx.group.borrow_mut();
+                    if let (Some(s), true) = (session, open_session) {
+                        // Same turn, ahead of the write: the write's reply answers for both.
+                        let _ = g.submit_write(s.open());
+                    }
+                    let (client_id, seq) = session.map_or((0, 0), |s| (s.client_id, s.seq));
                     ops.into_iter()
                         .map(|op| {
                             if stale {
                                 ReplySlot::ready(GroupReply::Done(g.stale_read(&op)))
                             } else if write {
-                                g.submit_write(KvCommand {
-                                    client_id: 0,
-                                    seq: 0,
-                                    op,
-                                })
+                                g.submit_write(KvCommand { client_id, seq, op })
                             } else {
                                 g.submit_read(op)
                             }

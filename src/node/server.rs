@@ -36,7 +36,7 @@ use crate::resp::reply::{
 use crate::resp::{Command, Limits, Protocol, Request};
 use crate::shard::{key_slot, shard_slots, slot_shard};
 
-use super::executor::CoreCtx;
+use super::executor::{CoreCtx, Forward, SessionWrite};
 use super::group::{GroupReply, ReplySlot};
 
 /// Caps on client requests: values up to the KV's own limit, arrays up to the multi-key limit.
@@ -83,9 +83,18 @@ struct Conn {
     id: u64,
     protocol: Protocol,
     readonly: bool,
+    /// The session this connection declared with `TYNAMO.SESSION` (0: none).
     client_id: u64,
+    /// Bit g: an `OpenSession` for `client_id` was submitted to group g from this connection.
+    /// A sequenced write to a group whose bit is clear is preceded by one in the same turn, so
+    /// the session exists in every group the connection writes to, however it was routed
+    /// (its own core, forwarded to another core, or a core that led only after the session
+    /// command was answered with MOVED). Opening an open session only refreshes it.
+    sessions_opened: u64,
     close: bool,
 }
+
+const _: () = assert!(super::config::CORES_MAX as u32 <= u64::BITS);
 
 pub async fn accept_loop(listener: TcpListener, ctx: Rc<CoreCtx>) {
     loop {
@@ -121,6 +130,7 @@ async fn serve_connection(ctx: &CoreCtx, mut stream: TcpStream) {
         protocol: Protocol::Resp2,
         readonly: false,
         client_id: 0,
+        sessions_opened: 0,
         close: false,
     };
     let mut rbuf = BytesMut::with_capacity(READ_CHUNK_BYTES);
@@ -253,12 +263,19 @@ fn handle(ctx: &CoreCtx, conn: &mut Conn, args: &[Bytes]) -> Pending {
             if client_id == 0 {
                 return error("ERR TYNAMO.SESSION needs a non-zero client id");
             }
-            conn.client_id = client_id;
+            if conn.client_id != client_id {
+                conn.client_id = client_id;
+                conn.sessions_opened = 0;
+            }
             let mut g = ctx.group.borrow_mut();
             if !g.is_leader() {
-                // Any leader can open the session; this core's group is as good as another.
-                return not_leader(ctx, g.leader(), 0, ctx.core);
+                // The connection keeps the client id: its first sequenced write to any group
+                // opens the session there. The redirect names a slot of this core's group, so
+                // a client that follows it (or updates its slot map) is sent where that group
+                // is led; slot 0 would claim the wrong group for every core but core 0.
+                return not_leader(ctx, g.leader(), group_first_slot(ctx, ctx.core), ctx.core);
             }
+            conn.sessions_opened |= 1 << ctx.core;
             let slot = g.submit_write(KvCommand {
                 client_id,
                 seq: 0,
@@ -267,7 +284,7 @@ fn handle(ctx: &CoreCtx, conn: &mut Conn, args: &[Bytes]) -> Pending {
             Pending::Wait {
                 slots: vec![slot],
                 shape: Shape::Ok,
-                slot: 0,
+                slot: group_first_slot(ctx, ctx.core),
                 group: ctx.core,
             }
         }
@@ -344,7 +361,7 @@ fn kv_ops(command: Command) -> Result<(Vec<Op>, Shape, Vec<Bytes>), String> {
     })
 }
 
-fn kv_command(ctx: &CoreCtx, conn: &Conn, command: Command, seq: Option<u64>) -> Pending {
+fn kv_command(ctx: &CoreCtx, conn: &mut Conn, command: Command, seq: Option<u64>) -> Pending {
     let (ops, shape, keys) = match kv_ops(command) {
         Ok(x) => x,
         Err(e) => return error(&e),
@@ -372,20 +389,50 @@ fn kv_command(ctx: &CoreCtx, conn: &Conn, command: Command, seq: Option<u64>) ->
     let cfg = &ctx.cfg;
     let group_of_slot = cfg.shard_group(slot_shard(slot, cfg.shard_count));
     let is_write = ops.iter().any(Op::is_write);
+    let session = match seq {
+        Some(seq) => {
+            if conn.client_id == 0 {
+                return error("ERR TYNAMO.SEQ needs TYNAMO.SESSION first on this connection");
+            }
+            if ops.len() != 1 || !is_write {
+                return error("ERR TYNAMO.SEQ wraps a write of one key (or one MSET)");
+            }
+            Some(SessionWrite {
+                client_id: conn.client_id,
+                seq,
+            })
+        }
+        None => None,
+    };
     if group_of_slot != ctx.core {
         let leader = ctx.view.leaders[usize::from(group_of_slot)].load(Ordering::Relaxed);
         let stale = conn.readonly && !is_write;
         // The group lives on another core of this host: forward when that core can answer
-        // (it leads, or the read may be stale). Sequenced writes are redirected instead: the
-        // client opened its session on the connection it has to that core.
-        if seq.is_none() && (leader == cfg.id || stale) {
-            return match ctx.forward(group_of_slot, ops, is_write, stale) {
-                Some(slots) => Pending::Wait {
-                    slots,
-                    shape,
-                    slot,
-                    group: group_of_slot,
-                },
+        // (it leads, or the read may be stale). A sequenced write travels with its client id
+        // and seq, preceded by the session's opening the first time this connection writes
+        // to that group.
+        if leader == cfg.id || stale {
+            let bit = 1u64 << group_of_slot;
+            let open_session = session.is_some() && conn.sessions_opened & bit == 0;
+            let forward = Forward {
+                ops,
+                write: is_write,
+                stale,
+                session,
+                open_session,
+            };
+            return match ctx.forward(group_of_slot, forward) {
+                Some(slots) => {
+                    if open_session {
+                        conn.sessions_opened |= bit;
+                    }
+                    Pending::Wait {
+                        slots,
+                        shape,
+                        slot,
+                        group: group_of_slot,
+                    }
+                }
                 None => error(&format!(
                     "TRYAGAIN core {group_of_slot} is not accepting forwarded requests now"
                 )),
@@ -412,18 +459,14 @@ fn kv_command(ctx: &CoreCtx, conn: &Conn, command: Command, seq: Option<u64>) ->
     if !g.is_leader() {
         return not_leader(ctx, g.leader(), slot, ctx.core);
     }
-    let (client_id, seq) = match seq {
-        Some(seq) => {
-            if conn.client_id == 0 {
-                return error("ERR TYNAMO.SEQ needs TYNAMO.SESSION first on this connection");
-            }
-            if ops.len() != 1 {
-                return error("ERR TYNAMO.SEQ wraps a write of one key (or one MSET)");
-            }
-            (conn.client_id, seq)
+    if let Some(session) = session {
+        if conn.sessions_opened & (1 << ctx.core) == 0 {
+            conn.sessions_opened |= 1 << ctx.core;
+            // Its reply is not awaited: the write behind it in the same turn answers for both.
+            let _ = g.submit_write(session.open());
         }
-        None => (0, 0),
-    };
+    }
+    let (client_id, seq) = session.map_or((0, 0), |s| (s.client_id, s.seq));
     let slots = ops
         .into_iter()
         .map(|op| {
@@ -440,6 +483,14 @@ fn kv_command(ctx: &CoreCtx, conn: &Conn, command: Command, seq: Option<u64>) ->
         slot,
         group: ctx.core,
     }
+}
+
+/// The first slot of a group's range, for redirections that are about the group, not a key.
+fn group_first_slot(ctx: &CoreCtx, group: u16) -> u16 {
+    let cfg = &ctx.cfg;
+    cfg.group_shards(group)
+        .first()
+        .map_or(0, |&shard| shard_slots(shard, cfg.shard_count).0)
 }
 
 /// The KV's key limit (its default configuration).
