@@ -942,3 +942,41 @@ fn a_sequenced_write_for_another_core_is_forwarded_with_its_session_and_applied_
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn a_session_sent_to_a_follower_is_redirected_to_its_groups_leader_and_the_client_follows() {
+    let _l = lock();
+    let mut c = Cluster::start(3, 2, &[]);
+    c.wait_leader(0, None);
+    let l1 = c.wait_leader(1, None);
+    let follower = (l1 + 1) % 3;
+    // Group 1 serves shards 32..64 of 64, whose first slot is 8192: the redirect names a slot
+    // of that group (not slot 0, which is group 0's), at group 1's leader core.
+    let mut raw = Resp::connect(c.port(follower, 1)).unwrap();
+    match raw.call(&[b"TYNAMO.SESSION", b"31337"]).unwrap() {
+        Frame::Error(e) => assert_eq!(
+            String::from_utf8_lossy(&e),
+            format!("MOVED 8192 127.0.0.1:{}", c.port(l1, 1))
+        ),
+        other => panic!("a follower must redirect the session: {other:?}"),
+    }
+    // The client library given only that follower as a seed: the session's MOVED is followed
+    // (no error), and its sequenced writes reach the leader exactly once.
+    let seed = SocketAddr::from(([127, 0, 0, 1], c.port(follower, 1)));
+    let (value, exactly_once) = tynamo::client::network_executor("session-test")
+        .spawn(move || async move {
+            let mut client = tynamo::client::ClusterClient::connect_cluster(
+                &[seed],
+                tynamo::client::ClientOptions::default(),
+            )
+            .await
+            .expect("a follower seed gives the slot map");
+            let reply = client.call(&[b"INCR", b"foo"]).await.expect("INCR");
+            (reply, client.exactly_once())
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+    assert_eq!(value, Frame::Integer(1));
+    assert!(exactly_once, "the client fell back to plain writes");
+}
