@@ -980,3 +980,72 @@ fn a_session_sent_to_a_follower_is_redirected_to_its_groups_leader_and_the_clien
     assert_eq!(value, Frame::Integer(1));
     assert!(exactly_once, "the client fell back to plain writes");
 }
+
+/// Pids whose parent is `parent` (from /proc/*/stat; field 4 is the parent pid).
+fn children_of(parent: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // The command name may hold spaces: the fields after it follow the last ')'.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        let ppid: Option<u32> = rest.split_whitespace().nth(1).and_then(|p| p.parse().ok());
+        if ppid == Some(parent) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Whether `pid` still runs (a zombie nobody reaped yet counts as gone).
+fn running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+#[test]
+fn demo_killed_with_sigkill_takes_its_three_hosts_with_it() {
+    let _l = lock();
+    let base = free_base(3, 2);
+    let mut demo = Command::new(env!("CARGO_BIN_EXE_tynamo"))
+        .args(["demo", "--base-port", &base.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let seeds: Vec<u16> = (0..3)
+        .flat_map(|h| [base + 10 * h, base + 10 * h + 1])
+        .collect();
+    let deadline = Instant::now() + DEADLINE;
+    assert!(set_ok(&seeds, "pdeathsig", "1", deadline));
+    let hosts = children_of(demo.id());
+    assert_eq!(hosts.len(), 3, "the demo runs three hosts: {hosts:?}");
+    demo.kill().unwrap();
+    demo.wait().unwrap();
+    let start = Instant::now();
+    while hosts.iter().any(|&p| running(p)) {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "hosts {:?} outlived their demo",
+            hosts.iter().filter(|&&p| running(p)).collect::<Vec<_>>()
+        );
+        std::thread::sleep(POLL);
+    }
+    for p in seeds {
+        assert!(
+            Resp::connect(p).is_err(),
+            "port {p} still served after the demo was killed"
+        );
+    }
+}

@@ -277,8 +277,29 @@ fn demo(a: DemoArgs) -> ExitCode {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
     let mut children: Vec<Child> = Vec::new();
+    // SAFETY: getpid(2) has no preconditions.
+    let demo_pid = unsafe { libc::getpid() };
     for h in &hosts {
-        let spawned = Command::new(&exe)
+        let mut command = Command::new(&exe);
+        // SAFETY: the closure runs in the forked child before exec, where only
+        // async-signal-safe calls are allowed: prctl(2) and getppid(2) are plain system calls,
+        // and the closure touches no lock and allocates nothing (the error is built from an
+        // errno value). PR_SET_PDEATHSIG sends SIGTERM to the host when the thread that forked
+        // it ends; that is this main thread, which lives until the demo exits, so a demo killed
+        // with SIGKILL takes its hosts with it. The getppid check covers a demo that died
+        // between fork and prctl (the signal would then never come).
+        unsafe {
+            command.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() != demo_pid {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                Ok(())
+            });
+        }
+        let spawned = command
             .args(["server", "--id", &h.id.to_string()])
             .arg("--data")
             .arg(data.join(format!("host-{}", h.id)))
