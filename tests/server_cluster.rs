@@ -1049,3 +1049,50 @@ fn demo_killed_with_sigkill_takes_its_three_hosts_with_it() {
         );
     }
 }
+
+#[test]
+fn server_help_documents_the_config_file_and_a_one_machine_layout_that_validates() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tynamo"))
+        .args(["server", "--help"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("--config <FILE.toml>"), "{help}");
+    assert!(help.contains("initial-cluster = "), "{help}");
+    let map = help
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("MAP="))
+        .expect("a one-machine map in --help");
+    let hosts = tynamo::node::parse_initial_cluster(map).unwrap();
+    assert_eq!(hosts.len(), 3);
+    for id in 1..=3 {
+        tynamo::node::ServerConfig::new(id, "/tmp/x".into(), hosts.clone(), 2)
+            .validate()
+            .unwrap();
+    }
+    // The one-machine example is refused, naming both users of the shared port.
+    let out = Command::new(env!("CARGO_BIN_EXE_tynamo"))
+        .args([
+            "server",
+            "--id",
+            "1",
+            "--data",
+            "/nonexistent/tynamo-help-test",
+        ])
+        .args([
+            "--initial-cluster",
+            "1=127.0.0.1:7101,2=127.0.0.1:7102,3=127.0.0.1:7103",
+        ])
+        .args(["--cores", "2", "--client-addr", "127.0.0.1:7001"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "127.0.0.1:7002 is both host 1 core 1's client port and host 2 core 0's client port"
+        ),
+        "{err}"
+    );
+}

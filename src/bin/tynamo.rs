@@ -39,14 +39,41 @@ enum Cmd {
     Demo(DemoArgs),
 }
 
+const SERVER_HELP: &str = "\
+Addresses: core c of a host listens for clients on its client port + c and for peers on its
+peer port + c, so hosts that share an IP need base ports at least --cores apart.
+
+Three hosts on one machine, 2 cores each (ports 10 apart, as `tynamo demo` lays them out):
+  MAP=1=127.0.0.1:7101/127.0.0.1:7001,2=127.0.0.1:7111/127.0.0.1:7011,3=127.0.0.1:7121/127.0.0.1:7021
+  tynamo server --id 1 --data /tmp/t1 --initial-cluster $MAP --cores 2 --placement unbound
+  tynamo server --id 2 --data /tmp/t2 --initial-cluster $MAP --cores 2 --placement unbound
+  tynamo server --id 3 --data /tmp/t3 --initial-cluster $MAP --cores 2 --placement unbound
+  redis-cli -c -p 7001 SET k v
+
+Three machines (one host each, the same ports everywhere):
+  tynamo server --id 1 --data /var/lib/tynamo \\
+    --initial-cluster 1=10.0.0.1:7101/10.0.0.1:7001,2=10.0.0.2:7101/10.0.0.2:7001,3=10.0.0.3:7101/10.0.0.3:7001
+
+A config file holds the same settings under the flags' names (without the dashes; '-' or '_'):
+  # tynamo.toml
+  id = 1
+  data = \"/var/lib/tynamo\"
+  initial-cluster = \"1=10.0.0.1:7101/10.0.0.1:7001,2=10.0.0.2:7101/10.0.0.2:7001,3=10.0.0.3:7101/10.0.0.3:7001\"
+  cores = 2
+  election-ms = 1000
+  tynamo server --config tynamo.toml --election-ms 500   # flags after --config win over it";
+
 #[derive(Args, Clone)]
-#[command(args_override_self = true)]
+#[command(args_override_self = true, after_help = SERVER_HELP)]
 struct ServerArgs {
-    /// A TOML file with the same keys as the flags (flags on the command line win).
-    #[arg(long)]
+    /// A TOML file whose keys are these flags' names (`id = 1`, `initial-cluster = "..."`);
+    /// flags given after it on the command line win. See the example below.
+    #[arg(long, value_name = "FILE.toml")]
     config: Option<PathBuf>,
+    /// This host's id in --initial-cluster (required).
     #[arg(long)]
     id: Option<u64>,
+    /// Data directory: one WAL and snapshot directory per group (required).
     #[arg(long)]
     data: Option<PathBuf>,
     /// Core 0's client address (core c: port + c). Must match this host's entry in the map.
@@ -55,8 +82,9 @@ struct ServerArgs {
     /// Core 0's peer address (core c: port + c). Must match this host's entry in the map.
     #[arg(long)]
     peer_addr: Option<SocketAddr>,
-    /// `id=peer_addr[/client_addr],...`; without `/client_addr` the client port is the peer
-    /// port - 100.
+    /// Every host: `id=peer_addr[/client_addr],...` (core 0's addresses); without
+    /// `/client_addr` the client port is the peer port - 100. Without this flag the server is a
+    /// single-host cluster at --peer-addr/--client-addr.
     #[arg(long)]
     initial_cluster: Option<String>,
     /// Executors (one group each); default: all CPUs.
@@ -80,13 +108,16 @@ struct ServerArgs {
     /// safe (ReadIndex) or lease.
     #[arg(long)]
     read_mode: Option<String>,
+    /// Shards the key space is cut into (fixed at cluster creation; default 64).
     #[arg(long)]
     shard_count: Option<u16>,
     /// Log bytes applied between snapshots.
     #[arg(long)]
     snapshot_log_bytes: Option<u64>,
+    /// WAL segment size (a multiple of 4096, at least 16 MiB; default 64 MiB).
     #[arg(long)]
     segment_bytes: Option<u64>,
+    /// glommio registered I/O memory per core (within RLIMIT_MEMLOCK; default 1 MiB).
     #[arg(long)]
     io_memory_bytes: Option<usize>,
 }
