@@ -188,6 +188,15 @@ impl ServerConfig {
                 self.hosts.len()
             ));
         }
+        let replication_max = usize::from(crate::controller::config::REPLICATION_MAX);
+        if self.hosts.len() > replication_max {
+            // Every group of the static map has a replica on every initial host, and the
+            // controller's configuration caps replicas per group.
+            return bad(format!(
+                "{} hosts in --initial-cluster, at most {replication_max} (more hosts join later)",
+                self.hosts.len()
+            ));
+        }
         let mut ids: Vec<u64> = self.hosts.iter().map(|h| h.id).collect();
         ids.sort_unstable();
         ids.dedup();

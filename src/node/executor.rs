@@ -379,24 +379,21 @@ async fn run_core(
         ..WalOptions::default()
     };
     let kvc = kv_config(&cfg);
-    let shards = cfg.group_shards(core);
-    let (storage, recovered) = GroupStorage::open(
-        group_id,
-        &dir,
-        wal_opts,
-        kvc.clone(),
-        &shards,
-        &cfg.voters(),
-    )
-    .await
-    .map_err(|e| err(e.to_string()))?;
+    let (storage, recovered) = GroupStorage::open(group_id, &dir, wal_opts, &cfg.voters())
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    let kv = match recovered.machine_snapshot() {
+        Some((index, data)) => kv::restore(kvc.clone(), [data.clone()])
+            .map_err(|e| err(format!("snapshot {index} in {}: {e}", dir.display())))?,
+        None => kv::StateMachine::new(kvc.clone(), cfg.group_shards(core)),
+    };
     let seed = cfg.id.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(core) ^ now_nanos();
     let raw = RawNode::new(raft_config(&cfg), recovered.initial, seed)
         .map_err(|e| err(format!("raft config: {e}")))?;
     let group = Rc::new(RefCell::new(Group::new(
         group_id,
         raw,
-        recovered.kv,
+        kv,
         kvc,
         u64::from(cfg.election_ticks()),
     )));

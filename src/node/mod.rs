@@ -10,8 +10,10 @@
 
 pub mod codec;
 pub mod config;
+pub mod control;
 pub mod executor;
 pub mod group;
+pub mod machine;
 pub mod server;
 pub mod storage;
 pub mod transport;
