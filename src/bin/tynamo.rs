@@ -37,6 +37,44 @@ enum Cmd {
     Server(Box<ServerArgs>),
     /// Start a local 3-host cluster (three child processes) and wait for Ctrl-C.
     Demo(DemoArgs),
+    /// Ask the controller: configurations, cluster status, and (with servers started with
+    /// --allow-reconfig) Join/Leave/Move.
+    Ctl(CtlArgs),
+}
+
+#[derive(Args)]
+struct CtlArgs {
+    /// Any host's client address (core 0's port reaches the controller with fewer redirects).
+    #[arg(long, value_name = "HOST:PORT")]
+    cluster: String,
+    /// Print the controller's JSON instead of tables.
+    #[arg(long)]
+    json: bool,
+    /// Give up after this long (redirects, elections and unreachable hosts are retried).
+    #[arg(long, default_value_t = 10_000)]
+    timeout_ms: u64,
+    #[command(subcommand)]
+    op: CtlOp,
+}
+
+#[derive(Subcommand)]
+enum CtlOp {
+    /// Configuration N, or the latest.
+    Query { num: Option<i64> },
+    /// Hosts, cores, groups with leader, term, commit and applied index, shards per group.
+    Status,
+    /// Add hosts: each `ID=PEER_ADDR,CLIENT_ADDR,CORES` (core 0's addresses).
+    Join {
+        #[arg(required = true)]
+        hosts: Vec<String>,
+    },
+    /// Retire hosts by id.
+    Leave {
+        #[arg(required = true)]
+        hosts: Vec<u64>,
+    },
+    /// Move one shard to one group.
+    Move { shard: u16, group: u64 },
 }
 
 const SERVER_HELP: &str = "\
@@ -108,6 +146,10 @@ struct ServerArgs {
     /// safe (ReadIndex) or lease.
     #[arg(long)]
     read_mode: Option<String>,
+    /// Let the controller accept Join/Leave/Move although data groups do not follow
+    /// configurations yet (the configuration changes; no data moves).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    allow_reconfig: Option<bool>,
     /// Shards the key space is cut into (fixed at cluster creation; default 64).
     #[arg(long)]
     shard_count: Option<u16>,
@@ -159,6 +201,7 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Demo(args) => demo(args),
+        Cmd::Ctl(args) => ctl(args),
     }
 }
 
@@ -183,9 +226,11 @@ fn expand_config_file(argv: Vec<String>) -> Result<Vec<String>, ConfigError> {
             s.to_string()
         } else if let Some(n) = item.as_integer() {
             n.to_string()
+        } else if let Some(b) = item.as_bool() {
+            b.to_string()
         } else {
             return Err(file_err(format!(
-                "key {key}: expected a string or an integer"
+                "key {key}: expected a string, an integer or a boolean"
             )));
         };
         flags.push(format!("--{}", key.replace('_', "-")));
@@ -240,6 +285,9 @@ fn server_config(a: ServerArgs) -> Result<ServerConfig, ConfigError> {
                 )))
             }
         };
+    }
+    if let Some(allow) = a.allow_reconfig {
+        cfg.allow_reconfig = allow;
     }
     if let Some(m) = a.read_mode {
         cfg.read_mode = match m.as_str() {
@@ -398,4 +446,101 @@ fn stop(children: &mut [Child]) {
     for c in children.iter_mut() {
         let _ = c.wait();
     }
+}
+
+/// `ID=PEER_ADDR,CLIENT_ADDR,CORES` -> the four `TYNAMO.CTL JOIN` arguments.
+fn join_args(spec: &str) -> Result<[String; 4], String> {
+    let bad = || format!("host {spec:?}: expected ID=PEER_ADDR,CLIENT_ADDR,CORES");
+    let (id, rest) = spec.split_once('=').ok_or_else(bad)?;
+    let parts: Vec<&str> = rest.split(',').map(str::trim).collect();
+    let [peer, client, cores] = parts[..] else {
+        return Err(bad());
+    };
+    let id: u64 = id.trim().parse().map_err(|_| bad())?;
+    let peer: SocketAddr = peer.parse().map_err(|_| bad())?;
+    let client: SocketAddr = client.parse().map_err(|_| bad())?;
+    let cores: u16 = cores.parse().map_err(|_| bad())?;
+    Ok([
+        id.to_string(),
+        peer.to_string(),
+        client.to_string(),
+        cores.to_string(),
+    ])
+}
+
+fn ctl(a: CtlArgs) -> ExitCode {
+    use tynamo::client::ctl;
+    // One change per invocation: a fresh session, seq 1, re-sent unchanged on every retry.
+    let session = || {
+        let client_id = rand::random::<u64>() | 1;
+        vec![client_id.to_string(), "1".to_string()]
+    };
+    let args: Vec<String> = match &a.op {
+        CtlOp::Query { num } => {
+            let mut v = vec!["QUERY".to_string()];
+            v.extend(num.map(|n| n.to_string()));
+            v
+        }
+        CtlOp::Status => vec!["STATUS".into()],
+        CtlOp::Join { hosts } => {
+            let mut v = vec!["JOIN".to_string()];
+            v.extend(session());
+            for h in hosts {
+                match join_args(h) {
+                    Ok(four) => v.extend(four),
+                    Err(e) => {
+                        eprintln!("tynamo ctl: {e}");
+                        return ExitCode::from(2);
+                    }
+                }
+            }
+            v
+        }
+        CtlOp::Leave { hosts } => {
+            let mut v = vec!["LEAVE".to_string()];
+            v.extend(session());
+            v.extend(hosts.iter().map(u64::to_string));
+            v
+        }
+        CtlOp::Move { shard, group } => {
+            let mut v = vec!["MOVE".to_string()];
+            v.extend(session());
+            v.extend([shard.to_string(), group.to_string()]);
+            v
+        }
+    };
+    let reply = match ctl::call(&a.cluster, &args, Duration::from_millis(a.timeout_ms)) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tynamo ctl: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match &a.op {
+        CtlOp::Query { .. } | CtlOp::Status => {
+            let doc = match ctl::json_reply(&reply, &a.cluster) {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("tynamo ctl: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            if a.json {
+                println!("{doc}");
+            } else if matches!(a.op, CtlOp::Status) {
+                print!("{}", ctl::status_table(&doc));
+            } else {
+                print!("{}", ctl::config_table(&doc));
+            }
+        }
+        _ => match reply {
+            tynamo::resp::frame::Frame::Integer(num) if a.json => println!("{{\"num\":{num}}}"),
+            tynamo::resp::frame::Frame::Integer(num) => println!("configuration {num}"),
+            other => {
+                eprintln!("tynamo ctl: unexpected reply {other}");
+                return ExitCode::from(1);
+            }
+        },
+    }
+    ExitCode::SUCCESS
 }

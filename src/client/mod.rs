@@ -11,6 +11,7 @@
 
 pub mod cluster;
 pub mod connection;
+pub mod ctl;
 pub mod error;
 
 pub use cluster::{Batch, ClientOptions, ClientStats, ClusterClient};

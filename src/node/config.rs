@@ -101,6 +101,9 @@ pub struct ServerConfig {
     pub io_memory_bytes: usize,
     /// Client connections per core.
     pub connections_max: usize,
+    /// Accept controller Join/Leave/Move although data groups do not follow configurations
+    /// yet (the configuration changes, the data does not move).
+    pub allow_reconfig: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +137,7 @@ impl ServerConfig {
             segment_bytes: 64 << 20,
             io_memory_bytes: 1 << 20,
             connections_max: 10_000,
+            allow_reconfig: false,
         }
     }
 

@@ -8,6 +8,7 @@
 //! - [`server`]: client connections (RESP), routing, replies.
 //! - [`transport`], [`codec`]: peer frames over TCP, flatbuffers messages.
 
+pub mod admin;
 pub mod codec;
 pub mod config;
 pub mod control;

@@ -16,6 +16,7 @@
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 
@@ -36,6 +37,10 @@ use crate::resp::reply::{
 use crate::resp::{Command, Limits, Protocol, Request};
 use crate::shard::{key_slot, shard_slots, slot_shard};
 
+use crate::controller::Configuration;
+
+use super::config::ServerConfig;
+use super::control::{core_of_group, host_client_addr};
 use super::executor::{CoreCtx, Forward, SessionWrite};
 use super::group::{GroupReply, ReplySlot};
 
@@ -70,6 +75,11 @@ enum Shape {
 
 enum Pending {
     Now(BytesMut),
+    /// A `TYNAMO.CTL` request waiting on the controller group.
+    Ctl {
+        slot: ReplySlot<crate::controller::Reply>,
+        render: super::admin::Render,
+    },
     Wait {
         slots: Vec<ReplySlot>,
         shape: Shape,
@@ -181,6 +191,10 @@ async fn serve_connection(ctx: &CoreCtx, mut stream: TcpStream) {
                         }
                         put_reply(ctx, &conn, &mut wbuf, shape, (slot, group), replies);
                     }
+                    Pending::Ctl { slot, render } => {
+                        let reply = slot.wait().await;
+                        super::admin::render(ctx, render, reply, &mut wbuf);
+                    }
                 }
             }
             if !wbuf.is_empty() {
@@ -211,6 +225,15 @@ fn error(text: &str) -> Pending {
 }
 
 fn handle(ctx: &CoreCtx, conn: &mut Conn, args: &[Bytes]) -> Pending {
+    if args
+        .first()
+        .is_some_and(|name| name.eq_ignore_ascii_case(b"TYNAMO.CTL"))
+    {
+        return match super::admin::handle(ctx, &args[1..]) {
+            super::admin::CtlPending::Now(out) => Pending::Now(out),
+            super::admin::CtlPending::Wait { slot, render } => Pending::Ctl { slot, render },
+        };
+    }
     let request = match Request::parse(args) {
         Ok(r) => r,
         Err(e) => return error(&e.to_string()),
@@ -603,9 +626,47 @@ fn put_reply(
     }
 }
 
-/// The cluster as clients see it: one slot range per group, its leader first.
+/// The cluster as clients see it: each group's slot ranges, its leader first. Computed from
+/// the latest configuration this host's controller replica applied, or, on a host without one
+/// (or before the bootstrap configuration is applied), from the static map it equals.
 pub fn topology(ctx: &CoreCtx) -> Topology {
-    let cfg = &ctx.cfg;
+    let view = &ctx.view;
+    let leader_of = |core: u16| {
+        view.leaders
+            .get(usize::from(core))
+            .map_or(0, |l| l.load(Ordering::Relaxed))
+    };
+    let epoch = view
+        .terms
+        .iter()
+        .map(|t| t.load(Ordering::Relaxed))
+        .max()
+        .unwrap_or(0);
+    match view.latest_config() {
+        Some(config) if !config.groups.is_empty() => {
+            topology_from_config(&config, &leader_of, epoch)
+        }
+        _ => topology_static(&ctx.cfg, &leader_of, epoch),
+    }
+}
+
+/// Node addresses of `hosts` serving `core`, `leader` first.
+fn leader_first(hosts: &mut Vec<(u64, u16, SocketAddr)>, leader: u64) -> Vec<NodeInfo> {
+    if let Some(i) = hosts.iter().position(|&(h, _, _)| h == leader) {
+        let l = hosts.remove(i);
+        hosts.insert(0, l);
+    }
+    hosts
+        .iter()
+        .map(|&(h, core, addr)| NodeInfo {
+            id: node_id(h, core),
+            addr,
+        })
+        .collect()
+}
+
+/// The static map: group g on core g of every host, contiguous blocks of shards.
+fn topology_static(cfg: &ServerConfig, leader_of: &dyn Fn(u16) -> u64, epoch: u64) -> Topology {
     let mut ranges = Vec::new();
     for g in 0..cfg.cores {
         let shards = cfg.group_shards(g);
@@ -614,27 +675,56 @@ pub fn topology(ctx: &CoreCtx) -> Topology {
         };
         let start = shard_slots(*first, cfg.shard_count).0;
         let end = shard_slots(*last, cfg.shard_count).1;
-        let leader = ctx.view.leaders[usize::from(g)].load(Ordering::Relaxed);
-        let mut hosts: Vec<u64> = cfg.voters();
-        if let Some(i) = hosts.iter().position(|&h| h == leader) {
-            hosts.remove(i);
-            hosts.insert(0, leader);
-        }
-        let nodes = hosts
-            .iter()
-            .filter_map(|&h| {
-                ctx.client_addr(h, g).map(|addr| NodeInfo {
-                    id: node_id(h, g),
-                    addr,
-                })
+        let mut hosts: Vec<(u64, u16, SocketAddr)> = cfg
+            .voters()
+            .into_iter()
+            .filter_map(|h| {
+                let a = cfg.host(h)?.client;
+                Some((h, g, SocketAddr::new(a.ip(), a.port() + g)))
             })
             .collect();
+        let nodes = leader_first(&mut hosts, leader_of(g));
         ranges.push(SlotRange { start, end, nodes });
     }
-    let epoch = (0..usize::from(cfg.cores))
-        .map(|g| ctx.view.terms[g].load(Ordering::Relaxed))
-        .max()
-        .unwrap_or(0);
+    Topology { ranges, epoch }
+}
+
+/// A configuration's groups: one range per run of consecutive shards of a group.
+fn topology_from_config(
+    config: &Configuration,
+    leader_of: &dyn Fn(u16) -> u64,
+    epoch: u64,
+) -> Topology {
+    let shard_count = config.shard_count();
+    let mut ranges = Vec::new();
+    for (&gid, group) in &config.groups {
+        let leader = core_of_group(gid).map_or(0, leader_of);
+        let mut hosts: Vec<(u64, u16, SocketAddr)> = group
+            .replicas
+            .iter()
+            .filter_map(|r| {
+                let a = host_client_addr(config.hosts.get(&r.slot.host)?)?;
+                let port = a.port().checked_add(r.slot.core)?;
+                Some((r.slot.host, r.slot.core, SocketAddr::new(a.ip(), port)))
+            })
+            .collect();
+        let nodes = leader_first(&mut hosts, leader);
+        let shards = config.shards_of(gid);
+        let mut i = 0;
+        while i < shards.len() {
+            let mut j = i;
+            while j + 1 < shards.len() && shards[j + 1] == shards[j] + 1 {
+                j += 1;
+            }
+            ranges.push(SlotRange {
+                start: shard_slots(shards[i], shard_count).0,
+                end: shard_slots(shards[j], shard_count).1,
+                nodes: nodes.clone(),
+            });
+            i = j + 1;
+        }
+    }
+    ranges.sort_by_key(|r| r.start);
     Topology { ranges, epoch }
 }
 
@@ -746,6 +836,18 @@ fn info_text(ctx: &CoreCtx) -> String {
         ctx.bad_peer_frames.get(),
         ctx.connections.get(),
     );
+    let ctl = &ctx.view.controller;
+    let _ = write!(
+        t,
+        "# Controller\r\ncontroller_node:{}\r\ncontroller_leader_host:{}\r\ncontroller_term:{}\r\n\
+         controller_commit:{}\r\ncontroller_applied:{}\r\nconfig_num:{}\r\n\r\n",
+        ctx.plan.node_of_host(ctx.cfg.id).unwrap_or(0),
+        ctl.leader_host.load(Ordering::Relaxed),
+        ctl.term.load(Ordering::Relaxed),
+        ctl.commit.load(Ordering::Relaxed),
+        ctl.applied.load(Ordering::Relaxed),
+        ctl.config_num.load(Ordering::Relaxed),
+    );
     t.push_str("# Groups\r\n");
     for gi in 0..usize::from(ctx.cfg.cores) {
         let v = &ctx.view;
@@ -766,4 +868,62 @@ fn info_text(ctx: &CoreCtx) -> String {
         "\r\n# Keyspace\r\ndb0:keys={keys},expires=0,avg_ttl=0\r\n"
     );
     t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::StateMachine;
+    use crate::node::config::parse_initial_cluster;
+    use crate::node::control::ControlPlan;
+
+    #[test]
+    fn cluster_slots_from_the_bootstrap_configuration_equal_the_static_map() {
+        let map = "1=127.0.0.1:7101/127.0.0.1:7001,2=127.0.0.1:7111/127.0.0.1:7011,3=127.0.0.1:7121/127.0.0.1:7021";
+        for cores in [1u16, 2, 3] {
+            let cfg = ServerConfig::new(
+                2,
+                "/tmp/x".into(),
+                parse_initial_cluster(map).unwrap(),
+                cores,
+            );
+            let plan = ControlPlan::new(&cfg);
+            let mut sm = StateMachine::new(plan.settings.clone()).unwrap();
+            for (i, c) in plan.bootstrap.iter().enumerate() {
+                sm.apply(i as u64 + 1, &c.encode());
+            }
+            // Leaders differ per group, so the leader-first order is exercised.
+            let leader_of = |core: u16| u64::from(core % 3) + 1;
+            let live = topology_from_config(sm.latest(), &leader_of, 7);
+            let fixed = topology_static(&cfg, &leader_of, 7);
+            assert_eq!(live, fixed, "{cores} cores");
+            assert_eq!(live.ranges.len(), usize::from(cores));
+            assert_eq!(live.ranges[0].nodes[0].addr.port(), 7001);
+        }
+    }
+
+    #[test]
+    fn a_group_with_scattered_shards_gets_one_range_per_run() {
+        let map = "1=127.0.0.1:7101/127.0.0.1:7001";
+        let cfg = ServerConfig::new(1, "/tmp/x".into(), parse_initial_cluster(map).unwrap(), 2);
+        let plan = ControlPlan::new(&cfg);
+        let mut sm = StateMachine::new(plan.settings.clone()).unwrap();
+        for (i, c) in plan.bootstrap.iter().enumerate() {
+            sm.apply(i as u64 + 1, &c.encode());
+        }
+        let mut config = sm.latest().clone();
+        // Shard 5 of group 1 moved to group 2.
+        config.shards[5] = 2;
+        let t = topology_from_config(&config, &|_| 1, 0);
+        let starts: Vec<(u16, u16)> = t.ranges.iter().map(|r| (r.start, r.end)).collect();
+        assert_eq!(
+            starts,
+            vec![(0, 1279), (1280, 1535), (1536, 8191), (8192, 16383)]
+        );
+        assert_eq!(
+            t.ranges[1].nodes[0].addr.port(),
+            7002,
+            "shard 5 at group 2's core"
+        );
+    }
 }
