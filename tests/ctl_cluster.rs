@@ -29,6 +29,8 @@ struct Cluster {
     dir: tempfile::TempDir,
     children: Vec<Child>,
     base: u16,
+    map: String,
+    extra: Vec<String>,
 }
 
 impl Drop for Cluster {
@@ -73,28 +75,46 @@ impl Cluster {
             })
             .collect::<Vec<_>>()
             .join(",");
-        let dir = tempfile::tempdir().unwrap();
-        let children = (1..=3)
-            .map(|id| {
-                let log = std::fs::File::create(dir.path().join(format!("host-{id}.log"))).unwrap();
-                Command::new(env!("CARGO_BIN_EXE_tynamo"))
-                    .args(["server", "--id", &id.to_string()])
-                    .arg("--data")
-                    .arg(dir.path().join(format!("host-{id}")))
-                    .args(["--initial-cluster", &map, "--cores", "2"])
-                    .args(["--placement", "unbound"])
-                    .args(extra)
-                    .stdout(Stdio::null())
-                    .stderr(log)
-                    .spawn()
-                    .unwrap()
-            })
-            .collect();
-        Cluster {
-            dir,
-            children,
+        let mut c = Cluster {
+            dir: tempfile::tempdir().unwrap(),
+            children: Vec::new(),
             base,
+            map,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        c.spawn_all();
+        c
+    }
+
+    fn spawn_all(&mut self) {
+        for id in 1..=3 {
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.dir.path().join(format!("host-{id}.log")))
+                .unwrap();
+            let child = Command::new(env!("CARGO_BIN_EXE_tynamo"))
+                .args(["server", "--id", &id.to_string()])
+                .arg("--data")
+                .arg(self.dir.path().join(format!("host-{id}")))
+                .args(["--initial-cluster", &self.map, "--cores", "2"])
+                .args(["--placement", "unbound"])
+                .args(&self.extra)
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap();
+            self.children.push(child);
         }
+    }
+
+    /// Kills every host (SIGKILL: nothing unsynced survives) and starts them again.
+    fn restart_all(&mut self) {
+        for mut c in self.children.drain(..) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.spawn_all();
     }
 
     fn addr(&self, host: u16, core: u16) -> String {
@@ -148,25 +168,31 @@ impl Cluster {
 }
 
 /// One RESP request on a fresh connection.
-fn call(addr: &str, args: &[&str]) -> Frame {
-    let addr: SocketAddr = addr.parse().unwrap();
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+fn try_call(addr: &str, args: &[&str]) -> std::io::Result<Frame> {
+    let addr: SocketAddr = addr.parse().map_err(std::io::Error::other)?;
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut out = format!("*{}\r\n", args.len());
     for a in args {
         out.push_str(&format!("${}\r\n{a}\r\n", a.len()));
     }
-    s.write_all(out.as_bytes()).unwrap();
+    s.write_all(out.as_bytes())?;
     let mut buf = BytesMut::new();
     let mut chunk = [0u8; 16 << 10];
     loop {
-        if let Some(f) = decode(&mut buf, &Limits::DEFAULT).unwrap() {
-            return f;
+        if let Some(f) = decode(&mut buf, &Limits::DEFAULT).map_err(std::io::Error::other)? {
+            return Ok(f);
         }
-        let n = s.read(&mut chunk).unwrap();
-        assert!(n > 0, "connection closed before a reply");
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
         buf.extend_from_slice(&chunk[..n]);
     }
+}
+
+fn call(addr: &str, args: &[&str]) -> Frame {
+    try_call(addr, args).unwrap()
 }
 
 #[test]
@@ -286,9 +312,9 @@ fn ctl_status_and_query_answer_from_any_host_as_tables_and_json() {
 }
 
 #[test]
-fn a_ctl_change_is_applied_once_however_often_it_is_sent() {
+fn a_ctl_change_is_applied_once_however_often_it_is_sent_and_survives_restarts() {
     let _l = lock();
-    let c = Cluster::start(&["--allow-reconfig"]);
+    let mut c = Cluster::start(&["--allow-reconfig"]);
     c.ctl_json_until(&c.addr(1, 0), &["query"], |d| d["num"] == 2);
     // Find the controller leader's core 0 by following the redirect by hand.
     let mut addr = c.addr(1, 1);
@@ -344,4 +370,37 @@ fn a_ctl_change_is_applied_once_however_often_it_is_sent() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("group 99 does not exist"), "{err}");
+    // Every host killed and restarted: the controller recovers configuration 4 from its log
+    // (the bootstrap does not run again), and the change's session still answers its retry.
+    c.restart_all();
+    let after = c.ctl_json_until(&c.addr(1, 0), &["query"], |_| true);
+    assert_eq!(after["num"], 4);
+    assert_eq!(after["shards"][0], 2, "the move survived");
+    let start = Instant::now();
+    let mut addr = c.addr(2, 0);
+    loop {
+        // A host still starting refuses the connection: poll again.
+        let reply =
+            try_call(&addr, &join).unwrap_or_else(|e| Frame::Error(format!("TRYAGAIN {e}").into()));
+        match reply {
+            Frame::Integer(n) => {
+                assert_eq!(n, 3, "a retry after restarts gets the first answer");
+                break;
+            }
+            Frame::Error(e) => {
+                let text = String::from_utf8_lossy(&e).into_owned();
+                if let Some(to) = text.strip_prefix("REDIRECT ") {
+                    addr = to.to_string();
+                } else {
+                    assert!(text.starts_with("TRYAGAIN"), "{text}");
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "no controller leader after restart"
+        );
+        std::thread::sleep(POLL);
+    }
 }
