@@ -48,10 +48,10 @@ struct CtlArgs {
     #[arg(long, value_name = "HOST:PORT")]
     cluster: String,
     /// Print the controller's JSON instead of tables.
-    #[arg(long)]
+    #[arg(long, global = true)]
     json: bool,
     /// Give up after this long (redirects, elections and unreachable hosts are retried).
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, global = true, default_value_t = 10_000)]
     timeout_ms: u64,
     #[command(subcommand)]
     op: CtlOp,
@@ -59,8 +59,11 @@ struct CtlArgs {
 
 #[derive(Subcommand)]
 enum CtlOp {
-    /// Configuration N, or the latest.
-    Query { num: Option<i64> },
+    /// Configuration N, or the latest (also with -1).
+    Query {
+        #[arg(allow_negative_numbers = true)]
+        num: Option<i64>,
+    },
     /// Hosts, cores, groups with leader, term, commit and applied index, shards per group.
     Status,
     /// Add hosts: each `ID=PEER_ADDR,CLIENT_ADDR,CORES` (core 0's addresses).

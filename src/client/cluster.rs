@@ -13,7 +13,10 @@
 //!   (`TYNAMO.SESSION <client-id>`) and every write is wrapped in `TYNAMO.SEQ <seq> <first-unacked>`
 //!   with a seq drawn once per write: a retry re-sends the *same* seq, so TynamoDB applies it once
 //!   (see `resp::command`). A server that does not know the session command (Redis) gets plain
-//!   writes: retries of non-idempotent writes (APPEND, INCR) may then apply twice.
+//!   writes: retries of non-idempotent writes (APPEND, INCR) may then apply twice. A TynamoDB
+//!   core that does not lead its group answers the session with `-MOVED` (or `-TRYAGAIN`): the
+//!   connection stays usable (the core opens the session in whichever group its first
+//!   sequenced write reaches), and the redirect updates the slot map like any MOVED.
 //!
 //! A single (non-cluster) server is the degenerate map where node 0 owns every slot; MOVED is
 //! still followed if it ever answers one.

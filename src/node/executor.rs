@@ -8,7 +8,10 @@
 //! - the ticker: one tick every `tick_ms`, so an idle core wakes `1000 / tick_ms` times a
 //!   second and parks in io_uring in between (spinning before parking is off);
 //! - the peer listener and one writer per remote host (`transport`);
-//! - the client listener and one task per client connection (`server`).
+//! - the client listener and one task per client connection (`server`);
+//! - on core 0 of the first three hosts: the controller group's loop, persister and bootstrap
+//!   proposer (`control`), on the same storage and Ready-loop code as the data group, sharing
+//!   the core's peer connections (its messages carry group id `CONTROLLER_GROUP_ID`).
 //!
 //! Measured idle cost (`tools/cluster.sh idle-cpu 10`, release build, 3 hosts x 2 cores on one
 //! 2-CPU machine under other load): 3.4% of one CPU for the whole idle cluster (1.0-1.2% per

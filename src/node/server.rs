@@ -13,6 +13,11 @@
 //! group on a follower gets `-MOVED` to the leader, or `-TRYAGAIN` while no leader is known.
 //! Reads are linearizable (ReadIndex) unless the connection sent `READONLY`, in which case any
 //! replica answers from its local state.
+//!
+//! Exactly-once: `TYNAMO.SESSION id` binds the connection to a client id; a `TYNAMO.SEQ` write
+//! carries (id, seq) wherever it goes, forwarded to another core included, and the first one
+//! the connection sends to a group is preceded in the same turn by the session's opening there.
+//! `TYNAMO.CTL` (operator commands) is handed to `admin`.
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
