@@ -194,7 +194,7 @@ async fn serve_connection(ctx: &CoreCtx, mut stream: TcpStream) {
                         for s in &slots {
                             replies.push(s.wait().await);
                         }
-                        put_reply(ctx, &conn, &mut wbuf, shape, (slot, group), replies);
+                        put_reply(ctx, &mut conn, &mut wbuf, shape, (slot, group), replies);
                     }
                     Pending::Ctl { slot, render } => {
                         let reply = slot.wait().await;
@@ -568,7 +568,7 @@ fn kv_error_text(e: &KvError) -> String {
 
 fn put_reply(
     ctx: &CoreCtx,
-    conn: &Conn,
+    conn: &mut Conn,
     out: &mut BytesMut,
     shape: Shape,
     (slot, group): (u16, u16),
@@ -583,12 +583,16 @@ fn put_reply(
             }
             GroupReply::Done(o) => outcomes.push(o),
             GroupReply::NotLeader { leader } => {
+                // The session's opening may have been lost with this proposal: open it again
+                // with the next sequenced write to the group (as a new connection would).
+                conn.sessions_opened &= !(1u64 << group);
                 if let Pending::Now(b) = not_leader(ctx, leader, slot, group) {
                     out.extend_from_slice(&b);
                 }
                 return;
             }
             GroupReply::Unavailable(why) => {
+                conn.sessions_opened &= !(1u64 << group);
                 put_error(out, format!("TRYAGAIN {why}").as_bytes());
                 return;
             }
