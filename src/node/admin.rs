@@ -281,3 +281,54 @@ fn status_json(ctx: &CoreCtx, c: &controller::Configuration) -> Value {
         "transfers": [],
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<Bytes> {
+        list.iter()
+            .map(|a| Bytes::copy_from_slice(a.as_bytes()))
+            .collect()
+    }
+
+    #[test]
+    fn change_commands_parse_into_controller_commands_and_bad_ones_say_why() {
+        let join = parse_change(
+            "JOIN",
+            &args(&["7", "1", "4", "127.0.0.1:7131", "127.0.0.1:7031", "2"]),
+        )
+        .unwrap();
+        assert_eq!((join.client_id, join.seq), (7, 1));
+        assert_eq!(
+            join.op,
+            CtlOp::Join {
+                hosts: vec![HostSpec {
+                    id: 4,
+                    cores: 2,
+                    addr: "127.0.0.1:7131/127.0.0.1:7031".into()
+                }]
+            }
+        );
+        let leave = parse_change("LEAVE", &args(&["7", "2", "3", "4"])).unwrap();
+        assert_eq!(leave.op, CtlOp::Leave { hosts: vec![3, 4] });
+        let mv = parse_change("MOVE", &args(&["7", "3", "5", "2"])).unwrap();
+        assert_eq!(mv.op, CtlOp::Move { shard: 5, group: 2 });
+        for (sub, bad, why) in [
+            ("JOIN", &["7", "1", "4", "127.0.0.1:1"][..], "per host"),
+            (
+                "JOIN",
+                &["7", "1", "4", "nope", "127.0.0.1:1", "2"],
+                "bad peer address",
+            ),
+            ("LEAVE", &["7", "1"], "at least one host"),
+            ("MOVE", &["7", "1", "5"], "a shard and a group"),
+            ("MOVE", &["0", "1", "5", "2"], "non-zero"),
+            ("MOVE", &["x", "1", "5", "2"], "client id"),
+            ("MOVE", &["7", "1", "70000", "2"], "shard"),
+        ] {
+            let e = parse_change(sub, &args(bad)).unwrap_err();
+            assert!(e.contains(why), "{sub} {bad:?}: {e}");
+        }
+    }
+}

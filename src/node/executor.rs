@@ -671,14 +671,15 @@ async fn bootstrap_loop(
         glommio::timer::sleep(every).await;
         let slot = {
             let mut g = group.borrow_mut();
+            let Some(command) = plan.next_bootstrap(g.machine().sm.latest()) else {
+                // Bootstrapped (every replica sees it once it applied the commands): nothing
+                // more to do here, ever; the history only grows.
+                return;
+            };
             if !g.is_leader() {
                 continue;
             }
-            match plan.next_bootstrap(g.machine().sm.latest()) {
-                Some(command) => g.submit_write(command.clone()),
-                // Bootstrapped: nothing more to do here, ever (the history only grows).
-                None => return,
-            }
+            g.submit_write(command.clone())
         };
         // NotLeader and Unavailable are retried on the next round.
         if let GroupReply::Done(controller::Reply::Err(e)) = slot.wait().await {
