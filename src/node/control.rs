@@ -36,6 +36,17 @@ use super::config::{HostAddrs, ServerConfig};
 pub const CONTROLLER_REPLICAS: usize = 3;
 /// The controller's group id on the peer wire (data groups use their core number).
 pub const CONTROLLER_GROUP_ID: u64 = u64::MAX;
+/// Largest controller log entry: one command, at most a Join of `JOIN_HOSTS_MAX` hosts with
+/// addresses of `ADDR_BYTES_MAX` bytes (a few dozen KiB), with a wide margin.
+pub const CONTROLLER_ENTRY_BYTES_MAX: u32 = 1 << 20;
+const _: () = assert!(
+    controller::JOIN_HOSTS_MAX * (8 + 2 + 1 + controller::config::ADDR_BYTES_MAX) + 4096
+        < CONTROLLER_ENTRY_BYTES_MAX as usize
+);
+/// Controller WAL segments: the controller logs a handful of entries a second at most, so a
+/// data group's 64 MiB preallocated segments would only waste disk on every controller host.
+pub const CONTROLLER_SEGMENT_BYTES: u64 = 4 << 20;
+
 /// The session under which hosts propose the bootstrap commands.
 pub const BOOTSTRAP_CLIENT_ID: u64 = 0x7479_6e61_626f_6f74; // "tynaboot"
 

@@ -42,7 +42,9 @@ use crate::raft::{self, Message, NodeId, RawNode, Role};
 
 use super::codec::{decode_batch, encode_batch, verifier_options, GroupId};
 use super::config::{PlacementMode, ServerConfig};
-use super::control::{ControlPlan, CONTROLLER_GROUP_ID};
+use super::control::{
+    ControlPlan, CONTROLLER_ENTRY_BYTES_MAX, CONTROLLER_GROUP_ID, CONTROLLER_SEGMENT_BYTES,
+};
 use super::group::{persist_loop, Group, GroupReply, ReplySlot, Signal};
 use super::machine::{ControllerMachine, Machine};
 use super::storage::{save_local_snapshot, GroupStorage};
@@ -594,9 +596,10 @@ async fn open_controller(
     };
     let dir = cfg.data_dir.join("controller");
     let wal_opts = WalOptions {
-        segment_bytes: cfg.segment_bytes,
-        entry_bytes_max: super::config::ENTRY_BYTES_MAX,
-        ..WalOptions::default()
+        segment_bytes: CONTROLLER_SEGMENT_BYTES,
+        entry_bytes_max: CONTROLLER_ENTRY_BYTES_MAX,
+        staged_bytes_max: CONTROLLER_SEGMENT_BYTES as usize,
+        spare_segments_max: 1,
     };
     let (storage, recovered) =
         GroupStorage::open(CONTROLLER_GROUP_ID, &dir, wal_opts, &plan.voters())
