@@ -887,3 +887,216 @@ fn a_request_for_another_core_of_the_same_host_is_forwarded_not_redirected() {
         other => panic!("{other:?}"),
     }
 }
+
+fn int(f: Frame) -> i64 {
+    match f {
+        Frame::Integer(n) => n,
+        other => panic!("expected an integer, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_sequenced_write_for_another_core_is_forwarded_with_its_session_and_applied_once() {
+    let _l = lock();
+    let mut c = Cluster::start(3, 2, &[]);
+    c.wait_leader(0, None);
+    let l1 = c.wait_leader(1, None);
+    // "foo" (slot 12182) belongs to group 1; the session is declared on core 0 of group 1's
+    // leader host, which may or may not lead group 0 (OK or MOVED: the id stays either way).
+    let mut a = Resp::connect(c.port(l1, 0)).unwrap();
+    match a.call(&[b"TYNAMO.SESSION", b"4242"]).unwrap() {
+        Frame::Simple(_) => {}
+        Frame::Error(e) => assert!(e.starts_with(b"MOVED 0 "), "{e:?}"),
+        other => panic!("{other:?}"),
+    }
+    let seq = |a: &mut Resp, n: &[u8]| a.call(&[b"TYNAMO.SEQ", n, b"1", b"INCR", b"foo"]);
+    // Forwarded to core 1 (an integer, not a MOVED), which opens the session there first.
+    assert_eq!(int(seq(&mut a, b"1").unwrap()), 1);
+    // The retry of seq 1 is recognised through the forwarding path too.
+    assert_eq!(int(seq(&mut a, b"1").unwrap()), 1);
+    assert_eq!(int(seq(&mut a, b"2").unwrap()), 2);
+    // The same client at the owning core directly: the session forwarded there is the one it
+    // finds, so its retry of seq 2 is a duplicate.
+    let mut b = Resp::connect(c.port(l1, 1)).unwrap();
+    assert!(matches!(
+        b.call(&[b"TYNAMO.SESSION", b"4242"]).unwrap(),
+        Frame::Simple(_)
+    ));
+    assert_eq!(
+        int(b
+            .call(&[b"TYNAMO.SEQ", b"2", b"1", b"INCR", b"foo"])
+            .unwrap()),
+        2
+    );
+    match b.call(&[b"GET", b"foo"]).unwrap() {
+        Frame::Bulk(v) => assert_eq!(&v[..], b"2"),
+        other => panic!("{other:?}"),
+    }
+    // A sequence still needs a session, forwarded or not.
+    let mut plain = Resp::connect(c.port(l1, 0)).unwrap();
+    match plain
+        .call(&[b"TYNAMO.SEQ", b"3", b"1", b"INCR", b"foo"])
+        .unwrap()
+    {
+        Frame::Error(e) => assert!(e.starts_with(b"ERR TYNAMO.SEQ needs TYNAMO.SESSION")),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_session_sent_to_a_follower_is_redirected_to_its_groups_leader_and_the_client_follows() {
+    let _l = lock();
+    let mut c = Cluster::start(3, 2, &[]);
+    c.wait_leader(0, None);
+    let l1 = c.wait_leader(1, None);
+    let follower = (l1 + 1) % 3;
+    // Group 1 serves shards 32..64 of 64, whose first slot is 8192: the redirect names a slot
+    // of that group (not slot 0, which is group 0's), at group 1's leader core.
+    let mut raw = Resp::connect(c.port(follower, 1)).unwrap();
+    match raw.call(&[b"TYNAMO.SESSION", b"31337"]).unwrap() {
+        Frame::Error(e) => assert_eq!(
+            String::from_utf8_lossy(&e),
+            format!("MOVED 8192 127.0.0.1:{}", c.port(l1, 1))
+        ),
+        other => panic!("a follower must redirect the session: {other:?}"),
+    }
+    // The client library given only that follower as a seed: the session's MOVED is followed
+    // (no error), and its sequenced writes reach the leader exactly once.
+    let seed = SocketAddr::from(([127, 0, 0, 1], c.port(follower, 1)));
+    let (value, exactly_once) = tynamo::client::network_executor("session-test")
+        .spawn(move || async move {
+            let mut client = tynamo::client::ClusterClient::connect_cluster(
+                &[seed],
+                tynamo::client::ClientOptions::default(),
+            )
+            .await
+            .expect("a follower seed gives the slot map");
+            let reply = client.call(&[b"INCR", b"foo"]).await.expect("INCR");
+            (reply, client.exactly_once())
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+    assert_eq!(value, Frame::Integer(1));
+    assert!(exactly_once, "the client fell back to plain writes");
+}
+
+/// Pids whose parent is `parent` (from /proc/*/stat; field 4 is the parent pid).
+fn children_of(parent: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // The command name may hold spaces: the fields after it follow the last ')'.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        let ppid: Option<u32> = rest.split_whitespace().nth(1).and_then(|p| p.parse().ok());
+        if ppid == Some(parent) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Whether `pid` still runs (a zombie nobody reaped yet counts as gone).
+fn running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+#[test]
+fn demo_killed_with_sigkill_takes_its_three_hosts_with_it() {
+    let _l = lock();
+    let base = free_base(3, 2);
+    let mut demo = Command::new(env!("CARGO_BIN_EXE_tynamo"))
+        .args(["demo", "--base-port", &base.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let seeds: Vec<u16> = (0..3)
+        .flat_map(|h| [base + 10 * h, base + 10 * h + 1])
+        .collect();
+    let deadline = Instant::now() + DEADLINE;
+    assert!(set_ok(&seeds, "pdeathsig", "1", deadline));
+    let hosts = children_of(demo.id());
+    assert_eq!(hosts.len(), 3, "the demo runs three hosts: {hosts:?}");
+    demo.kill().unwrap();
+    demo.wait().unwrap();
+    // A process whose main thread exited shows as a zombie while its other threads (the
+    // executors, holding the sockets) wind down: wait for the ports to close too.
+    let start = Instant::now();
+    let served = |seeds: &[u16]| seeds.iter().any(|&p| Resp::connect(p).is_ok());
+    while hosts.iter().any(|&p| running(p)) || served(&seeds) {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "hosts {:?} outlived their demo (ports served: {})",
+            hosts.iter().filter(|&&p| running(p)).collect::<Vec<_>>(),
+            served(&seeds)
+        );
+        std::thread::sleep(POLL);
+    }
+    for p in seeds {
+        assert!(
+            Resp::connect(p).is_err(),
+            "port {p} still served after the demo was killed"
+        );
+    }
+}
+
+#[test]
+fn server_help_documents_the_config_file_and_a_one_machine_layout_that_validates() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tynamo"))
+        .args(["server", "--help"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("--config <FILE.toml>"), "{help}");
+    assert!(help.contains("initial-cluster = "), "{help}");
+    let map = help
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("MAP="))
+        .expect("a one-machine map in --help");
+    let hosts = tynamo::node::parse_initial_cluster(map).unwrap();
+    assert_eq!(hosts.len(), 3);
+    for id in 1..=3 {
+        tynamo::node::ServerConfig::new(id, "/tmp/x".into(), hosts.clone(), 2)
+            .validate()
+            .unwrap();
+    }
+    // The one-machine example is refused, naming both users of the shared port.
+    let out = Command::new(env!("CARGO_BIN_EXE_tynamo"))
+        .args([
+            "server",
+            "--id",
+            "1",
+            "--data",
+            "/nonexistent/tynamo-help-test",
+        ])
+        .args([
+            "--initial-cluster",
+            "1=127.0.0.1:7101,2=127.0.0.1:7102,3=127.0.0.1:7103",
+        ])
+        .args(["--cores", "2", "--client-addr", "127.0.0.1:7001"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "127.0.0.1:7002 is both host 1 core 1's client port and host 2 core 0's client port"
+        ),
+        "{err}"
+    );
+}

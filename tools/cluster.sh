@@ -7,6 +7,7 @@
 #   tools/cluster.sh idle-cpu [seconds]              # CPU of the idle cluster, from /proc/<pid>/stat
 #   tools/cluster.sh bench [clients] [requests]      # redis-benchmark --cluster -t set,get -d 256
 #   tools/cluster.sh window-table [requests]         # SET rps for window 1,2,4,16 x 1,256 clients
+#   tools/cluster.sh ctl status|query [N] [--json]   # tynamo ctl against host 1
 #
 # Environment: BIN (default target/release/tynamo), DIR (default /tmp/tynamo-cluster),
 # BASE (client port of host 1, default 7001; host h: BASE + 10(h-1), peers + 100), CORES (2).
@@ -117,5 +118,6 @@ case "$cmd" in
   idle-cpu) idle_cpu "$@" ;;
   bench) bench "$@" ;;
   window-table) window_table "$@" ;;
-  *) sed -n '2,12p' "$0"; exit 2 ;;
+  ctl) "$BIN" ctl --cluster "127.0.0.1:$BASE" "$@" ;;
+  *) sed -n '2,13p' "$0"; exit 2 ;;
 esac

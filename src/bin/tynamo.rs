@@ -37,16 +37,84 @@ enum Cmd {
     Server(Box<ServerArgs>),
     /// Start a local 3-host cluster (three child processes) and wait for Ctrl-C.
     Demo(DemoArgs),
+    /// Ask the controller: configurations, cluster status, and (with servers started with
+    /// --allow-reconfig) Join/Leave/Move.
+    Ctl(CtlArgs),
 }
 
+#[derive(Args)]
+struct CtlArgs {
+    /// Any host's client address (core 0's port reaches the controller with fewer redirects).
+    #[arg(long, value_name = "HOST:PORT")]
+    cluster: String,
+    /// Print the controller's JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Give up after this long (redirects, elections and unreachable hosts are retried).
+    #[arg(long, global = true, default_value_t = 10_000)]
+    timeout_ms: u64,
+    #[command(subcommand)]
+    op: CtlOp,
+}
+
+#[derive(Subcommand)]
+enum CtlOp {
+    /// Configuration N, or the latest (also with -1).
+    Query {
+        #[arg(allow_negative_numbers = true)]
+        num: Option<i64>,
+    },
+    /// Hosts, cores, groups with leader, term, commit and applied index, shards per group.
+    Status,
+    /// Add hosts: each `ID=PEER_ADDR,CLIENT_ADDR,CORES` (core 0's addresses).
+    Join {
+        #[arg(required = true)]
+        hosts: Vec<String>,
+    },
+    /// Retire hosts by id.
+    Leave {
+        #[arg(required = true)]
+        hosts: Vec<u64>,
+    },
+    /// Move one shard to one group.
+    Move { shard: u16, group: u64 },
+}
+
+const SERVER_HELP: &str = "\
+Addresses: core c of a host listens for clients on its client port + c and for peers on its
+peer port + c, so hosts that share an IP need base ports at least --cores apart.
+
+Three hosts on one machine, 2 cores each (ports 10 apart, as `tynamo demo` lays them out):
+  MAP=1=127.0.0.1:7101/127.0.0.1:7001,2=127.0.0.1:7111/127.0.0.1:7011,3=127.0.0.1:7121/127.0.0.1:7021
+  tynamo server --id 1 --data /tmp/t1 --initial-cluster $MAP --cores 2 --placement unbound
+  tynamo server --id 2 --data /tmp/t2 --initial-cluster $MAP --cores 2 --placement unbound
+  tynamo server --id 3 --data /tmp/t3 --initial-cluster $MAP --cores 2 --placement unbound
+  redis-cli -c -p 7001 SET k v
+
+Three machines (one host each, the same ports everywhere):
+  tynamo server --id 1 --data /var/lib/tynamo \\
+    --initial-cluster 1=10.0.0.1:7101/10.0.0.1:7001,2=10.0.0.2:7101/10.0.0.2:7001,3=10.0.0.3:7101/10.0.0.3:7001
+
+A config file holds the same settings under the flags' names (without the dashes; '-' or '_'):
+  # tynamo.toml
+  id = 1
+  data = \"/var/lib/tynamo\"
+  initial-cluster = \"1=10.0.0.1:7101/10.0.0.1:7001,2=10.0.0.2:7101/10.0.0.2:7001,3=10.0.0.3:7101/10.0.0.3:7001\"
+  cores = 2
+  election-ms = 1000
+  tynamo server --config tynamo.toml --election-ms 500   # flags after --config win over it";
+
 #[derive(Args, Clone)]
-#[command(args_override_self = true)]
+#[command(args_override_self = true, after_help = SERVER_HELP)]
 struct ServerArgs {
-    /// A TOML file with the same keys as the flags (flags on the command line win).
-    #[arg(long)]
+    /// A TOML file whose keys are these flags' names (`id = 1`, `initial-cluster = "..."`);
+    /// flags given after it on the command line win. See the example below.
+    #[arg(long, value_name = "FILE.toml")]
     config: Option<PathBuf>,
+    /// This host's id in --initial-cluster (required).
     #[arg(long)]
     id: Option<u64>,
+    /// Data directory: one WAL and snapshot directory per group (required).
     #[arg(long)]
     data: Option<PathBuf>,
     /// Core 0's client address (core c: port + c). Must match this host's entry in the map.
@@ -55,8 +123,9 @@ struct ServerArgs {
     /// Core 0's peer address (core c: port + c). Must match this host's entry in the map.
     #[arg(long)]
     peer_addr: Option<SocketAddr>,
-    /// `id=peer_addr[/client_addr],...`; without `/client_addr` the client port is the peer
-    /// port - 100.
+    /// Every host: `id=peer_addr[/client_addr],...` (core 0's addresses); without
+    /// `/client_addr` the client port is the peer port - 100. Without this flag the server is a
+    /// single-host cluster at --peer-addr/--client-addr.
     #[arg(long)]
     initial_cluster: Option<String>,
     /// Executors (one group each); default: all CPUs.
@@ -80,13 +149,20 @@ struct ServerArgs {
     /// safe (ReadIndex) or lease.
     #[arg(long)]
     read_mode: Option<String>,
+    /// Let the controller accept Join/Leave/Move although data groups do not follow
+    /// configurations yet (the configuration changes; no data moves).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    allow_reconfig: Option<bool>,
+    /// Shards the key space is cut into (fixed at cluster creation; default 64).
     #[arg(long)]
     shard_count: Option<u16>,
     /// Log bytes applied between snapshots.
     #[arg(long)]
     snapshot_log_bytes: Option<u64>,
+    /// WAL segment size (a multiple of 4096, at least 16 MiB; default 64 MiB).
     #[arg(long)]
     segment_bytes: Option<u64>,
+    /// glommio registered I/O memory per core (within RLIMIT_MEMLOCK; default 1 MiB).
     #[arg(long)]
     io_memory_bytes: Option<usize>,
 }
@@ -128,6 +204,7 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Demo(args) => demo(args),
+        Cmd::Ctl(args) => ctl(args),
     }
 }
 
@@ -152,9 +229,11 @@ fn expand_config_file(argv: Vec<String>) -> Result<Vec<String>, ConfigError> {
             s.to_string()
         } else if let Some(n) = item.as_integer() {
             n.to_string()
+        } else if let Some(b) = item.as_bool() {
+            b.to_string()
         } else {
             return Err(file_err(format!(
-                "key {key}: expected a string or an integer"
+                "key {key}: expected a string, an integer or a boolean"
             )));
         };
         flags.push(format!("--{}", key.replace('_', "-")));
@@ -209,6 +288,9 @@ fn server_config(a: ServerArgs) -> Result<ServerConfig, ConfigError> {
                 )))
             }
         };
+    }
+    if let Some(allow) = a.allow_reconfig {
+        cfg.allow_reconfig = allow;
     }
     if let Some(m) = a.read_mode {
         cfg.read_mode = match m.as_str() {
@@ -277,8 +359,29 @@ fn demo(a: DemoArgs) -> ExitCode {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
     let mut children: Vec<Child> = Vec::new();
+    // SAFETY: getpid(2) has no preconditions.
+    let demo_pid = unsafe { libc::getpid() };
     for h in &hosts {
-        let spawned = Command::new(&exe)
+        let mut command = Command::new(&exe);
+        // SAFETY: the closure runs in the forked child before exec, where only
+        // async-signal-safe calls are allowed: prctl(2) and getppid(2) are plain system calls,
+        // and the closure touches no lock and allocates nothing (the error is built from an
+        // errno value). PR_SET_PDEATHSIG sends SIGTERM to the host when the thread that forked
+        // it ends; that is this main thread, which lives until the demo exits, so a demo killed
+        // with SIGKILL takes its hosts with it. The getppid check covers a demo that died
+        // between fork and prctl (the signal would then never come).
+        unsafe {
+            command.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() != demo_pid {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                Ok(())
+            });
+        }
+        let spawned = command
             .args(["server", "--id", &h.id.to_string()])
             .arg("--data")
             .arg(data.join(format!("host-{}", h.id)))
@@ -346,4 +449,101 @@ fn stop(children: &mut [Child]) {
     for c in children.iter_mut() {
         let _ = c.wait();
     }
+}
+
+/// `ID=PEER_ADDR,CLIENT_ADDR,CORES` -> the four `TYNAMO.CTL JOIN` arguments.
+fn join_args(spec: &str) -> Result<[String; 4], String> {
+    let bad = || format!("host {spec:?}: expected ID=PEER_ADDR,CLIENT_ADDR,CORES");
+    let (id, rest) = spec.split_once('=').ok_or_else(bad)?;
+    let parts: Vec<&str> = rest.split(',').map(str::trim).collect();
+    let [peer, client, cores] = parts[..] else {
+        return Err(bad());
+    };
+    let id: u64 = id.trim().parse().map_err(|_| bad())?;
+    let peer: SocketAddr = peer.parse().map_err(|_| bad())?;
+    let client: SocketAddr = client.parse().map_err(|_| bad())?;
+    let cores: u16 = cores.parse().map_err(|_| bad())?;
+    Ok([
+        id.to_string(),
+        peer.to_string(),
+        client.to_string(),
+        cores.to_string(),
+    ])
+}
+
+fn ctl(a: CtlArgs) -> ExitCode {
+    use tynamo::client::ctl;
+    // One change per invocation: a fresh session, seq 1, re-sent unchanged on every retry.
+    let session = || {
+        let client_id = rand::random::<u64>() | 1;
+        vec![client_id.to_string(), "1".to_string()]
+    };
+    let args: Vec<String> = match &a.op {
+        CtlOp::Query { num } => {
+            let mut v = vec!["QUERY".to_string()];
+            v.extend(num.map(|n| n.to_string()));
+            v
+        }
+        CtlOp::Status => vec!["STATUS".into()],
+        CtlOp::Join { hosts } => {
+            let mut v = vec!["JOIN".to_string()];
+            v.extend(session());
+            for h in hosts {
+                match join_args(h) {
+                    Ok(four) => v.extend(four),
+                    Err(e) => {
+                        eprintln!("tynamo ctl: {e}");
+                        return ExitCode::from(2);
+                    }
+                }
+            }
+            v
+        }
+        CtlOp::Leave { hosts } => {
+            let mut v = vec!["LEAVE".to_string()];
+            v.extend(session());
+            v.extend(hosts.iter().map(u64::to_string));
+            v
+        }
+        CtlOp::Move { shard, group } => {
+            let mut v = vec!["MOVE".to_string()];
+            v.extend(session());
+            v.extend([shard.to_string(), group.to_string()]);
+            v
+        }
+    };
+    let reply = match ctl::call(&a.cluster, &args, Duration::from_millis(a.timeout_ms)) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tynamo ctl: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match &a.op {
+        CtlOp::Query { .. } | CtlOp::Status => {
+            let doc = match ctl::json_reply(&reply, &a.cluster) {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("tynamo ctl: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            if a.json {
+                println!("{doc}");
+            } else if matches!(a.op, CtlOp::Status) {
+                print!("{}", ctl::status_table(&doc));
+            } else {
+                print!("{}", ctl::config_table(&doc));
+            }
+        }
+        _ => match reply {
+            tynamo::resp::frame::Frame::Integer(num) if a.json => println!("{{\"num\":{num}}}"),
+            tynamo::resp::frame::Frame::Integer(num) => println!("configuration {num}"),
+            other => {
+                eprintln!("tynamo ctl: unexpected reply {other}");
+                return ExitCode::from(1);
+            }
+        },
+    }
+    ExitCode::SUCCESS
 }

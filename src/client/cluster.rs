@@ -13,7 +13,10 @@
 //!   (`TYNAMO.SESSION <client-id>`) and every write is wrapped in `TYNAMO.SEQ <seq> <first-unacked>`
 //!   with a seq drawn once per write: a retry re-sends the *same* seq, so TynamoDB applies it once
 //!   (see `resp::command`). A server that does not know the session command (Redis) gets plain
-//!   writes: retries of non-idempotent writes (APPEND, INCR) may then apply twice.
+//!   writes: retries of non-idempotent writes (APPEND, INCR) may then apply twice. A TynamoDB
+//!   core that does not lead its group answers the session with `-MOVED` (or `-TRYAGAIN`): the
+//!   connection stays usable (the core opens the session in whichever group its first
+//!   sequenced write reaches), and the redirect updates the slot map like any MOVED.
 //!
 //! A single (non-cluster) server is the degenerate map where node 0 owns every slot; MOVED is
 //! still followed if it ever answers one.
@@ -216,6 +219,8 @@ pub struct ClusterClient {
     pending: Vec<u32>,
     retry: Vec<u32>,
     header: BytesMut,
+    /// A `-MOVED` answer to `TYNAMO.SESSION` not yet applied to the slot map.
+    session_redirect: Option<(u16, SocketAddr)>,
 }
 
 impl ClusterClient {
@@ -264,6 +269,7 @@ impl ClusterClient {
             pending: Vec::new(),
             retry: Vec::new(),
             header: BytesMut::with_capacity(64),
+            session_redirect: None,
         }
     }
 
@@ -325,6 +331,16 @@ impl ClusterClient {
                 let reply = conn.call(&[b"TYNAMO.SESSION", id.as_bytes()]).await?;
                 self.session.supported = Some(match reply.as_error() {
                     None => true,
+                    // A core that does not lead its group keeps the client id on the
+                    // connection and opens the session with the first sequenced write it
+                    // serves or forwards; its redirect says where that group is led, which
+                    // is taken as a slot-map hint (the map is re-read after the batch).
+                    Some(_) if !matches!(classify(&reply), Verdict::Done) => {
+                        if let Verdict::Moved(slot, to) = classify(&reply) {
+                            self.session_redirect = Some((slot, to));
+                        }
+                        true
+                    }
                     // A server without the extension (Redis) says "unknown command".
                     Some(e)
                         if e.starts_with(b"ERR unknown command")
@@ -380,6 +396,8 @@ impl ClusterClient {
                         fresh[usize::from(start)..=usize::from(end)].fill(owner);
                     }
                     self.slots.copy_from_slice(&fresh);
+                    // The fresh map supersedes a hint gathered while reading it.
+                    self.session_redirect = None;
                     return Ok(());
                 }
                 Err(e) => {
@@ -614,6 +632,13 @@ impl ClusterClient {
                     }
                 }
             }
+        }
+        if let Some((slot, to)) = self.session_redirect.take() {
+            let owner = self.node_index(to)?;
+            if let Some(entry) = self.slots.get_mut(usize::from(slot)) {
+                *entry = owner;
+            }
+            moved = true;
         }
         Ok((must_wait, moved, last))
     }

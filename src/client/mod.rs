@@ -6,11 +6,14 @@
 //!   pipelined across all owners, follows `-MOVED`/`-ASK`, retries `-TRYAGAIN` and lost
 //!   connections with bounded backoff, and re-sends writes with the same exactly-once sequence.
 //! - [`ClientError`]: what went wrong, with the peer's address.
+//! - [`ctl`]: the blocking operator client behind `tynamo ctl` (`TYNAMO.CTL`, redirects to the
+//!   controller leader, tables).
 //!
 //! It speaks to TynamoDB and to Redis (standalone or Redis Cluster) alike.
 
 pub mod cluster;
 pub mod connection;
+pub mod ctl;
 pub mod error;
 
 pub use cluster::{Batch, ClientOptions, ClientStats, ClusterClient};

@@ -101,6 +101,9 @@ pub struct ServerConfig {
     pub io_memory_bytes: usize,
     /// Client connections per core.
     pub connections_max: usize,
+    /// Accept controller Join/Leave/Move although data groups do not follow configurations
+    /// yet (the configuration changes, the data does not move).
+    pub allow_reconfig: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +137,7 @@ impl ServerConfig {
             segment_bytes: 64 << 20,
             io_memory_bytes: 1 << 20,
             connections_max: 10_000,
+            allow_reconfig: false,
         }
     }
 
@@ -188,6 +192,15 @@ impl ServerConfig {
                 self.hosts.len()
             ));
         }
+        let replication_max = usize::from(crate::controller::config::REPLICATION_MAX);
+        if self.hosts.len() > replication_max {
+            // Every group of the static map has a replica on every initial host, and the
+            // controller's configuration caps replicas per group.
+            return bad(format!(
+                "{} hosts in --initial-cluster, at most {replication_max} (more hosts join later)",
+                self.hosts.len()
+            ));
+        }
         let mut ids: Vec<u64> = self.hosts.iter().map(|h| h.id).collect();
         ids.sort_unstable();
         ids.dedup();
@@ -197,27 +210,34 @@ impl ServerConfig {
         if self.me().is_none() {
             return bad(format!("--id {} is not in --initial-cluster", self.id));
         }
-        let mut ports: Vec<SocketAddr> = Vec::new();
+        // Every listener of the map with its user, so a collision names both.
+        let mut listeners: Vec<(SocketAddr, u64, u16, &str)> = Vec::new();
         for h in &self.hosts {
-            for base in [h.peer, h.client] {
+            for (base, kind) in [(h.peer, "peer"), (h.client, "client")] {
                 if u32::from(base.port()) + u32::from(self.cores) > 65_536 || base.port() == 0 {
                     return bad(format!(
-                        "host {}: port {} + {} cores leaves the port range",
+                        "host {}: {kind} port {} + {} cores leaves the port range",
                         h.id,
                         base.port(),
                         self.cores
                     ));
                 }
                 for c in 0..self.cores {
-                    ports.push(SocketAddr::new(base.ip(), base.port() + c));
+                    listeners.push((SocketAddr::new(base.ip(), base.port() + c), h.id, c, kind));
                 }
             }
         }
-        let n = ports.len();
-        ports.sort_unstable();
-        ports.dedup();
-        if ports.len() != n {
-            return bad("two listeners of the cluster map share an address (ports are base + core: leave room for --cores)".into());
+        listeners.sort_unstable();
+        if let Some(w) = listeners.windows(2).find(|w| w[0].0 == w[1].0) {
+            let (addr, h1, c1, k1) = w[0];
+            let (_, h2, c2, k2) = w[1];
+            return bad(format!(
+                "address {addr} is both host {h1} core {c1}'s {k1} port and host {h2} core \
+                 {c2}'s {k2} port (core c listens on base port + c, so hosts sharing an IP \
+                 need base ports at least --cores {} apart, e.g. 10 apart as `tynamo demo` \
+                 uses: 1=127.0.0.1:7101/127.0.0.1:7001,2=127.0.0.1:7111/127.0.0.1:7011,...)",
+                self.cores
+            ));
         }
         if self.tick_ms == 0 || self.heartbeat_ms < self.tick_ms {
             return bad(format!(
@@ -331,9 +351,34 @@ mod tests {
         let hosts = parse_initial_cluster("1=127.0.0.1:7101,2=127.0.0.1:7102").unwrap();
         let mut c = ServerConfig::new(1, "/tmp/x".into(), hosts.clone(), 1);
         c.validate().unwrap();
-        // Two cores: host 1's core 1 peer port 7102 collides with host 2's core 0.
+        // Two cores: host 1's core 1 ports (7002, 7102) collide with host 2's core 0.
         c.cores = 2;
-        assert!(c.validate().is_err());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains(
+                "127.0.0.1:7002 is both host 1 core 1's client port and host 2 core 0's client port"
+            ),
+            "{e}"
+        );
+        // The issue's example: host 1 core 1's client port 7002 is host 2 core 0's.
+        let issue =
+            parse_initial_cluster("1=127.0.0.1:7101,2=127.0.0.1:7102,3=127.0.0.1:7103").unwrap();
+        let e = ServerConfig::new(1, "/tmp/x".into(), issue, 2)
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("host 1 core 1") && e.contains("host 2 core 0"),
+            "{e}"
+        );
+        // The layout the error and --help suggest works.
+        let spaced = parse_initial_cluster(
+            "1=127.0.0.1:7101/127.0.0.1:7001,2=127.0.0.1:7111/127.0.0.1:7011,3=127.0.0.1:7121/127.0.0.1:7021",
+        )
+        .unwrap();
+        ServerConfig::new(2, "/tmp/x".into(), spaced, 2)
+            .validate()
+            .unwrap();
         let mut c = ServerConfig::new(3, "/tmp/x".into(), hosts, 1);
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("--id 3"), "{e}");

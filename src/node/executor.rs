@@ -8,11 +8,15 @@
 //! - the ticker: one tick every `tick_ms`, so an idle core wakes `1000 / tick_ms` times a
 //!   second and parks in io_uring in between (spinning before parking is off);
 //! - the peer listener and one writer per remote host (`transport`);
-//! - the client listener and one task per client connection (`server`).
+//! - the client listener and one task per client connection (`server`);
+//! - on core 0 of the first three hosts: the controller group's loop, persister and bootstrap
+//!   proposer (`control`), on the same storage and Ready-loop code as the data group, sharing
+//!   the core's peer connections (its messages carry group id `CONTROLLER_GROUP_ID`).
 //!
 //! Measured idle cost (`tools/cluster.sh idle-cpu 10`, release build, 3 hosts x 2 cores on one
 //! 2-CPU machine under other load): 3.4% of one CPU for the whole idle cluster (1.0-1.2% per
-//! host): 100 ticks/s per core plus 10 heartbeats/s per group.
+//! host): 100 ticks/s per core plus 10 heartbeats/s per group. With the controller group on
+//! core 0 of each host: 3.6% (one run, same conditions).
 //!
 //! Cross-core: the `HostView` below (relaxed atomics each core publishes after a turn: its
 //! group's leader, term, indexes; read for `-MOVED`, `CLUSTER SLOTS` and `INFO`), and bounded
@@ -33,12 +37,17 @@ use glommio::channels::shared_channel::{self, ConnectedSender, SharedReceiver, S
 use glommio::{LocalExecutorBuilder, Placement};
 use tynamo_wal::WalOptions;
 
+use crate::controller::{self, Configuration};
 use crate::kv::{self, Command as KvCommand, Op};
-use crate::raft::{self, Message, RawNode, Role};
+use crate::raft::{self, Message, NodeId, RawNode, Role};
 
 use super::codec::{decode_batch, encode_batch, verifier_options, GroupId};
 use super::config::{PlacementMode, ServerConfig};
+use super::control::{
+    ControlPlan, CONTROLLER_ENTRY_BYTES_MAX, CONTROLLER_GROUP_ID, CONTROLLER_SEGMENT_BYTES,
+};
 use super::group::{persist_loop, Group, GroupReply, ReplySlot, Signal};
+use super::machine::{ControllerMachine, Machine};
 use super::storage::{save_local_snapshot, GroupStorage};
 use super::transport::{
     bind_exclusive, spawn_listener, CoreId, FrameSink, PeerSender, TransportConfig, TransportStats,
@@ -65,6 +74,24 @@ pub struct HostView {
     pub applied: Vec<AtomicU64>,
     /// 0 follower, 1 pre-candidate, 2 candidate, 3 leader.
     pub roles: Vec<AtomicU8>,
+    /// The controller replica of this host (core 0), if it runs one.
+    pub controller: ControllerView,
+    /// The latest configuration the controller replica of this host applied. Read by
+    /// `CLUSTER SLOTS/SHARDS/NODES` and `tynamo ctl`, written when a new configuration is
+    /// applied: a lock off the request path (no data command touches it).
+    pub config: std::sync::Mutex<Option<Arc<Configuration>>>,
+}
+
+/// The controller replica's facts, published after each of its turns (relaxed atomics).
+#[derive(Default)]
+pub struct ControllerView {
+    /// Host id of the controller leader as this replica knows it (0: unknown).
+    pub leader_host: AtomicU64,
+    pub term: AtomicU64,
+    pub commit: AtomicU64,
+    pub applied: AtomicU64,
+    /// The number of the latest configuration applied here.
+    pub config_num: AtomicU64,
 }
 
 impl HostView {
@@ -76,10 +103,33 @@ impl HostView {
             commits: v(),
             applied: v(),
             roles: (0..groups).map(|_| AtomicU8::new(0)).collect(),
+            controller: ControllerView::default(),
+            config: std::sync::Mutex::new(None),
         }
     }
 
-    fn publish(&self, g: usize, group: &Group) {
+    /// The latest configuration this host knows from its controller replica.
+    pub fn latest_config(&self) -> Option<Arc<Configuration>> {
+        self.config.lock().map_or(None, |c| c.clone())
+    }
+
+    fn publish_controller(&self, plan: &ControlPlan, group: &Group<ControllerMachine>) {
+        let s = group.raw().status();
+        let v = &self.controller;
+        v.leader_host
+            .store(plan.host_of_node(s.leader).unwrap_or(0), Ordering::Relaxed);
+        v.term.store(s.term, Ordering::Relaxed);
+        v.commit.store(s.commit, Ordering::Relaxed);
+        v.applied.store(s.applied, Ordering::Relaxed);
+        let latest = group.machine().sm.latest();
+        if v.config_num.swap(latest.num, Ordering::Relaxed) != latest.num {
+            if let Ok(mut c) = self.config.lock() {
+                *c = Some(Arc::new(latest.clone()));
+            }
+        }
+    }
+
+    fn publish<M: Machine>(&self, g: usize, group: &Group<M>) {
         let s = group.raw().status();
         self.leaders[g].store(s.leader, Ordering::Relaxed);
         self.terms[g].store(s.term, Ordering::Relaxed);
@@ -95,20 +145,42 @@ impl HostView {
     }
 }
 
+/// A sequenced (exactly-once) write's identity: the connection's session and the write's seq.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionWrite {
+    pub client_id: u64,
+    pub seq: u64,
+}
+
+impl SessionWrite {
+    /// The command that opens (or refreshes) this write's session in a group.
+    pub fn open(self) -> KvCommand {
+        KvCommand {
+            client_id: self.client_id,
+            seq: 0,
+            op: Op::OpenSession,
+        }
+    }
+}
+
+/// One client request handed to the group of another core.
+pub struct Forward {
+    pub ops: Vec<Op>,
+    pub write: bool,
+    /// A READONLY read: answered from the replica's applied state.
+    pub stale: bool,
+    /// Set for a `TYNAMO.SEQ` write (then `ops` holds exactly that one write).
+    pub session: Option<SessionWrite>,
+    /// Open the session in the target group first (the connection has not written there yet).
+    pub open_session: bool,
+}
+
 /// Requests forwarded between the cores of one host (a client on core a asked for a key of the
 /// group on core b, whose leader is on this host) and their replies. Bounded channels, one per
 /// ordered pair of cores.
 pub enum CoreMsg {
-    Request {
-        id: u64,
-        ops: Vec<Op>,
-        write: bool,
-        stale: bool,
-    },
-    Reply {
-        id: u64,
-        replies: Vec<GroupReply>,
-    },
+    Request { id: u64, forward: Forward },
+    Reply { id: u64, replies: Vec<GroupReply> },
 }
 
 /// Forwarded requests in flight per ordered pair of cores.
@@ -129,6 +201,9 @@ pub struct CoreCtx {
     pub forward: RefCell<HashMap<u16, Rc<ConnectedSender<CoreMsg>>>>,
     pub forwarded: RefCell<HashMap<u64, Vec<ReplySlot>>>,
     pub next_forward_id: Cell<u64>,
+    pub plan: Arc<ControlPlan>,
+    /// The controller replica, on core 0 of a controller host.
+    pub controller: Option<Rc<RefCell<Group<ControllerMachine>>>>,
 }
 
 impl CoreCtx {
@@ -141,24 +216,12 @@ impl CoreCtx {
 
     /// Hands `ops` to the group on `core` (same host) and returns the slots its replies will
     /// fill, or None when that core's queue is full.
-    pub fn forward(
-        &self,
-        core: u16,
-        ops: Vec<Op>,
-        write: bool,
-        stale: bool,
-    ) -> Option<Vec<ReplySlot>> {
+    pub fn forward(&self, core: u16, forward: Forward) -> Option<Vec<ReplySlot>> {
         let sender = self.forward.borrow().get(&core).cloned()?;
         let id = self.next_forward_id.get();
         self.next_forward_id.set(id + 1);
-        let slots: Vec<ReplySlot> = ops.iter().map(|_| ReplySlot::new()).collect();
-        let msg = CoreMsg::Request {
-            id,
-            ops,
-            write,
-            stale,
-        };
-        if sender.try_send(msg).is_err() {
+        let slots: Vec<ReplySlot> = forward.ops.iter().map(|_| ReplySlot::new()).collect();
+        if sender.try_send(CoreMsg::Request { id, forward }).is_err() {
             return None;
         }
         self.forwarded.borrow_mut().insert(id, slots.clone());
@@ -175,24 +238,27 @@ async fn forward_receiver(
 ) {
     while let Some(msg) = rx.recv().await {
         match msg {
-            CoreMsg::Request {
-                id,
-                ops,
-                write,
-                stale,
-            } => {
+            CoreMsg::Request { id, forward } => {
+                let Forward {
+                    ops,
+                    write,
+                    stale,
+                    session,
+                    open_session,
+                } = forward;
                 let slots: Vec<ReplySlot> = {
                     let mut g = ctx.group.borrow_mut();
+                    if let (Some(s), true) = (session, open_session) {
+                        // Same turn, ahead of the write: the write's reply answers for both.
+                        let _ = g.submit_write(s.open());
+                    }
+                    let (client_id, seq) = session.map_or((0, 0), |s| (s.client_id, s.seq));
                     ops.into_iter()
                         .map(|op| {
                             if stale {
                                 ReplySlot::ready(GroupReply::Done(g.stale_read(&op)))
                             } else if write {
-                                g.submit_write(KvCommand {
-                                    client_id: 0,
-                                    seq: 0,
-                                    op,
-                                })
+                                g.submit_write(KvCommand { client_id, seq, op })
                             } else {
                                 g.submit_read(op)
                             }
@@ -228,9 +294,12 @@ struct CoreChannels {
     receivers: Vec<(u16, SharedReceiver<CoreMsg>)>,
 }
 
+/// Delivers a core's peer frames to its groups: the data group, and on core 0 of a controller
+/// host the controller group.
 struct GroupSink {
     group_id: GroupId,
     group: Rc<RefCell<Group>>,
+    controller: Option<Rc<RefCell<Group<ControllerMachine>>>>,
     opts: VerifierOptions,
     bad_frames: Rc<Cell<u64>>,
 }
@@ -239,12 +308,13 @@ impl FrameSink for GroupSink {
     fn deliver(&self, _from: CoreId, frame: bytes::Bytes) {
         match decode_batch(&frame, &self.opts) {
             Ok(messages) => {
-                let mut g = self.group.borrow_mut();
                 for (group, m) in messages {
                     if group == self.group_id {
-                        g.deliver(m);
+                        self.group.borrow_mut().deliver(m);
+                    } else if let (CONTROLLER_GROUP_ID, Some(c)) = (group, &self.controller) {
+                        c.borrow_mut().deliver(m);
                     } else {
-                        g.stats.messages_dropped += 1;
+                        self.group.borrow_mut().stats.messages_dropped += 1;
                     }
                 }
             }
@@ -282,6 +352,7 @@ pub fn run(cfg: ServerConfig) -> Result<(), NodeError> {
     cfg.validate()?;
     let cfg = Arc::new(cfg);
     let view = Arc::new(HostView::new(usize::from(cfg.cores)));
+    let plan = Arc::new(ControlPlan::new(&cfg));
     let (done_tx, done_rx) = std::sync::mpsc::channel::<Result<(), NodeError>>();
     let mut channels: Vec<CoreChannels> = (0..cfg.cores)
         .map(|_| CoreChannels {
@@ -301,13 +372,14 @@ pub fn run(cfg: ServerConfig) -> Result<(), NodeError> {
     let mut handles = Vec::new();
     for (core, chans) in (0..cfg.cores).zip(channels) {
         let (cfg2, view2, tx) = (cfg.clone(), view.clone(), done_tx.clone());
+        let plan2 = plan.clone();
         let builder = LocalExecutorBuilder::new(placement(&cfg, core))
             .name(&format!("tynamo-core-{core}"))
             .io_memory(cfg.io_memory_bytes)
             .preempt_timer(Duration::from_millis(10));
         let handle = builder
             .spawn(move || async move {
-                let r = run_core(cfg2, core, view2, chans).await;
+                let r = run_core(cfg2, core, view2, plan2, chans).await;
                 let _ = tx.send(r);
             })
             .map_err(|e| NodeError::Executor {
@@ -327,8 +399,8 @@ pub fn run(cfg: ServerConfig) -> Result<(), NodeError> {
     }
 }
 
-fn raft_config(cfg: &ServerConfig) -> raft::Config {
-    let mut rc = raft::Config::new(cfg.id);
+fn raft_config(cfg: &ServerConfig, node: NodeId) -> raft::Config {
+    let mut rc = raft::Config::new(node);
     rc.heartbeat_ticks = cfg.heartbeat_ticks();
     rc.election_ticks = cfg.election_ticks();
     rc.lease_drift_ticks = (rc.election_ticks / 10).max(1);
@@ -351,6 +423,7 @@ async fn run_core(
     cfg: Arc<ServerConfig>,
     core: u16,
     view: Arc<HostView>,
+    plan: Arc<ControlPlan>,
     channels: CoreChannels,
 ) -> Result<(), NodeError> {
     let err = |why: String| NodeError::Core { core, why };
@@ -366,30 +439,31 @@ async fn run_core(
         ..WalOptions::default()
     };
     let kvc = kv_config(&cfg);
-    let shards = cfg.group_shards(core);
-    let (storage, recovered) = GroupStorage::open(
-        group_id,
-        &dir,
-        wal_opts,
-        kvc.clone(),
-        &shards,
-        &cfg.voters(),
-    )
-    .await
-    .map_err(|e| err(e.to_string()))?;
+    let (storage, recovered) = GroupStorage::open(group_id, &dir, wal_opts, &cfg.voters())
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    let kv = match recovered.machine_snapshot() {
+        Some((index, data)) => kv::restore(kvc.clone(), [data.clone()])
+            .map_err(|e| err(format!("snapshot {index} in {}: {e}", dir.display())))?,
+        None => kv::StateMachine::new(kvc.clone(), cfg.group_shards(core)),
+    };
     let seed = cfg.id.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(core) ^ now_nanos();
-    let raw = RawNode::new(raft_config(&cfg), recovered.initial, seed)
+    let raw = RawNode::new(raft_config(&cfg, cfg.id), recovered.initial, seed)
         .map_err(|e| err(format!("raft config: {e}")))?;
     let group = Rc::new(RefCell::new(Group::new(
         group_id,
         raw,
-        recovered.kv,
+        kv,
         kvc,
         u64::from(cfg.election_ticks()),
     )));
     let wake = group.borrow().wake.clone();
     let wal = storage.wal.clone();
     let snapshots = storage.snapshots.clone();
+    let controller = match (core, plan.node_of_host(cfg.id)) {
+        (0, Some(node)) => Some(open_controller(&cfg, &plan, node).await?),
+        _ => None,
+    };
 
     // Peers.
     let tcfg = Rc::new(TransportConfig {
@@ -404,11 +478,13 @@ async fn run_core(
     let sink = Rc::new(GroupSink {
         group_id,
         group: group.clone(),
+        controller: controller.as_ref().map(|c| c.group.clone()),
         opts: verifier_options(tcfg.frame_bytes_max),
         bad_frames: bad_frames.clone(),
     });
     spawn_listener(listener, me_core, tcfg.clone(), tstats.clone(), sink);
     let mut senders: HashMap<u64, PeerSender> = HashMap::new();
+    // Core 0's connections also carry the controller's messages to the other controller hosts.
     for h in cfg.hosts.iter().filter(|h| h.id != cfg.id) {
         let to = CoreId { host: h.id, core };
         let addr = SocketAddr::new(h.peer.ip(), h.peer.port() + core);
@@ -434,6 +510,8 @@ async fn run_core(
         forward: RefCell::new(HashMap::new()),
         forwarded: RefCell::new(HashMap::new()),
         next_forward_id: Cell::new(1),
+        plan: plan.clone(),
+        controller: controller.as_ref().map(|c| c.group.clone()),
     });
     // Connecting waits for the other end's executor; do it off the start path.
     for (to, tx) in channels.senders {
@@ -459,34 +537,161 @@ async fn run_core(
     let persister =
         glommio::spawn_local(persist_loop(group.clone(), storage, persist_wake.clone()));
 
-    // Ticker.
+    // Ticker (one for the core's groups: a tick wakes each).
     let tick = Duration::from_millis(cfg.tick_ms);
     let g2 = group.clone();
+    let c2 = controller.as_ref().map(|c| c.group.clone());
     glommio::spawn_local(async move {
         loop {
             glommio::timer::sleep(tick).await;
             g2.borrow_mut().tick_due();
+            if let Some(c) = &c2 {
+                c.borrow_mut().tick_due();
+            }
         }
     })
     .detach();
 
-    // The group loop; it ends only on a fatal error of the replica or its storage.
+    // The group loops; the core stops only on a fatal error of a replica or its storage.
+    let senders = Rc::new(senders);
+    let view2 = view.clone();
+    let g = usize::from(core);
     let looper = group_loop(
         group.clone(),
         wake,
         persist_wake,
-        senders,
-        view,
-        usize::from(core),
+        senders.clone(),
+        Some,
+        move |gr: &Group| view2.publish(g, gr),
         snapshots,
         wal,
     );
-    let why = futures_lite::future::or(looper, async {
+    let data = futures_lite::future::or(looper, async {
         let e = persister.await;
         format!("storage failed: {e}")
-    })
-    .await;
+    });
+    let why = match controller {
+        Some(c) => {
+            let control = c.run(senders, view, plan, cfg.heartbeat_ms);
+            futures_lite::future::or(data, control).await
+        }
+        None => data.await,
+    };
     Err(err(why))
+}
+
+/// The controller replica of this host, opened but not yet running.
+struct ControllerReplica {
+    group: Rc<RefCell<Group<ControllerMachine>>>,
+    storage: GroupStorage,
+}
+
+async fn open_controller(
+    cfg: &ServerConfig,
+    plan: &ControlPlan,
+    node: NodeId,
+) -> Result<ControllerReplica, NodeError> {
+    let err = |why: String| NodeError::Core {
+        core: 0,
+        why: format!("controller: {why}"),
+    };
+    let dir = cfg.data_dir.join("controller");
+    let wal_opts = WalOptions {
+        segment_bytes: CONTROLLER_SEGMENT_BYTES,
+        entry_bytes_max: CONTROLLER_ENTRY_BYTES_MAX,
+        staged_bytes_max: CONTROLLER_SEGMENT_BYTES as usize,
+        spare_segments_max: 1,
+    };
+    let (storage, recovered) =
+        GroupStorage::open(CONTROLLER_GROUP_ID, &dir, wal_opts, &plan.voters())
+            .await
+            .map_err(|e| err(e.to_string()))?;
+    let sm = match recovered.machine_snapshot() {
+        Some((index, data)) => controller::StateMachine::restore(plan.settings.clone(), data)
+            .map_err(|e| err(format!("snapshot {index} in {}: {e}", dir.display())))?,
+        None => {
+            controller::StateMachine::new(plan.settings.clone()).map_err(|e| err(e.to_string()))?
+        }
+    };
+    let seed = cfg.id.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ now_nanos();
+    let raw = RawNode::new(raft_config(cfg, node), recovered.initial, seed)
+        .map_err(|e| err(format!("raft config: {e}")))?;
+    let group = Group::with_machine(
+        CONTROLLER_GROUP_ID,
+        raw,
+        ControllerMachine::new(sm),
+        u64::from(cfg.election_ticks()),
+    );
+    Ok(ControllerReplica {
+        group: Rc::new(RefCell::new(group)),
+        storage,
+    })
+}
+
+impl ControllerReplica {
+    /// Runs the controller's loop, persister and bootstrap proposer; returns why it stopped.
+    async fn run(
+        self,
+        senders: Rc<HashMap<u64, PeerSender>>,
+        view: Arc<HostView>,
+        plan: Arc<ControlPlan>,
+        retry_ms: u64,
+    ) -> String {
+        let ControllerReplica { group, storage } = self;
+        let wake = group.borrow().wake.clone();
+        let (wal, snapshots) = (storage.wal.clone(), storage.snapshots.clone());
+        let persist_wake = Rc::new(Signal::default());
+        let persister =
+            glommio::spawn_local(persist_loop(group.clone(), storage, persist_wake.clone()));
+        glommio::spawn_local(bootstrap_loop(group.clone(), plan.clone(), retry_ms)).detach();
+        let plan2 = plan.clone();
+        let looper = group_loop(
+            group,
+            wake,
+            persist_wake,
+            senders,
+            move |node| plan2.host_of_node(node),
+            move |gr: &Group<ControllerMachine>| view.publish_controller(&plan, gr),
+            snapshots,
+            wal,
+        );
+        futures_lite::future::or(looper, async {
+            let e = persister.await;
+            format!("controller storage failed: {e}")
+        })
+        .await
+    }
+}
+
+/// While this replica leads the controller, proposes the bootstrap commands the configuration
+/// still lacks (one at a time; a duplicate is answered from the bootstrap session).
+async fn bootstrap_loop(
+    group: Rc<RefCell<Group<ControllerMachine>>>,
+    plan: Arc<ControlPlan>,
+    retry_ms: u64,
+) {
+    // Every heartbeat until bootstrapped (the loop then ends): a new cluster gets its first
+    // configuration about one election after start.
+    let every = Duration::from_millis(retry_ms.max(1));
+    loop {
+        glommio::timer::sleep(every).await;
+        let slot = {
+            let mut g = group.borrow_mut();
+            let Some(command) = plan.next_bootstrap(g.machine().sm.latest()) else {
+                // Bootstrapped (every replica sees it once it applied the commands): nothing
+                // more to do here, ever; the history only grows.
+                return;
+            };
+            if !g.is_leader() {
+                continue;
+            }
+            g.submit_write(command.clone())
+        };
+        // NotLeader and Unavailable are retried on the next round.
+        if let GroupReply::Done(controller::Reply::Err(e)) = slot.wait().await {
+            eprintln!("tynamo: controller bootstrap command refused: {e}");
+        }
+    }
 }
 
 fn now_nanos() -> u64 {
@@ -495,14 +700,16 @@ fn now_nanos() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
+/// One group's loop: turns, sending (`host_of` maps the group's node ids to hosts), publishing
+/// its state after each turn, and saving the snapshots it takes.
 #[allow(clippy::too_many_arguments)]
-async fn group_loop(
-    group: Rc<RefCell<Group>>,
+async fn group_loop<M: Machine + 'static>(
+    group: Rc<RefCell<Group<M>>>,
     wake: Rc<Signal>,
     persist_wake: Rc<Signal>,
-    senders: HashMap<u64, PeerSender>,
-    view: Arc<HostView>,
-    g: usize,
+    senders: Rc<HashMap<u64, PeerSender>>,
+    host_of: impl Fn(NodeId) -> Option<u64>,
+    publish: impl Fn(&Group<M>),
     snapshots: Rc<tynamo_wal::SnapshotStore>,
     wal: Rc<tynamo_wal::Wal>,
 ) -> String {
@@ -518,10 +725,11 @@ async fn group_loop(
             if !gr.jobs.is_empty() {
                 persist_wake.notify();
             }
-            view.publish(g, &gr);
+            publish(&gr);
             (std::mem::take(&mut gr.outbox), gr.snapshot_request.take())
         };
-        send_messages(&mut fbb, g as GroupId, &mut messages, &senders);
+        let gid = group.borrow().id;
+        send_messages(&mut fbb, gid, &mut messages, &senders, &host_of);
         if let Some(snap) = snapshot {
             let (group, snapshots, wal) = (group.clone(), snapshots.clone(), wal.clone());
             glommio::spawn_local(async move {
@@ -554,6 +762,7 @@ fn send_messages(
     group: GroupId,
     messages: &mut [Message],
     senders: &HashMap<u64, PeerSender>,
+    host_of: &impl Fn(NodeId) -> Option<u64>,
 ) {
     if messages.is_empty() {
         return;
@@ -575,7 +784,7 @@ fn send_messages(
             refs.push((group, &messages[at]));
             at += 1;
         }
-        if let Some(sender) = senders.get(&to) {
+        if let Some(sender) = host_of(to).and_then(|host| senders.get(&host)) {
             let frame = encode_batch(fbb, &refs);
             // A full outbox drops the frame: Raft retries from its progress state.
             let _ = sender.send(frame);

@@ -28,15 +28,16 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::rc::Rc;
 use std::task::{Poll, Waker};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
-use crate::kv::{self, Command, Op, Outcome, ReadConsistency, StateMachine};
+use crate::kv;
 use crate::raft::{
     Entry, EntryKind, HardState, Index, Message, NodeId, ProposeError, RawNode, ReadError, Ready,
     Role, Snapshot, SnapshotMeta, Term, WriteMark,
 };
 
 use super::codec::GroupId;
+use super::machine::{KvMachine, Machine};
 use super::storage::{GroupStorage, StorageError};
 
 /// Client operations queued for one turn, beyond which new ones are refused (TRYAGAIN).
@@ -45,8 +46,6 @@ pub const QUEUED_OPS_MAX: usize = 65_536;
 pub const BATCH_BYTES_MAX: usize = 1 << 20;
 /// A linearizable read not confirmed within this many election timeouts is refused.
 const READ_TIMEOUT_ELECTIONS: u64 = 2;
-/// Chunk size of the KV snapshot stream.
-const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 
 /// A one-shot wake-up flag for one waiting task. `notify` before `wait` is not lost.
 #[derive(Default)]
@@ -78,8 +77,8 @@ impl Signal {
 
 /// What a client operation came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum GroupReply {
-    Done(Outcome),
+pub enum GroupReply<O = kv::Outcome> {
+    Done(O),
     /// This replica does not lead the group; `leader` is its hint (0 = unknown).
     NotLeader {
         leader: NodeId,
@@ -89,28 +88,41 @@ pub enum GroupReply {
     Unavailable(String),
 }
 
-#[derive(Default)]
-struct SlotInner {
-    reply: Option<GroupReply>,
+struct SlotInner<O> {
+    reply: Option<GroupReply<O>>,
     waker: Option<Waker>,
 }
 
 /// Where the group puts one operation's reply; the connection awaits it.
-#[derive(Clone, Default)]
-pub struct ReplySlot(Rc<RefCell<SlotInner>>);
+pub struct ReplySlot<O = kv::Outcome>(Rc<RefCell<SlotInner<O>>>);
 
-impl ReplySlot {
-    pub fn new() -> ReplySlot {
+impl<O> Clone for ReplySlot<O> {
+    fn clone(&self) -> Self {
+        ReplySlot(self.0.clone())
+    }
+}
+
+impl<O> Default for ReplySlot<O> {
+    fn default() -> Self {
+        ReplySlot(Rc::new(RefCell::new(SlotInner {
+            reply: None,
+            waker: None,
+        })))
+    }
+}
+
+impl<O> ReplySlot<O> {
+    pub fn new() -> ReplySlot<O> {
         ReplySlot::default()
     }
 
-    pub fn ready(reply: GroupReply) -> ReplySlot {
+    pub fn ready(reply: GroupReply<O>) -> ReplySlot<O> {
         let s = ReplySlot::new();
         s.fill(reply);
         s
     }
 
-    pub fn fill(&self, reply: GroupReply) {
+    pub fn fill(&self, reply: GroupReply<O>) {
         let mut inner = self.0.borrow_mut();
         debug_assert!(inner.reply.is_none(), "a reply slot is filled once");
         inner.reply = Some(reply);
@@ -119,7 +131,7 @@ impl ReplySlot {
         }
     }
 
-    pub async fn wait(&self) -> GroupReply {
+    pub async fn wait(&self) -> GroupReply<O> {
         futures_lite::future::poll_fn(|cx| {
             let mut inner = self.0.borrow_mut();
             match inner.reply.take() {
@@ -162,24 +174,24 @@ pub struct GroupStats {
     pub persist_rounds: u64,
 }
 
-pub struct Group {
+/// One group replica driving the state machine `M` (the KV store by default).
+pub struct Group<M: Machine = KvMachine> {
     pub id: GroupId,
     raw: RawNode,
-    kv: StateMachine,
-    kv_config: kv::Config,
+    machine: M,
     election_ticks: u64,
-    writes: Vec<(Command, ReplySlot)>,
-    reads: Vec<(Op, ReplySlot)>,
+    writes: Vec<(M::Command, ReplySlot<M::Outcome>)>,
+    reads: Vec<(M::Read, ReplySlot<M::Outcome>)>,
     inbox: Vec<Message>,
     ticks_due: u32,
     now_ticks: u64,
-    proposals: BTreeMap<Index, (Term, Vec<ReplySlot>)>,
-    reads_waiting: HashMap<u64, (u64, Vec<(Op, ReplySlot)>)>,
-    reads_ready: Vec<(Index, Vec<(Op, ReplySlot)>)>,
+    proposals: BTreeMap<Index, (Term, Slots<M>)>,
+    reads_waiting: HashMap<u64, (u64, ReadBatch<M>)>,
+    reads_ready: Vec<(Index, ReadBatch<M>)>,
     next_ctx: u64,
     was_leader: bool,
     snapshot_busy: bool,
-    outcomes: Vec<Outcome>,
+    outcomes: Vec<M::Outcome>,
     /// Storage writes for the persister, in `Ready` order.
     pub jobs: VecDeque<PersistJob>,
     /// Messages to send at the end of this turn.
@@ -198,19 +210,41 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-impl Group {
+/// The clients waiting on one proposed entry, in command order.
+type Slots<M> = Vec<ReplySlot<<M as Machine>::Outcome>>;
+type ReadBatch<M> = Vec<(<M as Machine>::Read, ReplySlot<<M as Machine>::Outcome>)>;
+
+impl Group<KvMachine> {
+    /// A data group replica over its KV store.
     pub fn new(
         id: GroupId,
         raw: RawNode,
-        kv: StateMachine,
+        kv: kv::StateMachine,
         kv_config: kv::Config,
         election_ticks: u64,
-    ) -> Group {
+    ) -> Group<KvMachine> {
+        Group::with_machine(
+            id,
+            raw,
+            KvMachine {
+                sm: kv,
+                config: kv_config,
+            },
+            election_ticks,
+        )
+    }
+
+    pub fn kv(&self) -> &kv::StateMachine {
+        &self.machine.sm
+    }
+}
+
+impl<M: Machine> Group<M> {
+    pub fn with_machine(id: GroupId, raw: RawNode, machine: M, election_ticks: u64) -> Group<M> {
         Group {
             id,
             raw,
-            kv,
-            kv_config,
+            machine,
             election_ticks,
             writes: Vec::new(),
             reads: Vec::new(),
@@ -238,8 +272,8 @@ impl Group {
     pub fn raw(&self) -> &RawNode {
         &self.raw
     }
-    pub fn kv(&self) -> &StateMachine {
-        &self.kv
+    pub fn machine(&self) -> &M {
+        &self.machine
     }
     pub fn is_leader(&self) -> bool {
         self.raw.role() == Role::Leader
@@ -264,7 +298,7 @@ impl Group {
     }
 
     /// Queues a write for the next turn's proposal.
-    pub fn submit_write(&mut self, command: Command) -> ReplySlot {
+    pub fn submit_write(&mut self, command: M::Command) -> ReplySlot<M::Outcome> {
         if self.queued_ops() >= QUEUED_OPS_MAX {
             return ReplySlot::ready(GroupReply::Unavailable(format!(
                 "group {} has {QUEUED_OPS_MAX} operations queued",
@@ -278,7 +312,7 @@ impl Group {
     }
 
     /// Queues a linearizable read for the next turn's ReadIndex.
-    pub fn submit_read(&mut self, op: Op) -> ReplySlot {
+    pub fn submit_read(&mut self, op: M::Read) -> ReplySlot<M::Outcome> {
         if self.queued_ops() >= QUEUED_OPS_MAX {
             return ReplySlot::ready(GroupReply::Unavailable(format!(
                 "group {} has {QUEUED_OPS_MAX} operations queued",
@@ -292,8 +326,8 @@ impl Group {
     }
 
     /// A stale read (READONLY connections): this replica's applied state, at once.
-    pub fn stale_read(&self, op: &Op) -> Outcome {
-        self.kv.read(op, ReadConsistency::Stale)
+    pub fn stale_read(&self, op: &M::Read) -> M::Outcome {
+        self.machine.read(op, true)
     }
 
     // ----- the turn --------------------------------------------------------------------------
@@ -339,17 +373,16 @@ impl Group {
         // Cut the queue into batch entries bounded in commands and bytes.
         let ts = now_ms();
         let mut payloads: Vec<Bytes> = Vec::new();
-        let mut slots: Vec<Vec<ReplySlot>> = Vec::new();
-        let mut commands: Vec<Command> = Vec::new();
-        let mut batch_slots: Vec<ReplySlot> = Vec::new();
+        let mut slots: Vec<Vec<ReplySlot<M::Outcome>>> = Vec::new();
+        let mut commands: Vec<M::Command> = Vec::new();
+        let mut batch_slots: Vec<ReplySlot<M::Outcome>> = Vec::new();
         let mut batch_bytes = 0usize;
         for (command, slot) in writes {
-            let size = command_size_bytes(&command);
+            let size = M::command_size_bytes(&command);
             if !commands.is_empty()
-                && (commands.len() >= kv::BATCH_COMMANDS_MAX as usize
-                    || batch_bytes + size > BATCH_BYTES_MAX)
+                && (commands.len() >= M::BATCH_COMMANDS_MAX || batch_bytes + size > BATCH_BYTES_MAX)
             {
-                payloads.push(kv::encode_batch(ts, &commands));
+                payloads.push(M::encode_batch(ts, &commands));
                 slots.push(std::mem::take(&mut batch_slots));
                 commands.clear();
                 batch_bytes = 0;
@@ -358,7 +391,7 @@ impl Group {
             commands.push(command);
             batch_slots.push(slot);
         }
-        payloads.push(kv::encode_batch(ts, &commands));
+        payloads.push(M::encode_batch(ts, &commands));
         slots.push(batch_slots);
         let term = self.raw.term();
         match self.raw.propose(&payloads) {
@@ -407,9 +440,9 @@ impl Group {
     fn handle_ready(&mut self, mut rd: Ready) {
         let snapshot = rd.take_snapshot();
         if let Some(s) = &snapshot {
-            match kv::restore(self.kv_config.clone(), [s.data.clone()]) {
-                Ok(sm) => {
-                    self.kv = sm;
+            match self.machine.restored(&s.data) {
+                Ok(m) => {
+                    self.machine = m;
                     self.stats.snapshots_installed += 1;
                     // Proposals the snapshot covers were never applied here one by one.
                     let rest = self.proposals.split_off(&(s.meta.index + 1));
@@ -442,7 +475,7 @@ impl Group {
         self.outbox.extend(rd.take_messages());
         let empty = Bytes::new();
         for e in rd.take_committed_entries() {
-            if e.index <= self.kv.applied_index() {
+            if e.index <= self.machine.applied_index() {
                 // Covered by the snapshot just restored.
                 continue;
             }
@@ -452,7 +485,7 @@ impl Group {
                 &empty
             };
             self.outcomes.clear();
-            self.kv.apply(e.index, payload, &mut self.outcomes);
+            self.machine.apply(e.index, payload, &mut self.outcomes);
             self.stats.entries_applied += 1;
             if let Some((term, slots)) = self.proposals.remove(&e.index) {
                 if term == e.term && slots.len() == self.outcomes.len() {
@@ -479,16 +512,14 @@ impl Group {
         if self.reads_ready.is_empty() {
             return;
         }
-        let applied = self.kv.applied_index();
+        let applied = self.machine.applied_index();
         let mut i = 0;
         while i < self.reads_ready.len() {
             if self.reads_ready[i].0 <= applied {
                 let (_, reads) = self.reads_ready.swap_remove(i);
                 for (op, slot) in reads {
                     self.stats.reads_served += 1;
-                    slot.fill(GroupReply::Done(
-                        self.kv.read(&op, ReadConsistency::Linearizable),
-                    ));
+                    slot.fill(GroupReply::Done(self.machine.read(&op, false)));
                 }
             } else {
                 i += 1;
@@ -536,21 +567,17 @@ impl Group {
     }
 
     fn maybe_snapshot(&mut self) {
-        if self.snapshot_busy || !self.kv.snapshot_due() {
+        if self.snapshot_busy || !self.machine.snapshot_due() {
             return;
         }
-        let index = self.kv.applied_index();
+        let index = self.machine.applied_index();
         let Some(term) = self.raw.log_term(index) else {
             return;
         };
         if index <= self.raw.status().snapshot_index {
             return;
         }
-        let mut data = BytesMut::new();
-        for chunk in self.kv.snapshot_writer(SNAPSHOT_CHUNK_BYTES) {
-            data.extend_from_slice(&chunk);
-        }
-        self.kv.mark_snapshot_taken();
+        let data = self.machine.take_snapshot();
         self.snapshot_busy = true;
         self.snapshot_request = Some(LocalSnapshot {
             meta: SnapshotMeta {
@@ -558,7 +585,7 @@ impl Group {
                 term,
                 conf: self.raw.conf().clone(),
             },
-            data: data.freeze(),
+            data,
         });
     }
 
@@ -590,29 +617,11 @@ impl Group {
     }
 }
 
-fn command_size_bytes(c: &Command) -> usize {
-    const OVERHEAD_BYTES: usize = 32;
-    OVERHEAD_BYTES
-        + match &c.op {
-            Op::Get { key } | Op::Exists { key } | Op::Delete { key } => key.len(),
-            Op::Put { key, value } | Op::Append { key, value } => key.len() + value.len(),
-            Op::Incr { key, .. } => key.len(),
-            Op::Cas { key, expected, new } => {
-                key.len()
-                    + expected.as_ref().map_or(0, |v| v.len())
-                    + new.as_ref().map_or(0, |v| v.len())
-            }
-            Op::MGet { keys } => keys.iter().map(|k| k.len() + 4).sum(),
-            Op::MPut { pairs } => pairs.iter().map(|(k, v)| k.len() + v.len() + 8).sum(),
-            Op::OpenSession | Op::CloseSession => 0,
-        }
-}
-
 /// The persister of one group: makes queued `Ready` writes durable, coalescing every write
 /// queued since its last round into one WAL append, and reports them in order. Returns only on
 /// a storage error, which is fatal for the replica (an fsync failure is not retryable).
-pub async fn persist_loop(
-    group: Rc<RefCell<Group>>,
+pub async fn persist_loop<M: Machine>(
+    group: Rc<RefCell<Group<M>>>,
     mut storage: GroupStorage,
     wake: Rc<Signal>,
 ) -> StorageError {
@@ -671,6 +680,7 @@ mod tests {
     //! The turn logic against an in-memory "disk" (writes complete at once) and a lossless
     //! in-process network, with simulated time: no glommio, no sockets.
     use super::*;
+    use crate::kv::{Command, Op, Outcome, StateMachine};
     use crate::raft::{Config, InitialState};
 
     fn group(id: NodeId, kv_config: kv::Config) -> Group {
@@ -852,7 +862,7 @@ mod tests {
         assert!(gs[l].snapshot_saved(req.meta.index, req.data.clone()));
         assert_eq!(gs[l].raw().status().snapshot_index, req.meta.index);
         // The snapshot restores to the same state on a fresh replica.
-        let restored = kv::restore(gs[l].kv_config.clone(), [req.data]).unwrap();
+        let restored = kv::restore(gs[l].machine.config.clone(), [req.data]).unwrap();
         assert_eq!(restored.applied_index(), req.meta.index);
     }
 }

@@ -3,15 +3,21 @@
 //!
 //! - [`config`]: the server configuration and the static cluster map.
 //! - [`storage`]: a group's WAL, hard state and snapshots <-> the Raft core.
-//! - [`group`]: one group replica's loop turn and its persister.
+//! - [`group`]: one group replica's loop turn and its persister, generic over its
+//!   [`machine`] (the KV store of a data group, or the controller's configurations).
+//! - [`control`]: where the controller group runs, its bootstrap configuration, JSON views.
+//! - [`admin`]: `TYNAMO.CTL`, the operator commands behind `tynamo ctl`.
 //! - [`executor`]: the per-core executors and their tasks.
 //! - [`server`]: client connections (RESP), routing, replies.
 //! - [`transport`], [`codec`]: peer frames over TCP, flatbuffers messages.
 
+pub mod admin;
 pub mod codec;
 pub mod config;
+pub mod control;
 pub mod executor;
 pub mod group;
+pub mod machine;
 pub mod server;
 pub mod storage;
 pub mod transport;

@@ -13,9 +13,15 @@
 //! group on a follower gets `-MOVED` to the leader, or `-TRYAGAIN` while no leader is known.
 //! Reads are linearizable (ReadIndex) unless the connection sent `READONLY`, in which case any
 //! replica answers from its local state.
+//!
+//! Exactly-once: `TYNAMO.SESSION id` binds the connection to a client id; a `TYNAMO.SEQ` write
+//! carries (id, seq) wherever it goes, forwarded to another core included, and the first one
+//! the connection sends to a group is preceded in the same turn by the session's opening there.
+//! `TYNAMO.CTL` (operator commands) is handed to `admin`.
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 
@@ -36,7 +42,11 @@ use crate::resp::reply::{
 use crate::resp::{Command, Limits, Protocol, Request};
 use crate::shard::{key_slot, shard_slots, slot_shard};
 
-use super::executor::CoreCtx;
+use crate::controller::Configuration;
+
+use super::config::ServerConfig;
+use super::control::{core_of_group, host_client_addr};
+use super::executor::{CoreCtx, Forward, SessionWrite};
 use super::group::{GroupReply, ReplySlot};
 
 /// Caps on client requests: values up to the KV's own limit, arrays up to the multi-key limit.
@@ -70,6 +80,11 @@ enum Shape {
 
 enum Pending {
     Now(BytesMut),
+    /// A `TYNAMO.CTL` request waiting on the controller group.
+    Ctl {
+        slot: ReplySlot<crate::controller::Reply>,
+        render: super::admin::Render,
+    },
     Wait {
         slots: Vec<ReplySlot>,
         shape: Shape,
@@ -83,9 +98,18 @@ struct Conn {
     id: u64,
     protocol: Protocol,
     readonly: bool,
+    /// The session this connection declared with `TYNAMO.SESSION` (0: none).
     client_id: u64,
+    /// Bit g: an `OpenSession` for `client_id` was submitted to group g from this connection.
+    /// A sequenced write to a group whose bit is clear is preceded by one in the same turn, so
+    /// the session exists in every group the connection writes to, however it was routed
+    /// (its own core, forwarded to another core, or a core that led only after the session
+    /// command was answered with MOVED). Opening an open session only refreshes it.
+    sessions_opened: u64,
     close: bool,
 }
+
+const _: () = assert!(super::config::CORES_MAX as u32 <= u64::BITS);
 
 pub async fn accept_loop(listener: TcpListener, ctx: Rc<CoreCtx>) {
     loop {
@@ -121,6 +145,7 @@ async fn serve_connection(ctx: &CoreCtx, mut stream: TcpStream) {
         protocol: Protocol::Resp2,
         readonly: false,
         client_id: 0,
+        sessions_opened: 0,
         close: false,
     };
     let mut rbuf = BytesMut::with_capacity(READ_CHUNK_BYTES);
@@ -169,7 +194,11 @@ async fn serve_connection(ctx: &CoreCtx, mut stream: TcpStream) {
                         for s in &slots {
                             replies.push(s.wait().await);
                         }
-                        put_reply(ctx, &conn, &mut wbuf, shape, (slot, group), replies);
+                        put_reply(ctx, &mut conn, &mut wbuf, shape, (slot, group), replies);
+                    }
+                    Pending::Ctl { slot, render } => {
+                        let reply = slot.wait().await;
+                        super::admin::render(ctx, render, reply, &mut wbuf);
                     }
                 }
             }
@@ -201,6 +230,15 @@ fn error(text: &str) -> Pending {
 }
 
 fn handle(ctx: &CoreCtx, conn: &mut Conn, args: &[Bytes]) -> Pending {
+    if args
+        .first()
+        .is_some_and(|name| name.eq_ignore_ascii_case(b"TYNAMO.CTL"))
+    {
+        return match super::admin::handle(ctx, &args[1..]) {
+            super::admin::CtlPending::Now(out) => Pending::Now(out),
+            super::admin::CtlPending::Wait { slot, render } => Pending::Ctl { slot, render },
+        };
+    }
     let request = match Request::parse(args) {
         Ok(r) => r,
         Err(e) => return error(&e.to_string()),
@@ -253,12 +291,19 @@ fn handle(ctx: &CoreCtx, conn: &mut Conn, args: &[Bytes]) -> Pending {
             if client_id == 0 {
                 return error("ERR TYNAMO.SESSION needs a non-zero client id");
             }
-            conn.client_id = client_id;
+            if conn.client_id != client_id {
+                conn.client_id = client_id;
+                conn.sessions_opened = 0;
+            }
             let mut g = ctx.group.borrow_mut();
             if !g.is_leader() {
-                // Any leader can open the session; this core's group is as good as another.
-                return not_leader(ctx, g.leader(), 0, ctx.core);
+                // The connection keeps the client id: its first sequenced write to any group
+                // opens the session there. The redirect names a slot of this core's group, so
+                // a client that follows it (or updates its slot map) is sent where that group
+                // is led; slot 0 would claim the wrong group for every core but core 0.
+                return not_leader(ctx, g.leader(), group_first_slot(ctx, ctx.core), ctx.core);
             }
+            conn.sessions_opened |= 1 << ctx.core;
             let slot = g.submit_write(KvCommand {
                 client_id,
                 seq: 0,
@@ -267,7 +312,7 @@ fn handle(ctx: &CoreCtx, conn: &mut Conn, args: &[Bytes]) -> Pending {
             Pending::Wait {
                 slots: vec![slot],
                 shape: Shape::Ok,
-                slot: 0,
+                slot: group_first_slot(ctx, ctx.core),
                 group: ctx.core,
             }
         }
@@ -344,7 +389,7 @@ fn kv_ops(command: Command) -> Result<(Vec<Op>, Shape, Vec<Bytes>), String> {
     })
 }
 
-fn kv_command(ctx: &CoreCtx, conn: &Conn, command: Command, seq: Option<u64>) -> Pending {
+fn kv_command(ctx: &CoreCtx, conn: &mut Conn, command: Command, seq: Option<u64>) -> Pending {
     let (ops, shape, keys) = match kv_ops(command) {
         Ok(x) => x,
         Err(e) => return error(&e),
@@ -372,20 +417,50 @@ fn kv_command(ctx: &CoreCtx, conn: &Conn, command: Command, seq: Option<u64>) ->
     let cfg = &ctx.cfg;
     let group_of_slot = cfg.shard_group(slot_shard(slot, cfg.shard_count));
     let is_write = ops.iter().any(Op::is_write);
+    let session = match seq {
+        Some(seq) => {
+            if conn.client_id == 0 {
+                return error("ERR TYNAMO.SEQ needs TYNAMO.SESSION first on this connection");
+            }
+            if ops.len() != 1 || !is_write {
+                return error("ERR TYNAMO.SEQ wraps a write of one key (or one MSET)");
+            }
+            Some(SessionWrite {
+                client_id: conn.client_id,
+                seq,
+            })
+        }
+        None => None,
+    };
     if group_of_slot != ctx.core {
         let leader = ctx.view.leaders[usize::from(group_of_slot)].load(Ordering::Relaxed);
         let stale = conn.readonly && !is_write;
         // The group lives on another core of this host: forward when that core can answer
-        // (it leads, or the read may be stale). Sequenced writes are redirected instead: the
-        // client opened its session on the connection it has to that core.
-        if seq.is_none() && (leader == cfg.id || stale) {
-            return match ctx.forward(group_of_slot, ops, is_write, stale) {
-                Some(slots) => Pending::Wait {
-                    slots,
-                    shape,
-                    slot,
-                    group: group_of_slot,
-                },
+        // (it leads, or the read may be stale). A sequenced write travels with its client id
+        // and seq, preceded by the session's opening the first time this connection writes
+        // to that group.
+        if leader == cfg.id || stale {
+            let bit = 1u64 << group_of_slot;
+            let open_session = session.is_some() && conn.sessions_opened & bit == 0;
+            let forward = Forward {
+                ops,
+                write: is_write,
+                stale,
+                session,
+                open_session,
+            };
+            return match ctx.forward(group_of_slot, forward) {
+                Some(slots) => {
+                    if open_session {
+                        conn.sessions_opened |= bit;
+                    }
+                    Pending::Wait {
+                        slots,
+                        shape,
+                        slot,
+                        group: group_of_slot,
+                    }
+                }
                 None => error(&format!(
                     "TRYAGAIN core {group_of_slot} is not accepting forwarded requests now"
                 )),
@@ -412,18 +487,14 @@ fn kv_command(ctx: &CoreCtx, conn: &Conn, command: Command, seq: Option<u64>) ->
     if !g.is_leader() {
         return not_leader(ctx, g.leader(), slot, ctx.core);
     }
-    let (client_id, seq) = match seq {
-        Some(seq) => {
-            if conn.client_id == 0 {
-                return error("ERR TYNAMO.SEQ needs TYNAMO.SESSION first on this connection");
-            }
-            if ops.len() != 1 {
-                return error("ERR TYNAMO.SEQ wraps a write of one key (or one MSET)");
-            }
-            (conn.client_id, seq)
+    if let Some(session) = session {
+        if conn.sessions_opened & (1 << ctx.core) == 0 {
+            conn.sessions_opened |= 1 << ctx.core;
+            // Its reply is not awaited: the write behind it in the same turn answers for both.
+            let _ = g.submit_write(session.open());
         }
-        None => (0, 0),
-    };
+    }
+    let (client_id, seq) = session.map_or((0, 0), |s| (s.client_id, s.seq));
     let slots = ops
         .into_iter()
         .map(|op| {
@@ -440,6 +511,14 @@ fn kv_command(ctx: &CoreCtx, conn: &Conn, command: Command, seq: Option<u64>) ->
         slot,
         group: ctx.core,
     }
+}
+
+/// The first slot of a group's range, for redirections that are about the group, not a key.
+fn group_first_slot(ctx: &CoreCtx, group: u16) -> u16 {
+    let cfg = &ctx.cfg;
+    cfg.group_shards(group)
+        .first()
+        .map_or(0, |&shard| shard_slots(shard, cfg.shard_count).0)
 }
 
 /// The KV's key limit (its default configuration).
@@ -489,7 +568,7 @@ fn kv_error_text(e: &KvError) -> String {
 
 fn put_reply(
     ctx: &CoreCtx,
-    conn: &Conn,
+    conn: &mut Conn,
     out: &mut BytesMut,
     shape: Shape,
     (slot, group): (u16, u16),
@@ -504,12 +583,16 @@ fn put_reply(
             }
             GroupReply::Done(o) => outcomes.push(o),
             GroupReply::NotLeader { leader } => {
+                // The session's opening may have been lost with this proposal: open it again
+                // with the next sequenced write to the group (as a new connection would).
+                conn.sessions_opened &= !(1u64 << group);
                 if let Pending::Now(b) = not_leader(ctx, leader, slot, group) {
                     out.extend_from_slice(&b);
                 }
                 return;
             }
             GroupReply::Unavailable(why) => {
+                conn.sessions_opened &= !(1u64 << group);
                 put_error(out, format!("TRYAGAIN {why}").as_bytes());
                 return;
             }
@@ -552,9 +635,47 @@ fn put_reply(
     }
 }
 
-/// The cluster as clients see it: one slot range per group, its leader first.
+/// The cluster as clients see it: each group's slot ranges, its leader first. Computed from
+/// the latest configuration this host's controller replica applied, or, on a host without one
+/// (or before the bootstrap configuration is applied), from the static map it equals.
 pub fn topology(ctx: &CoreCtx) -> Topology {
-    let cfg = &ctx.cfg;
+    let view = &ctx.view;
+    let leader_of = |core: u16| {
+        view.leaders
+            .get(usize::from(core))
+            .map_or(0, |l| l.load(Ordering::Relaxed))
+    };
+    let epoch = view
+        .terms
+        .iter()
+        .map(|t| t.load(Ordering::Relaxed))
+        .max()
+        .unwrap_or(0);
+    match view.latest_config() {
+        Some(config) if !config.groups.is_empty() => {
+            topology_from_config(&config, &leader_of, epoch)
+        }
+        _ => topology_static(&ctx.cfg, &leader_of, epoch),
+    }
+}
+
+/// Node addresses of `hosts` serving `core`, `leader` first.
+fn leader_first(hosts: &mut Vec<(u64, u16, SocketAddr)>, leader: u64) -> Vec<NodeInfo> {
+    if let Some(i) = hosts.iter().position(|&(h, _, _)| h == leader) {
+        let l = hosts.remove(i);
+        hosts.insert(0, l);
+    }
+    hosts
+        .iter()
+        .map(|&(h, core, addr)| NodeInfo {
+            id: node_id(h, core),
+            addr,
+        })
+        .collect()
+}
+
+/// The static map: group g on core g of every host, contiguous blocks of shards.
+fn topology_static(cfg: &ServerConfig, leader_of: &dyn Fn(u16) -> u64, epoch: u64) -> Topology {
     let mut ranges = Vec::new();
     for g in 0..cfg.cores {
         let shards = cfg.group_shards(g);
@@ -563,27 +684,56 @@ pub fn topology(ctx: &CoreCtx) -> Topology {
         };
         let start = shard_slots(*first, cfg.shard_count).0;
         let end = shard_slots(*last, cfg.shard_count).1;
-        let leader = ctx.view.leaders[usize::from(g)].load(Ordering::Relaxed);
-        let mut hosts: Vec<u64> = cfg.voters();
-        if let Some(i) = hosts.iter().position(|&h| h == leader) {
-            hosts.remove(i);
-            hosts.insert(0, leader);
-        }
-        let nodes = hosts
-            .iter()
-            .filter_map(|&h| {
-                ctx.client_addr(h, g).map(|addr| NodeInfo {
-                    id: node_id(h, g),
-                    addr,
-                })
+        let mut hosts: Vec<(u64, u16, SocketAddr)> = cfg
+            .voters()
+            .into_iter()
+            .filter_map(|h| {
+                let a = cfg.host(h)?.client;
+                Some((h, g, SocketAddr::new(a.ip(), a.port() + g)))
             })
             .collect();
+        let nodes = leader_first(&mut hosts, leader_of(g));
         ranges.push(SlotRange { start, end, nodes });
     }
-    let epoch = (0..usize::from(cfg.cores))
-        .map(|g| ctx.view.terms[g].load(Ordering::Relaxed))
-        .max()
-        .unwrap_or(0);
+    Topology { ranges, epoch }
+}
+
+/// A configuration's groups: one range per run of consecutive shards of a group.
+fn topology_from_config(
+    config: &Configuration,
+    leader_of: &dyn Fn(u16) -> u64,
+    epoch: u64,
+) -> Topology {
+    let shard_count = config.shard_count();
+    let mut ranges = Vec::new();
+    for (&gid, group) in &config.groups {
+        let leader = core_of_group(gid).map_or(0, leader_of);
+        let mut hosts: Vec<(u64, u16, SocketAddr)> = group
+            .replicas
+            .iter()
+            .filter_map(|r| {
+                let a = host_client_addr(config.hosts.get(&r.slot.host)?)?;
+                let port = a.port().checked_add(r.slot.core)?;
+                Some((r.slot.host, r.slot.core, SocketAddr::new(a.ip(), port)))
+            })
+            .collect();
+        let nodes = leader_first(&mut hosts, leader);
+        let shards = config.shards_of(gid);
+        let mut i = 0;
+        while i < shards.len() {
+            let mut j = i;
+            while j + 1 < shards.len() && shards[j + 1] == shards[j] + 1 {
+                j += 1;
+            }
+            ranges.push(SlotRange {
+                start: shard_slots(shards[i], shard_count).0,
+                end: shard_slots(shards[j], shard_count).1,
+                nodes: nodes.clone(),
+            });
+            i = j + 1;
+        }
+    }
+    ranges.sort_by_key(|r| r.start);
     Topology { ranges, epoch }
 }
 
@@ -695,6 +845,18 @@ fn info_text(ctx: &CoreCtx) -> String {
         ctx.bad_peer_frames.get(),
         ctx.connections.get(),
     );
+    let ctl = &ctx.view.controller;
+    let _ = write!(
+        t,
+        "# Controller\r\ncontroller_node:{}\r\ncontroller_leader_host:{}\r\ncontroller_term:{}\r\n\
+         controller_commit:{}\r\ncontroller_applied:{}\r\nconfig_num:{}\r\n\r\n",
+        ctx.plan.node_of_host(ctx.cfg.id).unwrap_or(0),
+        ctl.leader_host.load(Ordering::Relaxed),
+        ctl.term.load(Ordering::Relaxed),
+        ctl.commit.load(Ordering::Relaxed),
+        ctl.applied.load(Ordering::Relaxed),
+        ctl.config_num.load(Ordering::Relaxed),
+    );
     t.push_str("# Groups\r\n");
     for gi in 0..usize::from(ctx.cfg.cores) {
         let v = &ctx.view;
@@ -715,4 +877,62 @@ fn info_text(ctx: &CoreCtx) -> String {
         "\r\n# Keyspace\r\ndb0:keys={keys},expires=0,avg_ttl=0\r\n"
     );
     t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::StateMachine;
+    use crate::node::config::parse_initial_cluster;
+    use crate::node::control::ControlPlan;
+
+    #[test]
+    fn cluster_slots_from_the_bootstrap_configuration_equal_the_static_map() {
+        let map = "1=127.0.0.1:7101/127.0.0.1:7001,2=127.0.0.1:7111/127.0.0.1:7011,3=127.0.0.1:7121/127.0.0.1:7021";
+        for cores in [1u16, 2, 3] {
+            let cfg = ServerConfig::new(
+                2,
+                "/tmp/x".into(),
+                parse_initial_cluster(map).unwrap(),
+                cores,
+            );
+            let plan = ControlPlan::new(&cfg);
+            let mut sm = StateMachine::new(plan.settings.clone()).unwrap();
+            for (i, c) in plan.bootstrap.iter().enumerate() {
+                sm.apply(i as u64 + 1, &c.encode());
+            }
+            // Leaders differ per group, so the leader-first order is exercised.
+            let leader_of = |core: u16| u64::from(core % 3) + 1;
+            let live = topology_from_config(sm.latest(), &leader_of, 7);
+            let fixed = topology_static(&cfg, &leader_of, 7);
+            assert_eq!(live, fixed, "{cores} cores");
+            assert_eq!(live.ranges.len(), usize::from(cores));
+            assert_eq!(live.ranges[0].nodes[0].addr.port(), 7001);
+        }
+    }
+
+    #[test]
+    fn a_group_with_scattered_shards_gets_one_range_per_run() {
+        let map = "1=127.0.0.1:7101/127.0.0.1:7001";
+        let cfg = ServerConfig::new(1, "/tmp/x".into(), parse_initial_cluster(map).unwrap(), 2);
+        let plan = ControlPlan::new(&cfg);
+        let mut sm = StateMachine::new(plan.settings.clone()).unwrap();
+        for (i, c) in plan.bootstrap.iter().enumerate() {
+            sm.apply(i as u64 + 1, &c.encode());
+        }
+        let mut config = sm.latest().clone();
+        // Shard 5 of group 1 moved to group 2.
+        config.shards[5] = 2;
+        let t = topology_from_config(&config, &|_| 1, 0);
+        let starts: Vec<(u16, u16)> = t.ranges.iter().map(|r| (r.start, r.end)).collect();
+        assert_eq!(
+            starts,
+            vec![(0, 1279), (1280, 1535), (1536, 8191), (8192, 16383)]
+        );
+        assert_eq!(
+            t.ranges[1].nodes[0].addr.port(),
+            7002,
+            "shard 5 at group 2's core"
+        );
+    }
 }

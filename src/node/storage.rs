@@ -26,7 +26,6 @@ use std::time::Instant;
 use bytes::Bytes;
 use tynamo_wal::{EntryRef, HardStateFile, SnapshotStore, Wal, WalOptions};
 
-use crate::kv;
 use crate::raft::{
     decode_conf, encode_conf, ConfState, Entry, EntryKind, HardState, InitialState, NodeId,
     Snapshot, SnapshotMeta,
@@ -104,10 +103,20 @@ pub fn decode_snapshot_file(data: &[u8]) -> Result<(ConfState, Bytes), String> {
     Ok((conf, Bytes::copy_from_slice(&data[4 + len..])))
 }
 
-/// What a group replica starts from.
+/// What a group replica starts from: the Raft state, whose snapshot (if any) carries the
+/// state machine's bytes for the caller to restore (`Machine::restored`).
 pub struct Recovered {
     pub initial: InitialState,
-    pub kv: kv::StateMachine,
+}
+
+impl Recovered {
+    /// The state machine's snapshot bytes, with their index.
+    pub fn machine_snapshot(&self) -> Option<(u64, &Bytes)> {
+        self.initial
+            .snapshot
+            .as_ref()
+            .map(|s| (s.meta.index, &s.data))
+    }
 }
 
 /// The files of one group replica, owned by its core.
@@ -128,8 +137,6 @@ impl GroupStorage {
         group: u64,
         dir: &Path,
         wal_opts: WalOptions,
-        kv_config: kv::Config,
-        shards: &[u16],
         voters: &[NodeId],
     ) -> Result<(GroupStorage, Recovered), StorageError> {
         let werr = |source| StorageError::Wal { group, source };
@@ -165,10 +172,9 @@ impl GroupStorage {
                 .collect();
             storage.wal.append(&refs).await.map_err(werr)?;
             storage.save_hard_state(initial.hard_state).await?;
-            let kv = kv::StateMachine::new(kv_config, shards.iter().copied());
-            return Ok((storage, Recovered { initial, kv }));
+            return Ok((storage, Recovered { initial }));
         }
-        let (raft_snapshot, kv) = match snapshot {
+        let raft_snapshot = match snapshot {
             Some(s) => {
                 let bad = |why: String| StorageError::Snapshot {
                     group,
@@ -177,22 +183,16 @@ impl GroupStorage {
                     why,
                 };
                 let (conf, kv_data) = decode_snapshot_file(&s.data).map_err(bad)?;
-                let kv =
-                    kv::restore(kv_config, [kv_data.clone()]).map_err(|e| bad(e.to_string()))?;
-                let snap = Snapshot {
+                Some(Snapshot {
                     meta: SnapshotMeta {
                         index: s.meta.index,
                         term: s.meta.term,
                         conf,
                     },
                     data: kv_data,
-                };
-                (Some(snap), kv)
+                })
             }
-            None => (
-                None,
-                kv::StateMachine::new(kv_config, shards.iter().copied()),
-            ),
+            None => None,
         };
         let snap_index = raft_snapshot.as_ref().map_or(0, |s| s.meta.index);
         if let Some(s) = &raft_snapshot {
@@ -255,7 +255,7 @@ impl GroupStorage {
             entries,
             conf: ConfState::default(),
         };
-        Ok((storage, Recovered { initial, kv }))
+        Ok((storage, Recovered { initial }))
     }
 
     /// A crash between saving a leader's snapshot and cutting the log leaves a log that ends
@@ -421,6 +421,7 @@ pub async fn save_local_snapshot(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kv;
 
     #[test]
     fn snapshot_file_round_trips_and_rejects_garbage() {
@@ -470,10 +471,9 @@ mod tests {
         let dir = tmp.path().to_path_buf();
         run(move || async move {
             let kvc = kv::Config::default();
-            let (mut st, rec) =
-                GroupStorage::open(0, &dir, small_wal(), kvc.clone(), &[0, 1], &[1, 2, 3])
-                    .await
-                    .unwrap();
+            let (mut st, rec) = GroupStorage::open(0, &dir, small_wal(), &[1, 2, 3])
+                .await
+                .unwrap();
             assert_eq!(rec.initial.entries.len(), 1, "bootstrap conf entry");
             st.write_entries(&[entry(2, 2, b"a"), entry(3, 2, b"b"), entry(4, 2, b"c")])
                 .await
@@ -488,10 +488,9 @@ mod tests {
             .await
             .unwrap();
             drop(st);
-            let (st, rec) =
-                GroupStorage::open(0, &dir, small_wal(), kvc.clone(), &[0, 1], &[1, 2, 3])
-                    .await
-                    .unwrap();
+            let (st, rec) = GroupStorage::open(0, &dir, small_wal(), &[1, 2, 3])
+                .await
+                .unwrap();
             let got: Vec<(u64, u64)> = rec
                 .initial
                 .entries
@@ -520,10 +519,9 @@ mod tests {
             // still ends at 4 (< 10). Recovery finishes the install.
             st.save_snapshot(&snap.meta, &snap.data).await.unwrap();
             drop(st);
-            let (st, rec) =
-                GroupStorage::open(0, &dir, small_wal(), kvc.clone(), &[0, 1], &[1, 2, 3])
-                    .await
-                    .unwrap();
+            let (st, rec) = GroupStorage::open(0, &dir, small_wal(), &[1, 2, 3])
+                .await
+                .unwrap();
             assert!(
                 rec.initial.entries.is_empty(),
                 "the old log is not after the snapshot"
@@ -532,9 +530,13 @@ mod tests {
             st.install_snapshot(&snap).await.unwrap();
             st.write_entries(&[entry(11, 4, b"e")]).await.unwrap();
             drop(st);
-            let (_st, rec) = GroupStorage::open(0, &dir, small_wal(), kvc, &[0, 1], &[1, 2, 3])
+            let (_st, rec) = GroupStorage::open(0, &dir, small_wal(), &[1, 2, 3])
                 .await
                 .unwrap();
+            let (index, data) = rec.machine_snapshot().unwrap();
+            assert_eq!(index, 10);
+            let restored = kv::restore(kvc, [data.clone()]).unwrap();
+            assert_eq!(restored.state_hash(), kvsm.state_hash());
             let s = rec.initial.snapshot.unwrap();
             assert_eq!((s.meta.index, s.meta.term), (10, 4));
             assert_eq!(s.meta.conf.voters, vec![1, 2, 3]);

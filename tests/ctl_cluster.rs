@@ -1,0 +1,406 @@
+//! Real-process tests of the controller group inside `tynamo server` and of `tynamo ctl`:
+//! three hosts of two cores on loopback, the controller on core 0 of each.
+//!
+//! Every wait is a poll for a condition with a deadline; no sleep synchronises anything.
+//!
+//! Run: `cargo test --test ctl_cluster -- --nocapture`
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use serde_json::Value;
+use tynamo::resp::frame::{decode, Frame, Limits};
+
+/// The tests share the machine's two CPUs with three servers each: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn lock() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+const DEADLINE: Duration = Duration::from_secs(30);
+/// Poll interval while waiting for a condition (the condition decides, not the interval).
+const POLL: Duration = Duration::from_millis(50);
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    children: Vec<Child>,
+    base: u16,
+    map: String,
+    extra: Vec<String>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A base port whose client (base + 10 h + c) and peer (base + 100 + 10 h + c) ports are free.
+fn free_base() -> u16 {
+    let pid = u32::from(std::process::id() as u16);
+    for n in 0..200u32 {
+        let base = 30_000 + ((pid * 13 + n * 317) % 300) as u16 * 100;
+        let free = (0..3u16)
+            .flat_map(|h| (0..2u16).map(move |c| (h, c)))
+            .all(|(h, c)| {
+                [base + 10 * h + c, base + 100 + 10 * h + c]
+                    .iter()
+                    .all(|&p| TcpListener::bind(("127.0.0.1", p)).is_ok())
+            });
+        if free {
+            return base;
+        }
+    }
+    panic!("no free port range found");
+}
+
+impl Cluster {
+    fn start(extra: &[&str]) -> Cluster {
+        let base = free_base();
+        let map = (0..3u16)
+            .map(|h| {
+                format!(
+                    "{}=127.0.0.1:{}/127.0.0.1:{}",
+                    h + 1,
+                    base + 100 + 10 * h,
+                    base + 10 * h
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut c = Cluster {
+            dir: tempfile::tempdir().unwrap(),
+            children: Vec::new(),
+            base,
+            map,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        c.spawn_all();
+        c
+    }
+
+    fn spawn_all(&mut self) {
+        for id in 1..=3 {
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.dir.path().join(format!("host-{id}.log")))
+                .unwrap();
+            let child = Command::new(env!("CARGO_BIN_EXE_tynamo"))
+                .args(["server", "--id", &id.to_string()])
+                .arg("--data")
+                .arg(self.dir.path().join(format!("host-{id}")))
+                .args(["--initial-cluster", &self.map, "--cores", "2"])
+                .args(["--placement", "unbound"])
+                .args(&self.extra)
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap();
+            self.children.push(child);
+        }
+    }
+
+    /// Kills every host (SIGKILL: nothing unsynced survives) and starts them again.
+    fn restart_all(&mut self) {
+        for mut c in self.children.drain(..) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.spawn_all();
+    }
+
+    fn addr(&self, host: u16, core: u16) -> String {
+        format!("127.0.0.1:{}", self.base + 10 * (host - 1) + core)
+    }
+
+    fn logs(&self) -> String {
+        (1..=3)
+            .map(|id| {
+                std::fs::read_to_string(self.dir.path().join(format!("host-{id}.log")))
+                    .unwrap_or_default()
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Runs `tynamo ctl --cluster <addr> <args>`.
+    fn ctl(&self, addr: &str, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_tynamo"))
+            .args(["ctl", "--cluster", addr, "--timeout-ms", "20000"])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// `ctl --json <args>` once it succeeds and `ready` holds for its document.
+    fn ctl_json_until(&self, addr: &str, args: &[&str], ready: impl Fn(&Value) -> bool) -> Value {
+        let start = Instant::now();
+        loop {
+            let mut all = vec!["--json"];
+            all.extend_from_slice(args);
+            let out = self.ctl(addr, &all);
+            if out.status.success() {
+                let doc: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+                    panic!("--json output does not parse ({e}): {:?}", out.stdout)
+                });
+                if ready(&doc) {
+                    return doc;
+                }
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "ctl {args:?} never got ready: {}\n{}\nlogs:\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                self.logs()
+            );
+            std::thread::sleep(POLL);
+        }
+    }
+}
+
+/// One RESP request on a fresh connection.
+fn try_call(addr: &str, args: &[&str]) -> std::io::Result<Frame> {
+    let addr: SocketAddr = addr.parse().map_err(std::io::Error::other)?;
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut out = format!("*{}\r\n", args.len());
+    for a in args {
+        out.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    }
+    s.write_all(out.as_bytes())?;
+    let mut buf = BytesMut::new();
+    let mut chunk = [0u8; 16 << 10];
+    loop {
+        if let Some(f) = decode(&mut buf, &Limits::DEFAULT).map_err(std::io::Error::other)? {
+            return Ok(f);
+        }
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+fn call(addr: &str, args: &[&str]) -> Frame {
+    try_call(addr, args).unwrap()
+}
+
+#[test]
+fn ctl_status_and_query_answer_from_any_host_as_tables_and_json() {
+    let _l = lock();
+    let c = Cluster::start(&[]);
+    // The bootstrap configuration: Join of the three hosts (1), then the controller's slots (2).
+    let config = c.ctl_json_until(&c.addr(3, 1), &["query"], |d| d["num"] == 2);
+    assert_eq!(config["shard_count"], 64);
+    let hosts: Vec<u64> = config["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(hosts, vec![1, 2, 3]);
+    let controller: Vec<(u64, u64)> = config["controller"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["host"].as_u64().unwrap(), s["core"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(controller, vec![(1, 0), (2, 0), (3, 0)]);
+    // The static map: group 1 on core 0 of every host with shards 0-31, group 2 on core 1.
+    let groups = config["groups"].as_array().unwrap();
+    assert_eq!(groups.len(), 2);
+    for (i, g) in groups.iter().enumerate() {
+        let shards: Vec<u64> = g["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_u64().unwrap())
+            .collect();
+        assert_eq!(
+            shards,
+            (32 * i as u64..32 * (i as u64 + 1)).collect::<Vec<_>>()
+        );
+        assert!(g["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["core"] == i as u64));
+    }
+    let first = c.ctl_json_until(&c.addr(2, 0), &["query", "1"], |_| true);
+    assert_eq!(first["num"], 1);
+    assert_eq!(first["controller"].as_array().map(Vec::len), Some(0));
+
+    // Status: every group with a leader, term and indexes, from a non-leader's core 1 too.
+    let status = c.ctl_json_until(&c.addr(2, 1), &["status"], |d| {
+        d["groups"]
+            .as_array()
+            .is_some_and(|gs| gs.iter().all(|g| g["leader"].as_u64().unwrap_or(0) != 0))
+    });
+    let ctl = &status["controller"];
+    assert!((1..=3).contains(&ctl["leader"].as_u64().unwrap()), "{ctl}");
+    assert!(ctl["applied"].as_u64().unwrap() >= 3, "{ctl}");
+    for g in status["groups"].as_array().unwrap() {
+        assert_eq!(g["shards"], 32);
+        assert!(g["term"].as_u64().unwrap() >= 1, "{g}");
+        assert!(g["commit"].as_u64().unwrap() >= 1, "{g}");
+    }
+    let table = c.ctl(&c.addr(1, 0), &["status"]);
+    assert!(table.status.success());
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        text.contains("GROUP  LEADER  TERM  COMMIT  APPLIED  SHARDS"),
+        "{text}"
+    );
+    assert!(text.contains("configuration 2"), "{text}");
+    assert!(text.contains("transfers in flight: none"), "{text}");
+    let table = c.ctl(&c.addr(3, 0), &["query"]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.contains("0-31") && text.contains("32-63"), "{text}");
+
+    // CLUSTER SLOTS is computed from that configuration and names each group's core ports.
+    match call(&c.addr(1, 0), &["CLUSTER", "SLOTS"]) {
+        Frame::Array(ranges) => {
+            assert_eq!(ranges.len(), 2);
+            let ports: Vec<Vec<i64>> = ranges
+                .iter()
+                .map(|r| match r {
+                    Frame::Array(f) => f[2..]
+                        .iter()
+                        .map(|n| match n {
+                            Frame::Array(n) => match n[1] {
+                                Frame::Integer(p) => p,
+                                _ => panic!("{n:?}"),
+                            },
+                            other => panic!("{other:?}"),
+                        })
+                        .collect(),
+                    other => panic!("{other:?}"),
+                })
+                .collect();
+            for (core, mut p) in ports.into_iter().enumerate() {
+                p.sort_unstable();
+                let want: Vec<i64> = (0..3)
+                    .map(|h| i64::from(c.base) + 10 * h + core as i64)
+                    .collect();
+                assert_eq!(p, want);
+            }
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // Changes are refused, with the reason, while data groups do not follow configurations.
+    let out = c.ctl(
+        &c.addr(1, 0),
+        &["join", "4=127.0.0.1:1101,127.0.0.1:1001,2"],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("reconfiguration is not served yet"), "{err}");
+    // A malformed host spec is refused before anything is sent.
+    let out = c.ctl(&c.addr(1, 0), &["join", "4=nonsense"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn a_ctl_change_is_applied_once_however_often_it_is_sent_and_survives_restarts() {
+    let _l = lock();
+    let mut c = Cluster::start(&["--allow-reconfig"]);
+    c.ctl_json_until(&c.addr(1, 0), &["query"], |d| d["num"] == 2);
+    // Find the controller leader's core 0 by following the redirect by hand.
+    let mut addr = c.addr(1, 1);
+    let join = [
+        "TYNAMO.CTL",
+        "JOIN",
+        "991",
+        "1",
+        "4",
+        "127.0.0.1:1101",
+        "127.0.0.1:1001",
+        "2",
+    ];
+    let start = Instant::now();
+    let num = loop {
+        match call(&addr, &join) {
+            Frame::Integer(n) => break n,
+            Frame::Error(e) => {
+                let text = String::from_utf8_lossy(&e).into_owned();
+                if let Some(to) = text.strip_prefix("REDIRECT ") {
+                    addr = to.to_string();
+                } else {
+                    assert!(text.starts_with("TRYAGAIN"), "{text}");
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(start.elapsed() < DEADLINE, "no controller leader");
+        std::thread::sleep(POLL);
+    };
+    assert_eq!(num, 3);
+    // The same (client id, seq) again: the first answer, and no configuration 4.
+    assert_eq!(call(&addr, &join), Frame::Integer(3));
+    let latest = c.ctl_json_until(&c.addr(2, 0), &["query"], |_| true);
+    assert_eq!(latest["num"], 3);
+    assert!(latest["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|h| h["id"] == 4 && h["addr"] == "127.0.0.1:1101/127.0.0.1:1001"));
+    // Through the tool: a move produces the next configuration; a bad one is refused.
+    let out = c.ctl(&c.addr(3, 1), &["move", "0", "2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "configuration 4"
+    );
+    let out = c.ctl(&c.addr(3, 1), &["move", "0", "99"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("group 99 does not exist"), "{err}");
+    // Every host killed and restarted: the controller recovers configuration 4 from its log
+    // (the bootstrap does not run again), and the change's session still answers its retry.
+    c.restart_all();
+    let after = c.ctl_json_until(&c.addr(1, 0), &["query"], |_| true);
+    assert_eq!(after["num"], 4);
+    assert_eq!(after["shards"][0], 2, "the move survived");
+    let start = Instant::now();
+    let mut addr = c.addr(2, 0);
+    loop {
+        // A host still starting refuses the connection: poll again.
+        let reply =
+            try_call(&addr, &join).unwrap_or_else(|e| Frame::Error(format!("TRYAGAIN {e}").into()));
+        match reply {
+            Frame::Integer(n) => {
+                assert_eq!(n, 3, "a retry after restarts gets the first answer");
+                break;
+            }
+            Frame::Error(e) => {
+                let text = String::from_utf8_lossy(&e).into_owned();
+                if let Some(to) = text.strip_prefix("REDIRECT ") {
+                    addr = to.to_string();
+                } else {
+                    assert!(text.starts_with("TRYAGAIN"), "{text}");
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "no controller leader after restart"
+        );
+        std::thread::sleep(POLL);
+    }
+}
