@@ -595,6 +595,22 @@ impl StateMachine {
     /// Importing, and becomes Serving. All or nothing: the blob is fully checked first.
     /// Through the log: `ShardAdmin::Import`.
     pub fn import_shard(&mut self, blob: &Bytes) -> Result<(), KvError> {
+        self.import_shard_checked(None, blob)
+    }
+
+    /// [`import_shard`](Self::import_shard) of a blob that must hold `shard` (migration knows
+    /// which shard it pulled: a blob of another one is refused, nothing changes). The blob's
+    /// bytes count toward [`snapshot_due`](Self::snapshot_due) like applied log bytes: the
+    /// entry that carried it is not a kv entry, so `apply` never saw its size.
+    pub fn import_shard_expecting(&mut self, shard: u16, blob: &Bytes) -> Result<(), KvError> {
+        self.import_shard_checked(Some(shard), blob)?;
+        self.log_bytes_since_snapshot = self
+            .log_bytes_since_snapshot
+            .saturating_add(blob.len() as u64);
+        Ok(())
+    }
+
+    fn import_shard_checked(&mut self, expected: Option<u16>, blob: &Bytes) -> Result<(), KvError> {
         let parsed =
             super::snapshot::decode_shard_blob(blob, self.config.shard_count).map_err(|e| {
                 KvError::BadShardBlob {
@@ -602,6 +618,14 @@ impl StateMachine {
                 }
             })?;
         let shard = parsed.shard;
+        if let Some(want) = expected {
+            if want != shard {
+                return Err(KvError::ShardAdmin {
+                    shard: want,
+                    reason: format!("the blob holds shard {shard}"),
+                });
+            }
+        }
         match self.shard_state(shard) {
             None | Some(ShardState::Importing) => {}
             Some(state) => {

@@ -12,6 +12,8 @@
 //! - `run.rs`: one seed with a fault schedule and a liveness phase (used by `tynamo-sim`).
 //! - `app.rs`: the application trait the KV service implements, and a hashing default.
 //! - `kv/`: the KV service as that application, simulated clients and checked histories.
+//! - `shard/`: the controller group, several data groups and live shard migration between
+//!   them, with clients following the shards (`tynamo-sim --workload shard`).
 //!
 //! Running it:
 //! - CI: `cargo test --test raft_sim` runs 2,000 seeds of 3 nodes, 2,000 of 5, 300 of 1 and
@@ -35,6 +37,7 @@ mod invariants;
 pub mod kv;
 mod network;
 mod run;
+pub mod shard;
 
 pub use self::app::{App, HashApp};
 pub use self::cluster::{Cluster, ClusterConfig, Outcome, ProposalId, ReadOutcome, SimNode};
