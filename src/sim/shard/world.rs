@@ -198,6 +198,9 @@ pub struct World {
     pub clients: Clients,
     admin: Admin,
     pub stats: WorldStats,
+    /// TEST ONLY: shards whose pulls are not sent (as if every copy were lost), so a test can
+    /// hold one shard of a configuration back while the others arrive.
+    pub hold_pulls: BTreeSet<u16>,
 }
 
 impl World {
@@ -249,6 +252,7 @@ impl World {
             clients,
             admin: Admin::default(),
             stats: WorldStats::default(),
+            hold_pulls: BTreeSet::new(),
         }
     }
 
@@ -664,7 +668,9 @@ impl World {
                     let _ = g.cluster.propose_at(leader, entry);
                     self.stats.installs_proposed += 1;
                 }
-            } else if g.due(Action::Pull(p.config_num, p.shard), now) {
+            } else if !self.hold_pulls.contains(&p.shard)
+                && g.due(Action::Pull(p.config_num, p.shard), now)
+            {
                 sends.push((
                     Endpoint::Group(p.from, 0),
                     RpcBody::Pull {
