@@ -23,13 +23,13 @@ fn run(seeds: std::ops::Range<u64>, faults: Faults) -> (u64, u64, u64) {
 
 #[test]
 fn random_seeds_without_faults_are_linearizable_and_settle() {
-    let (ops, moves, configs) = run(0..8, Faults::none());
+    let (ops, moves, configs) = run(0..50, Faults::none());
     assert!(ops > 0 && configs > 8, "ops {ops} configs {configs}");
     assert!(moves > 0, "no shard ever moved");
 }
 
 #[test]
 fn random_seeds_with_every_fault_are_linearizable_and_settle() {
-    let (ops, moves, _) = run(0..40, Faults::all());
+    let (ops, moves, _) = run(0..300, Faults::all());
     assert!(ops > 0 && moves > 0, "ops {ops} moves {moves}");
 }

@@ -552,8 +552,15 @@ impl StateMachine {
     }
 
     /// Creates `shard` in `state` if absent, or moves it to `state`. Migration drives the order
-    /// (Importing -> Serving via import; Serving -> Exporting -> deleted) through the log; this
-    /// call itself only checks the shard number. Through the log: `ShardAdmin::SetState`.
+    /// through the log; this call refuses every transition migration never makes, so a bad
+    /// or replayed admin entry cannot thaw a frozen shard or serve an empty one:
+    /// - absent -> Serving (a shard gained from nobody) or Importing (being pulled);
+    /// - Serving -> Exporting (frozen for hand-over);
+    /// - any state to itself (idempotent).
+    ///
+    /// Importing -> Serving happens only through [`import_shard`](Self::import_shard), and an
+    /// Exporting shard only leaves through [`delete_shard`](Self::delete_shard).
+    /// Through the log: `ShardAdmin::SetState`.
     pub fn set_shard_state(&mut self, shard: u16, state: ShardState) -> Result<(), KvError> {
         if shard >= self.config.shard_count {
             return Err(KvError::ShardAdmin {
@@ -561,6 +568,30 @@ impl StateMachine {
                 reason: format!("out of range (shard count {})", self.config.shard_count),
             });
         }
+        let current = self.shard_state(shard);
+        let allowed = match (current, state) {
+            (Some(from), to) if from == to => true,
+            (None, ShardState::Serving | ShardState::Importing) => true,
+            (Some(ShardState::Serving), ShardState::Exporting) => true,
+            _ => false,
+        };
+        if !allowed {
+            return Err(KvError::ShardAdmin {
+                shard,
+                reason: format!(
+                    "cannot go from {} to {}",
+                    current.map_or("absent", ShardState::name),
+                    state.name()
+                ),
+            });
+        }
+        self.force_shard_state(shard, state);
+        Ok(())
+    }
+
+    /// Sets a shard's state with no transition check. The simulator's deliberately broken
+    /// variants use it (a frozen shard taking writes); nothing else should.
+    pub(crate) fn force_shard_state(&mut self, shard: u16, state: ShardState) {
         self.shards
             .entry(shard)
             .or_insert_with(|| ShardData {
@@ -568,7 +599,6 @@ impl StateMachine {
                 data: BTreeMap::new(),
             })
             .state = state;
-        Ok(())
     }
 
     /// Drops a shard and its data (idempotent). Through the log: `ShardAdmin::Delete`.
@@ -773,6 +803,30 @@ mod tests {
         // The 1-byte value must not pin the 4 KiB payload; the 4 KiB value is the payload.
         assert!(!in_payload(&get(b"small")));
         assert!(in_payload(&get(b"big")));
+    }
+
+    #[test]
+    fn shard_state_transitions_are_only_the_ones_migration_makes() {
+        use ShardState::{Exporting, Importing, Serving};
+        let mut sm = StateMachine::new(Config::default(), []);
+        assert!(
+            sm.set_shard_state(1, Exporting).is_err(),
+            "absent -> exporting"
+        );
+        sm.set_shard_state(1, Importing).unwrap();
+        let e = sm.set_shard_state(1, Serving).unwrap_err();
+        assert!(e.to_string().contains("from importing to serving"), "{e}");
+        sm.set_shard_state(2, Serving).unwrap();
+        sm.set_shard_state(2, Serving).unwrap();
+        sm.set_shard_state(2, Exporting).unwrap();
+        assert!(
+            sm.set_shard_state(2, Serving).is_err(),
+            "a frozen shard never thaws"
+        );
+        assert!(sm.set_shard_state(2, Importing).is_err());
+        assert_eq!(sm.shard_state(1), Some(Importing));
+        assert_eq!(sm.shard_state(2), Some(Exporting));
+        assert!(sm.set_shard_state(64, Serving).is_err(), "out of range");
     }
 
     #[test]

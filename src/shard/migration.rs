@@ -681,8 +681,10 @@ impl GroupShards {
         }
         for (shard, phase) in changes {
             if let Err(e) = kv.set_shard_state(shard, phase.kv_state()) {
-                // Shard numbers were checked against kv's shard count above.
-                panic!("group {me}: kv refused shard {shard} in range: {e}");
+                // Shard numbers were checked against kv's shard count above, and the phases
+                // and kv states agree (pair-asserted after every apply), so kv sees only the
+                // transitions it allows: absent -> Serving/Importing, Serving -> Exporting.
+                panic!("group {me}: kv refused shard {shard}: {e}");
             }
             self.shards.insert(shard, phase);
         }

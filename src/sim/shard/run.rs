@@ -86,6 +86,13 @@ pub fn configure(seed: u64, opts: &ShardOptions) -> WorldConfig {
     let mut cfg = WorldConfig::new(seed, hosts);
     cfg.shard_count = rng.gen_range(4..=10);
     cfg.disk_ticks_max = rng.gen_range(0..=3);
+    if opts.faults.crash {
+        cfg.crash_in_ready_per_million = rng.gen_range(0..200);
+    }
+    if opts.faults.clock {
+        // Up to 10% slow, within what the lease tolerates (as in the Raft and kv runs).
+        cfg.clock_slow_per_million_max = 100_000;
+    }
     cfg.snapshot_threshold_bytes = rng.gen_range(512..=4096);
     let mut clients = ClientsConfig::new(rng.gen_range(3..=5), rng.gen_range(6..=12));
     if opts.faults.lossy_net {
@@ -186,6 +193,13 @@ fn inject(world: &mut World, opts: &ShardOptions) -> Result<(), Violation> {
                 world.restart_host(h)?;
             }
         }
+        world.restart_lone_crashes(0.03)?;
+    }
+    if f.slow_disk && world.rng.gen_bool(0.004) {
+        world.toggle_slow_disk();
+    }
+    if f.transfer && world.rng.gen_bool(0.002) {
+        world.transfer_leader();
     }
     if f.partition && world.rng.gen_bool(0.004) {
         world.heal();
@@ -244,6 +258,8 @@ pub fn finish(world: &mut World) -> Result<(), Failure> {
     for h in world.host_ids() {
         world.restart_host(h)?;
     }
+    world.calm_replicas();
+    world.restart_lone_crashes(1.0)?;
     world.clients.set_accepting(true);
     let healed_at = world.now;
     let clients: Vec<u64> = (0..world.clients.len())

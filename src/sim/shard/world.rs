@@ -72,6 +72,13 @@ pub struct WorldConfig {
     /// RPCs between groups, hosts, the controller and clients.
     pub rpc_net: NetConfig,
     pub disk_ticks_max: u64,
+    /// Extra latency of a disk marked slow.
+    pub slow_disk_ticks: u64,
+    /// Chance (per million) that a replica crashes at each step of handling a `Ready`
+    /// (`ClusterConfig::crash_in_ready_per_million`), on its own, host still up.
+    pub crash_in_ready_per_million: u32,
+    /// Replicas' clocks run slow by up to this many ticks per million (0: exact clocks).
+    pub clock_slow_per_million_max: u32,
     /// kv log bytes between two snapshots of a data-group replica.
     pub snapshot_threshold_bytes: u64,
     /// Applied entries between two snapshots of a controller replica.
@@ -93,6 +100,9 @@ impl WorldConfig {
             raft_net: NetConfig::reliable(),
             rpc_net: NetConfig::reliable(),
             disk_ticks_max: 1,
+            slow_disk_ticks: 15,
+            crash_in_ready_per_million: 0,
+            clock_slow_per_million_max: 0,
             snapshot_threshold_bytes: 2048,
             controller_snapshot_entries: 16,
             poll_ticks: 5,
@@ -136,6 +146,18 @@ enum Action {
     Install(u64, u16),
     Confirm(u64, u16),
     ConfirmDone(u64, u16),
+}
+
+impl Action {
+    fn config_num(self) -> u64 {
+        match self {
+            Action::Query(n) | Action::Accept(n) => n,
+            Action::Pull(n, _)
+            | Action::Install(n, _)
+            | Action::Confirm(n, _)
+            | Action::ConfirmDone(n, _) => n,
+        }
+    }
 }
 
 impl DataGroup {
@@ -218,14 +240,14 @@ impl World {
         if let Err(e) = settings.validate() {
             panic!("{e}");
         }
-        let mut ccfg = ClusterConfig::new(CONTROLLER_REPLICAS);
-        ccfg.net = cfg.raft_net;
-        ccfg.disk_ticks_max = cfg.disk_ticks_max;
+        let mut ccfg = cluster_config(&cfg, CONTROLLER_REPLICAS);
         ccfg.snapshot_every_entries = cfg.controller_snapshot_entries;
         let make = move || ControllerApp {
             sm: Controller::new(settings.clone()).expect("validated above"),
         };
-        let controller = Cluster::with_app(ccfg, cfg.seed ^ 0xc0_47_20_11, Rc::new(make));
+        let mut controller = Cluster::with_app(ccfg, cfg.seed ^ 0xc0_47_20_11, Rc::new(make));
+        let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x5ba2_d000);
+        skew_clocks(&mut controller, cfg.clock_slow_per_million_max, &mut rng);
         let hosts = cfg
             .hosts
             .iter()
@@ -239,7 +261,6 @@ impl World {
                 )
             })
             .collect();
-        let rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x5ba2_d000);
         let clients = Clients::new(cfg.clients.clone(), cfg.seed);
         World {
             rpc: RpcNet::new(cfg.rpc_net),
@@ -322,6 +343,99 @@ impl World {
             }
         }
         Ok(())
+    }
+
+    /// Restarts every replica that is down on a host that is up (replicas crashed on their
+    /// own, at a crash point of their Ready loop), each with probability `p`.
+    pub fn restart_lone_crashes(&mut self, p: f64) -> Result<(), Violation> {
+        for node in 1..=CONTROLLER_REPLICAS as NodeId {
+            let host_up = self.controller_host(node).is_some_and(|h| self.host_up(h));
+            if host_up && !self.controller.is_up(node) && self.rng.gen_bool(p) {
+                self.controller.restart(node)?;
+            }
+        }
+        let hosts_up: BTreeSet<HostId> = self
+            .hosts
+            .iter()
+            .filter(|(_, a)| a.up)
+            .map(|(&h, _)| h)
+            .collect();
+        for g in self.groups.values_mut() {
+            if g.stopped {
+                continue;
+            }
+            for (i, h) in g.hosts.iter().enumerate() {
+                let id = i as NodeId + 1;
+                if hosts_up.contains(h) && !g.cluster.is_up(id) && self.rng.gen_bool(p) {
+                    g.cluster
+                        .restart(id)
+                        .map_err(|v| Violation(format!("group {} replica {id}: {v}", g.id)))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks a random replica's disk slow, or fast again.
+    pub fn toggle_slow_disk(&mut self) {
+        let ids: Vec<GroupId> = self
+            .groups
+            .values()
+            .filter(|g| !g.stopped)
+            .map(|g| g.id)
+            .collect();
+        let Some(&gid) = ids.choose(&mut self.rng) else {
+            return;
+        };
+        let Some(g) = self.groups.get_mut(&gid) else {
+            return;
+        };
+        let id = self.rng.gen_range(1..=g.hosts.len() as NodeId);
+        let slow = !g.cluster.node(id).slow_disk;
+        g.cluster.set_slow_disk(id, slow);
+    }
+
+    /// Healing: every disk fast again and no more crashes at Ready-loop crash points (a
+    /// replica crashed after the heal would stay down: nothing restarts it any more).
+    pub fn calm_replicas(&mut self) {
+        self.cfg.crash_in_ready_per_million = 0;
+        self.controller.cfg.crash_in_ready_per_million = 0;
+        for id in self.controller.ids() {
+            self.controller.set_slow_disk(id, false);
+        }
+        for g in self.groups.values_mut() {
+            g.cluster.cfg.crash_in_ready_per_million = 0;
+            for id in g.cluster.ids() {
+                g.cluster.set_slow_disk(id, false);
+            }
+        }
+    }
+
+    /// Asks a random group's (or the controller's) leader to hand leadership to a random
+    /// replica.
+    pub fn transfer_leader(&mut self) {
+        let ids: Vec<GroupId> = self
+            .groups
+            .values()
+            .filter(|g| !g.stopped)
+            .map(|g| g.id)
+            .collect();
+        let pick = self.rng.gen_range(0..=ids.len());
+        let to = self.rng.gen_range(1..=3);
+        let cluster_leader = |raft: Option<&mut crate::raft::RawNode>| {
+            if let Some(r) = raft {
+                let _ = r.transfer_leader(to);
+            }
+        };
+        if pick == ids.len() {
+            if let Some(l) = self.controller.leader() {
+                cluster_leader(self.controller.raft_mut(l));
+            }
+        } else if let Some(g) = self.groups.get_mut(&ids[pick]) {
+            if let Some(l) = g.cluster.leader() {
+                cluster_leader(g.cluster.raft_mut(l));
+            }
+        }
     }
 
     /// Cuts the link from `a` to `b` (one direction) for every group and every RPC.
@@ -575,9 +689,7 @@ impl World {
     }
 
     fn create_group(&mut self, id: GroupId, hosts: Vec<HostId>, created_in: u64) {
-        let mut ccfg = ClusterConfig::new(hosts.len());
-        ccfg.net = self.cfg.raft_net;
-        ccfg.disk_ticks_max = self.cfg.disk_ticks_max;
+        let mut ccfg = cluster_config(&self.cfg, hosts.len());
         // The world snapshots on the kv threshold, not on an entry count.
         ccfg.snapshot_every_entries = 0;
         let kv_config = self.cfg.kv_config();
@@ -589,6 +701,11 @@ impl World {
             Rc::new(make),
         );
         cluster.now = self.now;
+        skew_clocks(
+            &mut cluster,
+            self.cfg.clock_slow_per_million_max,
+            &mut self.rng,
+        );
         mirror_cuts(&mut cluster, &hosts, self.rpc.cut_links());
         for (i, h) in hosts.iter().enumerate() {
             if !self.host_up(*h) {
@@ -716,6 +833,7 @@ impl World {
             .map(|c| (c.config_num, c.shard))
             .collect();
         g.deleted.retain(|k| confirms.contains(k));
+        g.retry_at.retain(|a, _| a.config_num() + 1 >= num);
         for (to, body) in sends {
             // Which replica to ask: any of the old owner's (a follower that applied the
             // configuration answers a pull as well as the leader); the controller: any.
@@ -1007,6 +1125,25 @@ impl World {
     pub fn random_host(&mut self) -> HostId {
         let ids = self.host_ids();
         *ids.choose(&mut self.rng).unwrap_or(&1)
+    }
+}
+
+fn cluster_config(cfg: &WorldConfig, nodes: usize) -> ClusterConfig {
+    let mut c = ClusterConfig::new(nodes);
+    c.net = cfg.raft_net;
+    c.disk_ticks_max = cfg.disk_ticks_max;
+    c.slow_disk_ticks = cfg.slow_disk_ticks;
+    c.crash_in_ready_per_million = cfg.crash_in_ready_per_million;
+    c
+}
+
+/// Slows each replica's clock by up to `max_per_million` (within the lease's drift bound).
+fn skew_clocks<A: App>(cluster: &mut Cluster<A>, max_per_million: u32, rng: &mut ChaCha8Rng) {
+    if max_per_million == 0 {
+        return;
+    }
+    for n in &mut cluster.nodes {
+        n.tick_skip_per_million = rng.gen_range(0..max_per_million);
     }
 }
 
