@@ -268,7 +268,10 @@ fn controller_minimal_moves_only_shards_for_the_new_group_move() {
 
 #[test]
 fn static_shards_a_group_down_blocks_only_its_shards() {
-    let mut w = world(4, 6);
+    let mut cfg = WorldConfig::new(4, (1..=6).map(|h| (h, 1)).collect());
+    cfg.clients = tynamo::sim::shard::ClientsConfig::new(4, 12);
+    let mut w = World::new(cfg);
+    w.clients.set_accepting(false);
     w.admin(join(&[1, 2, 3]));
     settle(&mut w);
     w.admin(join(&[4, 5, 6]));
@@ -276,45 +279,49 @@ fn static_shards_a_group_down_blocks_only_its_shards() {
     appends(&mut w, 1);
     wait_clients(&mut w);
     let c = latest(&w);
-    let (down, up): (GroupId, GroupId) = {
-        let ids: Vec<GroupId> = c.groups.keys().copied().collect();
-        (ids[1], ids[0])
-    };
+    let ids: Vec<GroupId> = c.groups.keys().copied().collect();
+    let (up, down) = (ids[0], ids[1]);
     let down_hosts: Vec<HostId> = c.groups[&down].hosts().collect();
     let up_hosts: BTreeSet<HostId> = c.groups[&up].hosts().collect();
     assert!(
         down_hosts.iter().all(|h| !up_hosts.contains(h)),
         "groups share hosts"
     );
+    let shard_count = c.shard_count();
+    let owner_of = |k: usize| c.owner(key_shard(&key_of(k), shard_count)).unwrap();
+    let (up_keys, down_keys): (Vec<usize>, Vec<usize>) =
+        (0..w.cfg.clients.keys).partition(|&k| owner_of(k) == up);
+    assert!(!up_keys.is_empty() && !down_keys.is_empty());
+    // A majority of one group goes down.
     for &h in &down_hosts[..2] {
         w.crash_host(h);
     }
     let started = w.now;
-    appends(&mut w, 1);
-    run(&mut w, 300);
-    let shard_count = c.shard_count();
-    let owner_of = |k: usize| c.owner(key_shard(&key_of(k), shard_count)).unwrap();
-    let history: Vec<Record> = w.clients.history().to_vec();
-    let mut served = BTreeSet::new();
-    for r in history.iter().filter(|r| r.invoke >= started) {
-        let k: usize = std::str::from_utf8(&r.key.0[1..]).unwrap().parse().unwrap();
-        assert_eq!(
-            owner_of(k),
-            up,
-            "an op on a shard of the downed group completed: {r:?}"
-        );
-        served.insert(k);
+    // Client 0 works on the downed group's keys, the others on the live group's.
+    let down_ops: Vec<ScriptOp> = down_keys.iter().map(|&k| ScriptOp::Append(k)).collect();
+    w.clients.script(0, &down_ops);
+    for (i, &k) in up_keys.iter().enumerate() {
+        let client = 1 + i % (w.clients.len() - 1);
+        w.clients
+            .script(client, &[ScriptOp::Append(k), ScriptOp::Get(k)]);
     }
-    let up_keys: BTreeSet<usize> = (0..w.cfg.clients.keys)
-        .filter(|&k| owner_of(k) == up)
+    run(&mut w, 300);
+    let after: Vec<&Record> = w
+        .clients
+        .history()
+        .iter()
+        .filter(|r| r.invoke >= started)
         .collect();
-    assert!(!up_keys.is_empty());
-    // Clients stuck on a downed shard cannot reach the others: count only keys of clients
-    // whose scripts did not hit a downed shard first. At least one key of the live group.
-    assert!(
-        served.iter().any(|k| up_keys.contains(k)),
-        "no operation on the live group's shards completed while the other group was down"
-    );
+    let key_num =
+        |r: &Record| -> usize { std::str::from_utf8(&r.key.0[1..]).unwrap().parse().unwrap() };
+    // Every operation on the live group's shards answered; none on the downed group's did.
+    let served: Vec<usize> = after
+        .iter()
+        .filter(|r| r.status == Status::Ok)
+        .map(|r| key_num(r))
+        .collect();
+    assert!(served.iter().all(|&k| owner_of(k) == up), "{after:?}");
+    assert_eq!(served.len(), up_keys.len() * 2, "{after:?}");
     for &h in &down_hosts[..2] {
         w.restart_host(h).unwrap();
     }

@@ -3,7 +3,13 @@
 //! Exit codes: 0 every seed passed, 1 a safety violation or a panic, 2 a liveness failure
 //! (and no safety failure), 64 bad usage. The last line is always
 //! `RESULT seeds=N failed=F steps=S elapsed_ms=T`; the kv workload adds `histories=H ops=M`
-//! (histories that passed the linearizability checker, and their operations).
+//! (histories that passed the linearizability checker, and their operations), the shard
+//! workload `histories=H ops=M moves=V` (shard moves between groups over all seeds).
+//!
+//! `--workload shard` runs the controller and several data groups with live shard migration
+//! under random Join/Leave/Move and every fault (see `sim::shard`); hosts and groups come from
+//! the seed, so `--nodes` does not apply. `--break old-owner-writes|serve-before-install` runs
+//! a deliberately broken migration.
 //!
 //! `--break lease|vote|ack` runs a deliberately broken core or shell, to measure how often the
 //! invariants catch that bug (every failure is then expected; the exit code still says which).

@@ -25,6 +25,9 @@
 //!   `TYNAMO_SIM_TRACE=1` prints every delivery, write and apply of that run. `--break lease`
 //!   (with `--read-mode lease`), `--break ack` or `--break vote` measure catch rates.
 //!
+//! - The sharded service: `cargo run --release --bin tynamo-sim -- --workload shard --seeds
+//!   2000` (about 30 s here); `cargo test --test shard_sim_scenarios --test shard_sim_seeds`.
+//!
 //! Plugging in another state machine (the KV service): implement [`App`], build a
 //! `Cluster<YourApp>`, and drive it with `propose`/`outcome` and `read`/`read_outcome`; a
 //! `Committed` outcome carries what `App::apply` returned, and a `ReadOutcome::Ready` names the
