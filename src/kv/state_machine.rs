@@ -830,6 +830,29 @@ mod tests {
     }
 
     #[test]
+    fn import_expecting_a_shard_refuses_another_and_counts_toward_snapshots() {
+        let config = Config {
+            snapshot_log_bytes_threshold: 1,
+            ..Config::default()
+        };
+        let mut old = StateMachine::new(config.clone(), [3, 4]);
+        old.set_shard_state(3, ShardState::Exporting).unwrap();
+        let blob = old.export_shard(3).unwrap();
+        let mut new = StateMachine::new(config, []);
+        new.set_shard_state(4, ShardState::Importing).unwrap();
+        let e = new.import_shard_expecting(4, &blob).unwrap_err();
+        assert!(e.to_string().contains("blob holds shard 3"), "{e}");
+        assert_eq!(new.shard_state(3), None, "nothing installed");
+        assert!(!new.snapshot_due());
+        new.import_shard_expecting(3, &blob).unwrap();
+        assert_eq!(new.shard_state(3), Some(ShardState::Serving));
+        assert!(
+            new.snapshot_due(),
+            "the installed blob counts toward the next snapshot"
+        );
+    }
+
+    #[test]
     fn config_validation_names_the_number() {
         let config = Config {
             shard_count: 0,

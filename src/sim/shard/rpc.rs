@@ -191,3 +191,59 @@ impl RpcNet {
         &self.cut
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn query(from: HostId, to: NodeId) -> Rpc {
+        Rpc {
+            from: Endpoint::Host(from),
+            to: Endpoint::Controller(to),
+            body: RpcBody::Query { num: -1 },
+        }
+    }
+
+    #[test]
+    fn cut_host_links_drop_in_one_direction_and_clients_are_outside_hosts() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let mut net = RpcNet::new(NetConfig::reliable());
+        net.cut_link(1, 2);
+        net.send(query(1, 2), Some(1), Some(2), 0, &mut rng);
+        net.send(query(2, 1), Some(2), Some(1), 0, &mut rng);
+        net.send(query(1, 2), None, Some(2), 0, &mut rng);
+        let delivered: Vec<Rpc> = std::iter::from_fn(|| net.next_due(1)).collect();
+        assert_eq!(delivered.len(), 2);
+        assert_eq!(net.stats.dropped, 1);
+    }
+
+    #[test]
+    fn a_cut_made_while_in_flight_drops_and_heal_restores() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let mut net = RpcNet::new(NetConfig::reliable());
+        net.send(query(1, 2), Some(1), Some(2), 0, &mut rng);
+        net.cut_link(1, 2);
+        assert!(net.next_due(5).is_none());
+        net.heal();
+        net.send(query(1, 2), Some(1), Some(2), 5, &mut rng);
+        assert!(net.next_due(6).is_some());
+    }
+
+    #[test]
+    fn lossy_rpcs_are_dropped_duplicated_and_delayed() {
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let mut net = RpcNet::new(NetConfig {
+            drop_per_million: 200_000,
+            dup_per_million: 200_000,
+            delay_ticks_min: 1,
+            delay_ticks_max: 5,
+        });
+        for t in 0..1000 {
+            net.send(query(1, 2), Some(1), Some(2), t, &mut rng);
+        }
+        let delivered = std::iter::from_fn(|| net.next_due(10_000)).count() as u64;
+        assert!(net.stats.dropped > 100);
+        assert!(delivered > 1000 - net.stats.dropped, "duplicates happen");
+    }
+}
