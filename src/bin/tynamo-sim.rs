@@ -3,7 +3,13 @@
 //! Exit codes: 0 every seed passed, 1 a safety violation or a panic, 2 a liveness failure
 //! (and no safety failure), 64 bad usage. The last line is always
 //! `RESULT seeds=N failed=F steps=S elapsed_ms=T`; the kv workload adds `histories=H ops=M`
-//! (histories that passed the linearizability checker, and their operations).
+//! (histories that passed the linearizability checker, and their operations), the shard
+//! workload `histories=H ops=M moves=V` (shard moves between groups over all seeds).
+//!
+//! `--workload shard` runs the controller and several data groups with live shard migration
+//! under random Join/Leave/Move and every fault (see `sim::shard`); hosts and groups come from
+//! the seed, so `--nodes` does not apply. `--break old-owner-writes|serve-before-install` runs
+//! a deliberately broken migration.
 //!
 //! `--break lease|vote|ack` runs a deliberately broken core or shell, to measure how often the
 //! invariants catch that bug (every failure is then expected; the exit code still says which).
@@ -16,6 +22,7 @@ use std::time::Instant;
 use clap::Parser;
 use tynamo::raft::ReadMode;
 use tynamo::sim::kv::{history_path, run_kv_seed, write_history_file, KvOptions};
+use tynamo::sim::shard::{run_shard_seed, Breakage, ShardOptions};
 use tynamo::sim::{run_seed, Failure, Faults, RunOptions};
 
 #[derive(Parser, Debug)]
@@ -37,7 +44,9 @@ struct Args {
     #[arg(long, default_value_t = 600)]
     fault_ticks: u64,
     /// `raft`: the core with a hashing application. `kv`: the key-value service with clients
-    /// whose histories go through the linearizability checker.
+    /// whose histories go through the linearizability checker. `shard`: the controller and
+    /// several data groups with live shard migration under random Join/Leave/Move (hosts
+    /// and groups are drawn from the seed; `--nodes` is ignored).
     #[arg(long, value_enum, default_value_t = Workload::Raft)]
     workload: Workload,
     /// With `--workload kv`: write each seed's history as JSON lines to
@@ -57,6 +66,34 @@ struct Args {
 enum Workload {
     Raft,
     Kv,
+    Shard,
+}
+
+/// Totals of the shard workload beyond the common counters.
+#[derive(Default)]
+struct ShardTotals {
+    moves: u64,
+}
+
+/// One seed of the shard workload: (steps, operations checked, moves).
+fn run_shard(
+    seed: u64,
+    faults: Faults,
+    fault_ticks: u64,
+    breakage: Breakage,
+    history_out: Option<&PathBuf>,
+) -> Result<(u64, u64, u64), Failure> {
+    let mut opts = ShardOptions::new(faults);
+    opts.fault_ticks = fault_ticks;
+    opts.breakage = breakage;
+    let run = run_shard_seed(seed, &opts);
+    if let Some(dir) = history_out {
+        let path = dir.join(format!("shard-seed{seed}.jsonl"));
+        write_history_file(&path, &run.history).map_err(|e| {
+            Failure::Safety(format!("cannot write history {}: {e}", path.display()))
+        })?;
+    }
+    run.result.map(|s| (s.steps, s.ops, s.moves))
 }
 
 /// One seed of the kv workload: (steps, operations checked). Writes the history, also of a
@@ -81,7 +118,7 @@ fn run_kv(
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let mut args = Args::parse();
     let faults = match Faults::parse(&args.faults) {
         Ok(f) => f,
         Err(e) => {
@@ -90,8 +127,8 @@ fn main() -> ExitCode {
         }
     };
     if let Some(dir) = &args.history_out {
-        if args.workload != Workload::Kv {
-            eprintln!("tynamo-sim: --history-out needs --workload kv");
+        if args.workload == Workload::Raft {
+            eprintln!("tynamo-sim: --history-out needs --workload kv or shard");
             return ExitCode::from(64);
         }
         if let Err(e) = std::fs::create_dir_all(dir) {
@@ -103,6 +140,30 @@ fn main() -> ExitCode {
         eprintln!("tynamo-sim: --read-mode and --break apply to --workload raft only");
         return ExitCode::from(64);
     }
+    let mut shard_breakage = Breakage::None;
+    if args.workload == Workload::Shard {
+        if args.read_mode.is_some() {
+            eprintln!("tynamo-sim: --read-mode does not apply to --workload shard");
+            return ExitCode::from(64);
+        }
+        shard_breakage = match args.breakage.take().as_deref() {
+            None => Breakage::None,
+            Some("old-owner-writes") => Breakage::OldOwnerWritesAfterFreeze,
+            Some("serve-before-install") => Breakage::ServeBeforeInstall,
+            Some(other) => {
+                eprintln!(
+                    "tynamo-sim: --break {other:?} with --workload shard is not old-owner-writes or serve-before-install"
+                );
+                return ExitCode::from(64);
+            }
+        };
+    }
+    // The shard workload draws its hosts and groups from the seed: one run per seed.
+    let nodes_list = if args.workload == Workload::Shard {
+        vec![3]
+    } else {
+        args.nodes.clone()
+    };
     let read_mode = match args.read_mode.as_deref() {
         None => None,
         Some("safe") => Some(ReadMode::Safe),
@@ -142,10 +203,11 @@ fn main() -> ExitCode {
     let started = Instant::now();
     let (mut runs, mut failed, mut steps) = (0u64, 0u64, 0u64);
     let (mut histories, mut ops) = (0u64, 0u64);
+    let mut shard_totals = ShardTotals::default();
     let mut exit = 0u8;
     let mut first_failure: Option<String> = None;
     for seed in args.seed_start..args.seed_start.saturating_add(args.seeds) {
-        for &nodes in &args.nodes {
+        for &nodes in &nodes_list {
             runs += 1;
             let mut opts = template.clone();
             opts.nodes = nodes;
@@ -158,11 +220,22 @@ fn main() -> ExitCode {
                     args.fault_ticks,
                     args.history_out.as_ref(),
                 ),
+                Workload::Shard => run_shard(
+                    seed,
+                    faults,
+                    args.fault_ticks,
+                    shard_breakage,
+                    args.history_out.as_ref(),
+                )
+                .map(|(steps, ops, moves)| {
+                    shard_totals.moves += moves;
+                    (steps, ops)
+                }),
             }));
             let failure = match verdict {
                 Ok(Ok((seed_steps, seed_ops))) => {
                     steps += seed_steps;
-                    if args.workload == Workload::Kv {
+                    if args.workload != Workload::Raft {
                         histories += 1;
                         ops += seed_ops;
                     }
@@ -190,6 +263,12 @@ fn main() -> ExitCode {
                 let workload = match args.workload {
                     Workload::Raft => "",
                     Workload::Kv => "--workload kv ",
+                    Workload::Shard => "--workload shard ",
+                };
+                let breakage = match shard_breakage {
+                    Breakage::None => "",
+                    Breakage::OldOwnerWritesAfterFreeze => " --break old-owner-writes",
+                    Breakage::ServeBeforeInstall => " --break serve-before-install",
                 };
                 first_failure = Some(format!(
                     "tynamo-sim -- {workload}--seeds 1 --seed-start {seed} --nodes {nodes} --faults {} --fault-ticks {}{}{}",
@@ -201,7 +280,7 @@ fn main() -> ExitCode {
                     args.breakage
                         .as_deref()
                         .map_or(String::new(), |b| format!(" --break {b}")),
-                ));
+                ) + breakage);
             }
         }
     }
@@ -211,6 +290,10 @@ fn main() -> ExitCode {
     let kv_counts = match args.workload {
         Workload::Raft => String::new(),
         Workload::Kv => format!(" histories={histories} ops={ops}"),
+        Workload::Shard => format!(
+            " histories={histories} ops={ops} moves={}",
+            shard_totals.moves
+        ),
     };
     println!(
         "RESULT seeds={runs} failed={failed} steps={steps} elapsed_ms={}{kv_counts}",

@@ -30,5 +30,7 @@ pub use command::{
 };
 pub use error::{DecodeError, KvError};
 pub use outcome::{Outcome, WriteResult};
-pub use snapshot::{restore, SnapshotError, SnapshotReader, SnapshotWriter, FRAME_BODY_BYTES_MAX};
+pub use snapshot::{
+    restore, shard_blob_shard, SnapshotError, SnapshotReader, SnapshotWriter, FRAME_BODY_BYTES_MAX,
+};
 pub use state_machine::{Config, ConfigError, ReadConsistency, StateMachine};

@@ -343,6 +343,35 @@ pub(crate) fn decode_shard_blob(
     })
 }
 
+/// The shard a blob from [`StateMachine::export_shard`] holds, read from its header frame
+/// (size and CRC checked, magic and version compared) without decoding the rest: migration
+/// checks a pulled blob is the shard it asked for before installing it.
+pub fn shard_blob_shard(blob: &Bytes) -> Result<u16, SnapshotError> {
+    let mut rest = blob.clone();
+    let Some((kind, body, _)) = split_frame(&mut rest, 0)? else {
+        return Err(SnapshotError::Truncated {
+            offset: 0,
+            what: "no blob header",
+        });
+    };
+    let invalid = |what: String| SnapshotError::Invalid { offset: 0, what };
+    if kind != KIND_BLOB_HEADER {
+        return Err(invalid(format!(
+            "first frame of kind {kind}, not a blob header"
+        )));
+    }
+    let mut r = super::codec::Reader::new(&body);
+    let bad = |e: super::error::DecodeError| invalid(e.to_string());
+    let magic = r.u32().map_err(bad)?;
+    let version = r.u16().map_err(bad)?;
+    if magic != BLOB_MAGIC || version != VERSION {
+        return Err(invalid(format!(
+            "magic {magic:#010x} version {version}, expected {BLOB_MAGIC:#010x} version {VERSION}"
+        )));
+    }
+    r.u16().map_err(bad)
+}
+
 /// Splits one complete frame off the front of `buf`, checking its size and CRC. Returns None
 /// when `buf` holds only part of a frame.
 fn split_frame<B>(buf: &mut B, offset: u64) -> Result<Option<(u8, Bytes, usize)>, SnapshotError>

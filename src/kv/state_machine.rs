@@ -552,8 +552,15 @@ impl StateMachine {
     }
 
     /// Creates `shard` in `state` if absent, or moves it to `state`. Migration drives the order
-    /// (Importing -> Serving via import; Serving -> Exporting -> deleted) through the log; this
-    /// call itself only checks the shard number. Through the log: `ShardAdmin::SetState`.
+    /// through the log; this call refuses every transition migration never makes, so a bad
+    /// or replayed admin entry cannot thaw a frozen shard or serve an empty one:
+    /// - absent -> Serving (a shard gained from nobody) or Importing (being pulled);
+    /// - Serving -> Exporting (frozen for hand-over);
+    /// - any state to itself (idempotent).
+    ///
+    /// Importing -> Serving happens only through [`import_shard`](Self::import_shard), and an
+    /// Exporting shard only leaves through [`delete_shard`](Self::delete_shard).
+    /// Through the log: `ShardAdmin::SetState`.
     pub fn set_shard_state(&mut self, shard: u16, state: ShardState) -> Result<(), KvError> {
         if shard >= self.config.shard_count {
             return Err(KvError::ShardAdmin {
@@ -561,6 +568,30 @@ impl StateMachine {
                 reason: format!("out of range (shard count {})", self.config.shard_count),
             });
         }
+        let current = self.shard_state(shard);
+        let allowed = match (current, state) {
+            (Some(from), to) if from == to => true,
+            (None, ShardState::Serving | ShardState::Importing) => true,
+            (Some(ShardState::Serving), ShardState::Exporting) => true,
+            _ => false,
+        };
+        if !allowed {
+            return Err(KvError::ShardAdmin {
+                shard,
+                reason: format!(
+                    "cannot go from {} to {}",
+                    current.map_or("absent", ShardState::name),
+                    state.name()
+                ),
+            });
+        }
+        self.force_shard_state(shard, state);
+        Ok(())
+    }
+
+    /// Sets a shard's state with no transition check. The simulator's deliberately broken
+    /// variants use it (a frozen shard taking writes); nothing else should.
+    pub(crate) fn force_shard_state(&mut self, shard: u16, state: ShardState) {
         self.shards
             .entry(shard)
             .or_insert_with(|| ShardData {
@@ -568,7 +599,6 @@ impl StateMachine {
                 data: BTreeMap::new(),
             })
             .state = state;
-        Ok(())
     }
 
     /// Drops a shard and its data (idempotent). Through the log: `ShardAdmin::Delete`.
@@ -595,6 +625,22 @@ impl StateMachine {
     /// Importing, and becomes Serving. All or nothing: the blob is fully checked first.
     /// Through the log: `ShardAdmin::Import`.
     pub fn import_shard(&mut self, blob: &Bytes) -> Result<(), KvError> {
+        self.import_shard_checked(None, blob)
+    }
+
+    /// [`import_shard`](Self::import_shard) of a blob that must hold `shard` (migration knows
+    /// which shard it pulled: a blob of another one is refused, nothing changes). The blob's
+    /// bytes count toward [`snapshot_due`](Self::snapshot_due) like applied log bytes: the
+    /// entry that carried it is not a kv entry, so `apply` never saw its size.
+    pub fn import_shard_expecting(&mut self, shard: u16, blob: &Bytes) -> Result<(), KvError> {
+        self.import_shard_checked(Some(shard), blob)?;
+        self.log_bytes_since_snapshot = self
+            .log_bytes_since_snapshot
+            .saturating_add(blob.len() as u64);
+        Ok(())
+    }
+
+    fn import_shard_checked(&mut self, expected: Option<u16>, blob: &Bytes) -> Result<(), KvError> {
         let parsed =
             super::snapshot::decode_shard_blob(blob, self.config.shard_count).map_err(|e| {
                 KvError::BadShardBlob {
@@ -602,6 +648,14 @@ impl StateMachine {
                 }
             })?;
         let shard = parsed.shard;
+        if let Some(want) = expected {
+            if want != shard {
+                return Err(KvError::ShardAdmin {
+                    shard: want,
+                    reason: format!("the blob holds shard {shard}"),
+                });
+            }
+        }
         match self.shard_state(shard) {
             None | Some(ShardState::Importing) => {}
             Some(state) => {
@@ -749,6 +803,53 @@ mod tests {
         // The 1-byte value must not pin the 4 KiB payload; the 4 KiB value is the payload.
         assert!(!in_payload(&get(b"small")));
         assert!(in_payload(&get(b"big")));
+    }
+
+    #[test]
+    fn shard_state_transitions_are_only_the_ones_migration_makes() {
+        use ShardState::{Exporting, Importing, Serving};
+        let mut sm = StateMachine::new(Config::default(), []);
+        assert!(
+            sm.set_shard_state(1, Exporting).is_err(),
+            "absent -> exporting"
+        );
+        sm.set_shard_state(1, Importing).unwrap();
+        let e = sm.set_shard_state(1, Serving).unwrap_err();
+        assert!(e.to_string().contains("from importing to serving"), "{e}");
+        sm.set_shard_state(2, Serving).unwrap();
+        sm.set_shard_state(2, Serving).unwrap();
+        sm.set_shard_state(2, Exporting).unwrap();
+        assert!(
+            sm.set_shard_state(2, Serving).is_err(),
+            "a frozen shard never thaws"
+        );
+        assert!(sm.set_shard_state(2, Importing).is_err());
+        assert_eq!(sm.shard_state(1), Some(Importing));
+        assert_eq!(sm.shard_state(2), Some(Exporting));
+        assert!(sm.set_shard_state(64, Serving).is_err(), "out of range");
+    }
+
+    #[test]
+    fn import_expecting_a_shard_refuses_another_and_counts_toward_snapshots() {
+        let config = Config {
+            snapshot_log_bytes_threshold: 1,
+            ..Config::default()
+        };
+        let mut old = StateMachine::new(config.clone(), [3, 4]);
+        old.set_shard_state(3, ShardState::Exporting).unwrap();
+        let blob = old.export_shard(3).unwrap();
+        let mut new = StateMachine::new(config, []);
+        new.set_shard_state(4, ShardState::Importing).unwrap();
+        let e = new.import_shard_expecting(4, &blob).unwrap_err();
+        assert!(e.to_string().contains("blob holds shard 3"), "{e}");
+        assert_eq!(new.shard_state(3), None, "nothing installed");
+        assert!(!new.snapshot_due());
+        new.import_shard_expecting(3, &blob).unwrap();
+        assert_eq!(new.shard_state(3), Some(ShardState::Serving));
+        assert!(
+            new.snapshot_due(),
+            "the installed blob counts toward the next snapshot"
+        );
     }
 
     #[test]

@@ -56,7 +56,9 @@ use crate::controller::codec::{
     put_bytes32, put_count, put_u16, put_u64, put_u8, DecodeError, Reader,
 };
 use crate::controller::{Configuration, GroupId, GROUP_NONE};
-use crate::kv::{ShardState, StateMachine as Kv, FORMAT_VERSION as KV_FORMAT_VERSION};
+use crate::kv::{
+    shard_blob_shard, ShardState, StateMachine as Kv, FORMAT_VERSION as KV_FORMAT_VERSION,
+};
 
 /// First byte of every migration entry. KV entries start with their format version.
 pub const MIGRATION_TAG: u8 = 0xC7;
@@ -679,8 +681,10 @@ impl GroupShards {
         }
         for (shard, phase) in changes {
             if let Err(e) = kv.set_shard_state(shard, phase.kv_state()) {
-                // Shard numbers were checked against kv's shard count above.
-                panic!("group {me}: kv refused shard {shard} in range: {e}");
+                // Shard numbers were checked against kv's shard count above, and the phases
+                // and kv states agree (pair-asserted after every apply), so kv sees only the
+                // transitions it allows: absent -> Serving/Importing, Serving -> Exporting.
+                panic!("group {me}: kv refused shard {shard}: {e}");
             }
             self.shards.insert(shard, phase);
         }
@@ -702,9 +706,9 @@ impl GroupShards {
                 Ok(_) => unreachable!("expect_phase checked Importing"),
                 Err(stale) => return stale,
             };
-        // kv installs whichever shard the blob names: check it is this one first, or a blob
-        // of another Importing shard would be installed under this entry's bookkeeping.
-        let blob_shard = blob_shard(blob);
+        // A blob of another Importing shard must not be installed under this entry's
+        // bookkeeping: name the mismatch here, and let kv check it again as it installs.
+        let blob_shard = shard_blob_shard(blob).ok();
         if blob_shard != Some(shard) {
             return ApplyOutcome::Refused(MigrationError::BlobShardMismatch {
                 group: self.group,
@@ -712,7 +716,7 @@ impl GroupShards {
                 blob_shard,
             });
         }
-        if let Err(e) = kv.import_shard(blob) {
+        if let Err(e) = kv.import_shard_expecting(shard, blob) {
             return self.kv_refused(shard, "import", e);
         }
         self.shards.insert(shard, Phase::Confirming { from });
@@ -838,19 +842,6 @@ impl GroupShards {
             applied_index,
         })
     }
-}
-
-/// The shard a KV shard blob names, read from its header frame without decoding the rest
-/// (`kv::snapshot`: frame = body_len:u32 crc:u32 kind:u8 body; BlobHeader body = magic:u32
-/// version:u16 shard:u16 ...). kv's import checks the CRC and everything else.
-fn blob_shard(blob: &[u8]) -> Option<u16> {
-    const BLOB_HEADER_KIND: u8 = 6;
-    const SHARD_AT: usize = 4 + 4 + 1 + 4 + 2;
-    if blob.get(8) != Some(&BLOB_HEADER_KIND) {
-        return None;
-    }
-    let bytes = blob.get(SHARD_AT..SHARD_AT + 2)?;
-    Some(u16::from_le_bytes([bytes[0], bytes[1]]))
 }
 
 #[cfg(test)]
@@ -1396,8 +1387,12 @@ mod tests {
         let mut kv = Kv::new(kv_config(), 0..SHARDS);
         kv.set_shard_state(5, ShardState::Exporting).unwrap();
         let blob = kv.export_shard(5).unwrap();
-        assert_eq!(blob_shard(&blob), Some(5));
-        assert_eq!(blob_shard(&blob[..10]), None);
-        assert_eq!(blob_shard(b""), None);
+        assert_eq!(shard_blob_shard(&blob).ok(), Some(5));
+        assert!(shard_blob_shard(&blob.slice(..10)).is_err());
+        assert!(shard_blob_shard(&Bytes::new()).is_err());
+        // A flipped bit in the header frame fails its CRC instead of naming another shard.
+        let mut flipped = blob.to_vec();
+        flipped[15] ^= 0x01;
+        assert!(shard_blob_shard(&Bytes::from(flipped)).is_err());
     }
 }

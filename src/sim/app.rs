@@ -5,8 +5,9 @@ use bytes::Bytes;
 use crate::raft::{Entry, EntryKind, Index, Snapshot};
 
 /// A replicated state machine as the simulator drives it. One value per replica; a crashed
-/// replica loses it and gets a fresh `Default` one, restored from its durable snapshot.
-pub trait App: Default {
+/// replica loses it and gets a fresh one (`Default`, or the cluster's factory:
+/// `Cluster::with_app`), restored from its durable snapshot.
+pub trait App {
     /// Applies one committed entry (entries arrive in index order, no gaps, each once per
     /// incarnation after the snapshot it was restored from). Returns the result the proposer
     /// receives. An `Err` is a broken invariant: the simulation fails with it.

@@ -7,6 +7,7 @@
 //! (`invariants.rs`) runs on every `Ready` and after every tick.
 
 use std::collections::BTreeMap;
+use std::rc::Rc;
 
 use bytes::Bytes;
 use rand::{Rng, SeedableRng};
@@ -160,13 +161,24 @@ pub struct Cluster<A: App> {
     pub steps: u64,
     /// Print every delivery, write and apply to stderr (set `TYNAMO_SIM_TRACE=1`).
     pub trace: bool,
+    /// Makes a replica's application: at creation and after every crash (a fresh, empty one).
+    make_app: Rc<dyn Fn() -> A>,
 }
 
 /// Inner rounds per tick before giving up on quiescence (a zero-latency livelock guard).
 const ROUNDS_PER_TICK_MAX: usize = 10_000;
 
 impl<A: App> Cluster<A> {
-    pub fn new(cfg: ClusterConfig, seed: u64) -> Cluster<A> {
+    pub fn new(cfg: ClusterConfig, seed: u64) -> Cluster<A>
+    where
+        A: Default + 'static,
+    {
+        Self::with_app(cfg, seed, Rc::new(A::default))
+    }
+
+    /// A group whose replicas' applications come from `make_app` (for applications that need
+    /// parameters, such as the group id of a sharded data group).
+    pub fn with_app(cfg: ClusterConfig, seed: u64, make_app: Rc<dyn Fn() -> A>) -> Cluster<A> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let ids: Vec<NodeId> = (1..=cfg.nodes as NodeId).collect();
         let mut nodes = Vec::new();
@@ -177,7 +189,7 @@ impl<A: App> Cluster<A> {
                 id,
                 raft: Some(raft),
                 disk,
-                app: A::default(),
+                app: make_app(),
                 incarnation: 0,
                 slow_disk: false,
                 tick_skip_per_million: 0,
@@ -204,6 +216,7 @@ impl<A: App> Cluster<A> {
             digest: seed,
             steps: 0,
             trace: std::env::var_os("TYNAMO_SIM_TRACE").is_some(),
+            make_app,
         };
         for i in 0..c.nodes.len() {
             let id = c.nodes[i].id;
@@ -267,7 +280,7 @@ impl<A: App> Cluster<A> {
             id,
             raft: Some(raft),
             disk,
-            app: A::default(),
+            app: (self.make_app)(),
             incarnation: 0,
             slow_disk: false,
             tick_skip_per_million: 0,
@@ -290,7 +303,7 @@ impl<A: App> Cluster<A> {
         let n = &mut self.nodes[i];
         n.raft = None;
         n.disk.crash(&mut self.rng);
-        n.app = A::default();
+        n.app = (self.make_app)();
         n.incarnation += 1;
         n.commit_checked = 0;
         n.leader_conf = None;
@@ -307,7 +320,7 @@ impl<A: App> Cluster<A> {
             eprintln!("t{} RESTART n{id} {:?}", self.now, raft.status());
         }
         let n = &mut self.nodes[i];
-        let mut app = A::default();
+        let mut app = (self.make_app)();
         if let Some(s) = n.disk.snapshot() {
             app.restore(s)
                 .map_err(|e| Violation(format!("node {id} cannot restore its snapshot: {e}")))?;

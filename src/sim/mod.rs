@@ -12,6 +12,8 @@
 //! - `run.rs`: one seed with a fault schedule and a liveness phase (used by `tynamo-sim`).
 //! - `app.rs`: the application trait the KV service implements, and a hashing default.
 //! - `kv/`: the KV service as that application, simulated clients and checked histories.
+//! - `shard/`: the controller group, several data groups and live shard migration between
+//!   them, with clients following the shards (`tynamo-sim --workload shard`).
 //!
 //! Running it:
 //! - CI: `cargo test --test raft_sim` runs 2,000 seeds of 3 nodes, 2,000 of 5, 300 of 1 and
@@ -22,6 +24,9 @@
 //!   (about 10 s for the 4,000 runs). A failure prints the seed and the command that replays it;
 //!   `TYNAMO_SIM_TRACE=1` prints every delivery, write and apply of that run. `--break lease`
 //!   (with `--read-mode lease`), `--break ack` or `--break vote` measure catch rates.
+//!
+//! - The sharded service: `cargo run --release --bin tynamo-sim -- --workload shard --seeds
+//!   2000` (about 30 s here); `cargo test --test shard_sim_scenarios --test shard_sim_seeds`.
 //!
 //! Plugging in another state machine (the KV service): implement [`App`], build a
 //! `Cluster<YourApp>`, and drive it with `propose`/`outcome` and `read`/`read_outcome`; a
@@ -35,6 +40,7 @@ mod invariants;
 pub mod kv;
 mod network;
 mod run;
+pub mod shard;
 
 pub use self::app::{App, HashApp};
 pub use self::cluster::{Cluster, ClusterConfig, Outcome, ProposalId, ReadOutcome, SimNode};
