@@ -30,6 +30,6 @@ pub use self::run::{
     SHARD_LIVENESS_TICKS_MAX,
 };
 pub use self::world::{
-    snapshot_now, DataGroup, World, WorldConfig, WorldStats, CONTROLLER_REPLICAS, HOSTS_MAX,
-    RETRY_TICKS,
+    snapshot_now, DataGroup, World, WorldConfig, WorldStats, ADMINS_MAX, CONTROLLER_REPLICAS,
+    HOSTS_MAX, RETRY_TICKS,
 };
