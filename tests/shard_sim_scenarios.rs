@@ -393,12 +393,26 @@ fn snapshots_during_reconfiguration_restore_both_halves() {
     w.admin(join(&[1, 2, 3]));
     settle(&mut w);
     appends(&mut w, 4);
+    wait_clients(&mut w);
+    appends(&mut w, 2);
     w.admin(join(&[4, 5, 6]));
     // Crash a replica of each group mid-migration: they restart from their snapshots.
-    run(&mut w, 20);
+    w.run_until(SETTLE_TICKS_MAX, |w| {
+        w.groups.len() == 2 && w.latest_config().is_some_and(|c| c.num == 2)
+    })
+    .unwrap();
+    assert!(!w.settled(), "the crash should come mid-migration");
     w.crash_host(2);
     w.crash_host(5);
     run(&mut w, 40);
+    // The crashed replicas restart from snapshots on their disks (and the log after them).
+    let from_snapshot = w
+        .groups
+        .values()
+        .flat_map(|g| g.cluster.nodes.iter())
+        .filter(|n| n.raft.is_none() && n.disk.snapshot().is_some())
+        .count();
+    assert!(from_snapshot > 0, "no crashed replica holds a snapshot");
     w.restart_host(2).unwrap();
     w.restart_host(5).unwrap();
     settle(&mut w);
