@@ -101,7 +101,11 @@ fn ok_ops(history: &[Record]) -> usize {
 }
 
 fn admin_ok_nums(w: &World) -> Vec<u64> {
-    w.admin_replies()
+    admin_ok_nums_of(w, 0)
+}
+
+fn admin_ok_nums_of(w: &World, admin: usize) -> Vec<u64> {
+    w.admin_replies_of(admin)
         .iter()
         .filter_map(|(_, r)| match r {
             Reply::Ok { num } => Some(*num),
@@ -174,46 +178,68 @@ fn controller_basic_join_leave_move_and_query() {
 }
 
 #[test]
-fn controller_multi_many_operations_under_faults_each_apply_once() {
-    let mut w = world(2, 8);
+fn controller_multi_concurrent_admins_under_faults_each_operation_applies_once() {
+    let mut w = world(2, 9);
     w.set_nets(lossy(), lossy());
+    w.clients.set_accepting(true);
     w.admin(join(&[1, 2, 3]));
-    let ops = vec![
-        join(&[4, 5, 6]),
-        Op::Move { shard: 3, group: 1 },
-        join(&[7, 8]),
-        leave(&[2]),
-        Op::Move { shard: 5, group: 1 },
-        leave(&[7]),
-        join(&[2, 7]),
-        leave(&[4, 5]),
+    settle(&mut w);
+    // Three admins at once, each with its own session, through lost and duplicated messages
+    // and controller crashes.
+    let scripts: [Vec<Op>; 3] = [
+        vec![
+            join(&[4]),
+            Op::Move { shard: 3, group: 1 },
+            leave(&[4]),
+            join(&[4]),
+        ],
+        vec![
+            join(&[5, 6]),
+            leave(&[2]),
+            join(&[2]),
+            Op::Move { shard: 1, group: 1 },
+        ],
+        vec![
+            join(&[7]),
+            Op::Move { shard: 6, group: 1 },
+            join(&[8, 9]),
+            leave(&[7]),
+        ],
     ];
-    for (i, op) in ops.into_iter().enumerate() {
-        w.admin(op);
-        if i % 3 == 0 {
-            let h = (i as u64 % 3) + 1;
-            w.crash_host(h);
-            run(&mut w, 30);
-            w.restart_host(h).unwrap();
+    let sent: usize = scripts.iter().map(Vec::len).sum();
+    for (admin, ops) in scripts.into_iter().enumerate() {
+        for op in ops {
+            w.admin_as(admin, op);
         }
+    }
+    for h in [1, 2, 3, 1] {
+        run(&mut w, 40);
+        w.crash_host(h);
+        run(&mut w, 30);
+        w.restart_host(h).unwrap();
     }
     w.set_nets(NetConfig::reliable(), NetConfig::reliable());
     settle(&mut w);
-    // Nine operations, one answer each; each that succeeded produced its own configuration
-    // exactly once (retries through crashes and lost messages never made a second one), and
-    // a refused one (a Move to a group a Leave retired) produced none.
-    assert_eq!(w.admin_replies().len(), 9);
-    let nums = admin_ok_nums(&w);
-    let oks = nums.len() as u64;
-    assert!(oks >= 7, "{:?}", w.admin_replies());
-    assert_eq!(
-        nums,
-        (1..=oks).collect::<Vec<u64>>(),
-        "{:?}",
-        w.admin_replies()
-    );
-    assert_eq!(latest(&w).num, oks);
-    assert_balanced(&latest(&w));
+    // One answer per operation; every configuration after the first is the product of exactly
+    // one successful operation (retries never made a second one, none was lost).
+    let mut nums: Vec<u64> = Vec::new();
+    let mut answers = 0;
+    for admin in 0..3 {
+        answers += w.admin_replies_of(admin).len();
+        let mine = admin_ok_nums_of(&w, admin);
+        // One admin's operations apply in its order.
+        assert!(
+            mine.windows(2).all(|p| p[0] < p[1]),
+            "admin {admin}: {mine:?}"
+        );
+        nums.extend(mine);
+    }
+    // The first Join plus the scripts.
+    assert_eq!(answers, sent + 1);
+    nums.sort_unstable();
+    let k = latest(&w).num;
+    assert_eq!(nums, (1..=k).collect::<Vec<u64>>());
+    assert!(k >= 8, "only {k} configurations");
     appends(&mut w, 2);
     wait_clients(&mut w);
     check(&mut w);
@@ -367,12 +393,26 @@ fn snapshots_during_reconfiguration_restore_both_halves() {
     w.admin(join(&[1, 2, 3]));
     settle(&mut w);
     appends(&mut w, 4);
+    wait_clients(&mut w);
+    appends(&mut w, 2);
     w.admin(join(&[4, 5, 6]));
     // Crash a replica of each group mid-migration: they restart from their snapshots.
-    run(&mut w, 20);
+    w.run_until(SETTLE_TICKS_MAX, |w| {
+        w.groups.len() == 2 && w.latest_config().is_some_and(|c| c.num == 2)
+    })
+    .unwrap();
+    assert!(!w.settled(), "the crash should come mid-migration");
     w.crash_host(2);
     w.crash_host(5);
     run(&mut w, 40);
+    // The crashed replicas restart from snapshots on their disks (and the log after them).
+    let from_snapshot = w
+        .groups
+        .values()
+        .flat_map(|g| g.cluster.nodes.iter())
+        .filter(|n| n.raft.is_none() && n.disk.snapshot().is_some())
+        .count();
+    assert!(from_snapshot > 0, "no crashed replica holds a snapshot");
     w.restart_host(2).unwrap();
     w.restart_host(5).unwrap();
     settle(&mut w);

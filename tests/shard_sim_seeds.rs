@@ -33,3 +33,17 @@ fn random_seeds_with_every_fault_are_linearizable_and_settle() {
     let (ops, moves, _) = run(0..300, Faults::all());
     assert!(ops > 0 && moves > 0, "ops {ops} moves {moves}");
 }
+
+#[test]
+fn a_seed_replays_byte_for_byte() {
+    let opts = ShardOptions::new(Faults::all());
+    for seed in [3, 77] {
+        let a = run_shard_seed(seed, &opts);
+        let b = run_shard_seed(seed, &opts);
+        assert!(!a.history.is_empty());
+        assert_eq!(a.history, b.history, "seed {seed}");
+        let (a, b) = (a.result.ok(), b.result.ok());
+        assert!(a.is_some(), "seed {seed} failed");
+        assert_eq!(a, b, "seed {seed}");
+    }
+}

@@ -18,7 +18,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::app::Breakage;
 use super::client::{ClientsConfig, ScriptOp};
-use super::world::{World, WorldConfig};
+use super::world::{World, WorldConfig, ADMINS_MAX};
 use crate::check::{ClientId, Record, Status};
 use crate::controller::{HostId, HostSpec, Op};
 use crate::sim::kv::check_linearizable;
@@ -180,8 +180,17 @@ fn drive(world: &mut World, opts: &ShardOptions) -> Result<(), Failure> {
 
 fn inject(world: &mut World, opts: &ShardOptions) -> Result<(), Violation> {
     let f = opts.faults;
-    if world.admin_idle() && world.rng.gen_range(0..1_000_000) < opts.admin_per_million {
-        random_admin_op(world);
+    // Random operations start once the first Join made a group: a Join of one host racing
+    // ahead of it would leave the first Join refused (host exists) and the cluster without
+    // any group. After that the controller refuses a Leave that would remove every group.
+    let started =
+        world.admin_idle_of(0) && world.latest_config().is_some_and(|c| !c.groups.is_empty());
+    if started && world.rng.gen_range(0..1_000_000) < opts.admin_per_million {
+        // Admins run concurrently: their operations interleave in the controller's log.
+        let admin = world.rng.gen_range(0..ADMINS_MAX);
+        if world.admin_idle_of(admin) {
+            random_admin_op(world, admin);
+        }
     }
     if f.crash && world.rng.gen_bool(0.003) {
         let h = world.random_host();
@@ -215,7 +224,7 @@ fn inject(world: &mut World, opts: &ShardOptions) -> Result<(), Violation> {
 }
 
 /// A Join of a host outside the cluster, a Leave of one inside, or a Move.
-fn random_admin_op(world: &mut World) {
+fn random_admin_op(world: &mut World, admin: usize) {
     let Some(latest) = world.latest_config().cloned() else {
         return;
     };
@@ -248,7 +257,7 @@ fn random_admin_op(world: &mut World) {
             }
         }
     };
-    world.admin(op);
+    world.admin_as(admin, op);
 }
 
 /// Heals everything, demands progress, drains the clients and reads every key.

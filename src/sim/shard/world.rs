@@ -56,8 +56,8 @@ pub const RETRY_TICKS: u64 = 8;
 pub const CONTROLLER_REPLICAS: usize = 3;
 /// Hosts of one world.
 pub const HOSTS_MAX: usize = 16;
-/// The admin client's session id at the controller.
-const ADMIN_CLIENT_ID: u64 = 1;
+/// Admin clients of one world; admin `i` has session id `i + 1` at the controller.
+pub const ADMINS_MAX: usize = 4;
 
 /// Everything a world is made of, drawn from a seed by `run.rs` or written by a test.
 #[derive(Clone, Debug)]
@@ -218,7 +218,8 @@ pub struct World {
     hosts: BTreeMap<HostId, HostAgent>,
     pub rpc: RpcNet,
     pub clients: Clients,
-    admin: Admin,
+    /// Admin clients, each with its own controller session; their operations interleave.
+    admins: Vec<Admin>,
     pub stats: WorldStats,
     /// TEST ONLY: shards whose pulls are not sent (as if every copy were lost), so a test can
     /// hold one shard of a configuration back while the others arrive.
@@ -271,7 +272,7 @@ impl World {
             groups: BTreeMap::new(),
             hosts,
             clients,
-            admin: Admin::default(),
+            admins: (0..ADMINS_MAX).map(|_| Admin::default()).collect(),
             stats: WorldStats::default(),
             hold_pulls: BTreeSet::new(),
         }
@@ -489,28 +490,48 @@ impl World {
 
     // ----- admin -----------------------------------------------------------------------------
 
-    /// Queues a controller operation for the admin client.
+    /// Queues a controller operation for the first admin client.
     pub fn admin(&mut self, op: Op) {
-        self.admin.queue.push_back(op);
+        self.admin_as(0, op);
+    }
+
+    /// Queues a controller operation for admin client `admin` (`0..ADMINS_MAX`): admins run
+    /// concurrently, each one operation at a time.
+    pub fn admin_as(&mut self, admin: usize, op: Op) {
+        assert!(admin < ADMINS_MAX, "admin {admin} of {ADMINS_MAX}");
+        self.admins[admin].queue.push_back(op);
     }
 
     pub fn admin_idle(&self) -> bool {
-        self.admin.queue.is_empty() && self.admin.current.is_none()
+        self.admins
+            .iter()
+            .all(|a| a.queue.is_empty() && a.current.is_none())
     }
 
+    pub fn admin_idle_of(&self, admin: usize) -> bool {
+        let a = &self.admins[admin];
+        a.queue.is_empty() && a.current.is_none()
+    }
+
+    /// The first admin's answers, in order.
     pub fn admin_replies(&self) -> &[(Op, Reply)] {
-        &self.admin.replies
+        self.admin_replies_of(0)
     }
 
-    fn admin_turn(&mut self) -> Result<(), Violation> {
-        if self.admin.current.is_none() {
-            let Some(op) = self.admin.queue.pop_front() else {
+    pub fn admin_replies_of(&self, admin: usize) -> &[(Op, Reply)] {
+        &self.admins[admin].replies
+    }
+
+    fn admin_turn(&mut self, i: usize) -> Result<(), Violation> {
+        let admin = &mut self.admins[i];
+        if admin.current.is_none() {
+            let Some(op) = admin.queue.pop_front() else {
                 return Ok(());
             };
-            self.admin.seq += 1;
-            self.admin.current = Some((op, None, self.now));
+            admin.seq += 1;
+            admin.current = Some((op, None, self.now));
         }
-        let Some((op, proposal, at)) = self.admin.current.clone() else {
+        let Some((op, proposal, at)) = admin.current.clone() else {
             return Ok(());
         };
         if let Some(p) = proposal {
@@ -520,12 +541,13 @@ impl World {
                     let reply = Reply::decode(&result).map_err(|e| {
                         Violation(format!("controller reply of entry {index}: {e}"))
                     })?;
-                    self.admin.replies.push((op, reply));
-                    self.admin.current = None;
+                    let admin = &mut self.admins[i];
+                    admin.replies.push((op, reply));
+                    admin.current = None;
                     return Ok(());
                 }
                 Outcome::Failed | Outcome::Unknown => {
-                    self.admin.current = Some((op, None, self.now + 1));
+                    self.admins[i].current = Some((op, None, self.now + 1));
                     return Ok(());
                 }
             }
@@ -534,15 +556,15 @@ impl World {
             return Ok(());
         }
         let command = Command {
-            client_id: ADMIN_CLIENT_ID,
-            seq: self.admin.seq,
+            client_id: i as u64 + 1,
+            seq: self.admins[i].seq,
             op: op.clone(),
         };
         let next = match self.controller.propose(Bytes::from(command.encode())) {
             Ok(p) => (op, Some(p), self.now),
             Err(_) => (op, None, self.now + 2),
         };
-        self.admin.current = Some(next);
+        self.admins[i].current = Some(next);
         Ok(())
     }
 
@@ -579,7 +601,9 @@ impl World {
         for &g in &ids {
             self.group_turn(g)?;
         }
-        self.admin_turn()?;
+        for i in 0..ADMINS_MAX {
+            self.admin_turn(i)?;
+        }
         self.client_turns()?;
         while let Some(rpc) = self.rpc.next_due(self.now) {
             self.deliver(rpc)?;
@@ -1098,11 +1122,17 @@ impl World {
 
     /// A one-line picture of every group, for failure messages.
     pub fn describe(&self) -> String {
-        let mut out = format!(
-            "t{} controller latest {}",
-            self.now,
-            self.latest_config().map_or(0, |c| c.num)
-        );
+        let mut out = match self.latest_config() {
+            None => format!("t{} controller down", self.now),
+            Some(c) => format!(
+                "t{} controller latest {} hosts {:?} groups {:?} shards {:?}",
+                self.now,
+                c.num,
+                c.hosts.keys().collect::<Vec<_>>(),
+                c.groups.keys().collect::<Vec<_>>(),
+                c.shards
+            ),
+        };
         for g in self.groups.values() {
             out.push_str(&format!("\n  group {} hosts {:?}", g.id, g.hosts));
             if g.stopped {
