@@ -32,7 +32,8 @@ pub use self::driver::{
     KvSim, KvSimConfig, KvStats, OpMix, ScriptOp, CLIENTS_MAX, KEYS_MAX, TICK_MS,
 };
 pub use self::run::{
-    check_linearizable, faults_arg, heal_and_drain, history_path, repro_command, run_kv_seed,
-    run_kv_seed_with, write_history_file, KvOptions, KvRun, KvSummary, KV_LIVENESS_TICKS_MAX,
+    check_linearizable, clients_without_ok_since, faults_arg, heal_and_drain, history_path,
+    repro_command, run_kv_seed, run_kv_seed_with, write_history_file, KvOptions, KvRun, KvSummary,
+    KV_LIVENESS_TICKS_MAX,
 };
 pub use self::stale::StaleReadCheck;

@@ -213,22 +213,7 @@ pub fn heal_and_drain<P: KvProfile>(sim: &mut KvSim<P>) -> Result<(), Failure> {
     }
     let healed_at = sim.now();
     let client_ids: Vec<u64> = (0..sim.client_count()).map(|i| sim.client_id(i)).collect();
-    let unserved = |sim: &KvSim<P>| -> Vec<u64> {
-        let served: std::collections::BTreeSet<u64> = sim
-            .history()
-            .iter()
-            .filter(|r| r.invoke >= healed_at && r.status == Status::Ok)
-            .filter_map(|r| match r.client {
-                ClientId::Number(id) => Some(id),
-                ClientId::Name(_) => None,
-            })
-            .collect();
-        client_ids
-            .iter()
-            .copied()
-            .filter(|id| !served.contains(id))
-            .collect()
-    };
+    let unserved = |sim: &KvSim<P>| clients_without_ok_since(sim.history(), healed_at, &client_ids);
     if !sim.run_until(KV_LIVENESS_TICKS_MAX, |s| unserved(s).is_empty())? {
         return Err(Failure::Liveness(format!(
             "clients {:?} completed no operation within {KV_LIVENESS_TICKS_MAX} ticks after healing at tick {healed_at} [{}]{}",
@@ -460,6 +445,24 @@ fn partition<P: KvProfile>(sim: &mut KvSim<P>, ids: &[NodeId]) {
             }
         }
     }
+}
+
+/// The clients of `clients` with no successful operation invoked at or after tick `since`: the
+/// liveness phase of a run waits until this is empty.
+pub fn clients_without_ok_since(history: &[Record], since: u64, clients: &[u64]) -> Vec<u64> {
+    let served: std::collections::BTreeSet<u64> = history
+        .iter()
+        .filter(|r| r.invoke >= since && r.status == Status::Ok)
+        .filter_map(|r| match r.client {
+            ClientId::Number(id) => Some(id),
+            ClientId::Name(_) => None,
+        })
+        .collect();
+    clients
+        .iter()
+        .copied()
+        .filter(|id| !served.contains(id))
+        .collect()
 }
 
 #[cfg(test)]

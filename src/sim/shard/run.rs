@@ -21,7 +21,7 @@ use super::client::{ClientsConfig, ScriptOp};
 use super::world::{World, WorldConfig, ADMINS_MAX};
 use crate::check::{ClientId, Record, Status};
 use crate::controller::{HostId, HostSpec, Op};
-use crate::sim::kv::check_linearizable;
+use crate::sim::kv::{check_linearizable, clients_without_ok_since};
 use crate::sim::{Failure, Faults, NetConfig, Violation};
 
 /// Ticks after healing within which the world must settle and every client complete an
@@ -274,23 +274,7 @@ pub fn finish(world: &mut World) -> Result<(), Failure> {
     let clients: Vec<u64> = (0..world.clients.len())
         .map(|i| world.clients.client_id(i))
         .collect();
-    let unserved = |w: &World| -> Vec<u64> {
-        let served: std::collections::BTreeSet<u64> = w
-            .clients
-            .history()
-            .iter()
-            .filter(|r| r.invoke >= healed_at && r.status == Status::Ok)
-            .filter_map(|r| match r.client {
-                ClientId::Number(id) => Some(id),
-                ClientId::Name(_) => None,
-            })
-            .collect();
-        clients
-            .iter()
-            .copied()
-            .filter(|c| !served.contains(c))
-            .collect()
-    };
+    let unserved = |w: &World| clients_without_ok_since(w.clients.history(), healed_at, &clients);
     let live = world.run_until(SHARD_LIVENESS_TICKS_MAX, |w| {
         w.admin_idle() && w.settled() && unserved(w).is_empty()
     })?;
