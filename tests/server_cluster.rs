@@ -1100,3 +1100,74 @@ fn server_help_documents_the_config_file_and_a_one_machine_layout_that_validates
         "{err}"
     );
 }
+
+#[test]
+fn the_client_library_rides_out_a_killed_leader_without_an_error() {
+    let _l = lock();
+    let mut c = Cluster::start(3, 1, &[]);
+    let leader = c.wait_leader(0, None);
+    let seeds: Vec<SocketAddr> = c
+        .seed_ports()
+        .into_iter()
+        .map(|p| SocketAddr::from(([127, 0, 0, 1], p)))
+        .collect();
+    let acked = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    // One client with default options writes in a loop. When the leader dies, its connection is
+    // refused until the slot map names the new leader: every write must still succeed (the
+    // client re-reads the map after a connection failure and backs off through the election).
+    let writer = {
+        let (acked, stop) = (acked.clone(), stop.clone());
+        tynamo::client::network_executor("failover-test")
+            .spawn(move || async move {
+                let mut client = tynamo::client::ClusterClient::connect_cluster(
+                    &seeds,
+                    tynamo::client::ClientOptions::default(),
+                )
+                .await
+                .expect("slot map");
+                let mut i = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    let (k, v) = (format!("fo-{i}"), format!("value-{i}"));
+                    if let Err(e) = client.call(&[b"SET", k.as_bytes(), v.as_bytes()]).await {
+                        return Err(format!("write {i}: {e}"));
+                    }
+                    i += 1;
+                    acked.store(i, Ordering::SeqCst);
+                }
+                Ok(i)
+            })
+            .unwrap()
+    };
+    let wait_acked = |n: u64| {
+        let start = Instant::now();
+        while acked.load(Ordering::SeqCst) < n {
+            assert!(
+                start.elapsed() < DEADLINE,
+                "writes stalled at {}",
+                acked.load(Ordering::SeqCst)
+            );
+            std::thread::sleep(POLL);
+        }
+    };
+    wait_acked(50);
+    c.kill(leader);
+    let at_kill = acked.load(Ordering::SeqCst);
+    wait_acked(at_kill + 50);
+    stop.store(true, Ordering::SeqCst);
+    let n = writer
+        .join()
+        .unwrap()
+        .expect("no write may fail across the failover");
+    assert_ne!(c.wait_leader(0, Some(leader)), leader);
+    let ports = c.seed_ports();
+    let deadline = Instant::now() + DEADLINE;
+    for i in 0..n {
+        let v = get(&ports, &format!("fo-{i}"), deadline);
+        assert_eq!(
+            v.as_deref(),
+            Some(format!("value-{i}").as_bytes()),
+            "fo-{i}"
+        );
+    }
+}

@@ -45,7 +45,10 @@ pub struct ClientOptions {
     pub connect: ConnectOptions,
     /// Most MOVED/ASK redirections followed for one batch.
     pub redirects_max: u32,
-    /// Most rounds of re-sending after TRYAGAIN or a lost connection, for one batch.
+    /// Most rounds of re-sending after TRYAGAIN or a lost connection, for one batch. The
+    /// defaults (16 rounds, backoff doubling from 10 ms to 500 ms) wait about 5 s in all: a
+    /// leader's death costs one to two election timeouts (1-2 s by default) before a new leader
+    /// answers, and a client must ride that out rather than fail the write.
     pub attempts_max: u32,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
@@ -62,9 +65,9 @@ impl Default for ClientOptions {
         ClientOptions {
             connect: ConnectOptions::default(),
             redirects_max: 16,
-            attempts_max: 8,
+            attempts_max: 16,
             backoff_initial: Duration::from_millis(10),
-            backoff_max: Duration::from_millis(1000),
+            backoff_max: Duration::from_millis(500),
             read_only: false,
             exactly_once: true,
             nodes_max: 1024,
@@ -531,7 +534,9 @@ impl ClusterClient {
                 Err(e) if e.is_retryable() => {
                     self.nodes[usize::from(node)].down_this_round = true;
                     last = e.to_string();
-                    must_wait = true;
+                    // A node that cannot be reached may be a dead leader: its slots move once
+                    // a new leader is elected, and only a fresh slot map says where.
+                    (must_wait, moved) = (true, true);
                     self.stats.retried += 1;
                     self.retry.push(i);
                     continue;
@@ -575,7 +580,7 @@ impl ClusterClient {
             if let Err(e) = conn.flush().await {
                 self.fail_node(node, 0, &e)?;
                 last = e.to_string();
-                must_wait = true;
+                (must_wait, moved) = (true, true);
             }
         }
         for node in 0..self.nodes.len() {
@@ -590,7 +595,7 @@ impl ClusterClient {
                     Err(e) => {
                         self.fail_node(node, k, &e)?;
                         last = e.to_string();
-                        must_wait = true;
+                        (must_wait, moved) = (true, true);
                         break;
                     }
                 };

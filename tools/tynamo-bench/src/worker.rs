@@ -435,12 +435,19 @@ async fn drive(state: Rc<ThreadState>, c: usize, mut client: ClusterClient, star
                         m.error(kind);
                     }
                 }
-                shared.errors.fetch_add(count as u64, Ordering::Relaxed);
+                let before = shared.errors.fetch_add(count as u64, Ordering::Relaxed);
+                // The first few errors in full: counts by kind say how many, not why.
+                if before < ERRORS_PRINTED_MAX {
+                    eprintln!("tynamo-bench: connection {c}: {e}");
+                }
                 glommio::timer::sleep(ERROR_PAUSE).await;
             }
         }
     }
 }
+
+/// Errors printed in full to stderr (the rest are only counted by kind).
+const ERRORS_PRINTED_MAX: u64 = 5;
 
 fn client_error_kind(e: &ClientError) -> &'static str {
     match e {
