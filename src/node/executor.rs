@@ -25,7 +25,7 @@
 //! path crosses cores.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -47,7 +47,7 @@ use super::control::{
     ControlPlan, CONTROLLER_ENTRY_BYTES_MAX, CONTROLLER_GROUP_ID, CONTROLLER_SEGMENT_BYTES,
 };
 use super::group::{persist_loop, Group, GroupReply, ReplySlot, Signal};
-use super::machine::{ControllerMachine, Machine};
+use super::machine::{ControllerMachine, KvMachine, Machine};
 use super::storage::{save_local_snapshot, GroupStorage};
 use super::transport::{
     bind_exclusive, spawn_listener, CoreId, FrameSink, PeerSender, TransportConfig, TransportStats,
@@ -80,7 +80,14 @@ pub struct HostView {
     /// `CLUSTER SLOTS/SHARDS/NODES` and `tynamo ctl`, written when a new configuration is
     /// applied: a lock off the request path (no data command touches it).
     pub config: std::sync::Mutex<Option<Arc<Configuration>>>,
+    /// The configurations the controller replica of this host applied, by number (the last
+    /// [`HOST_CONFIGS_KEPT`]): what the data groups of this host accept one at a time.
+    pub configs: std::sync::Mutex<BTreeMap<u64, Arc<Configuration>>>,
 }
+
+/// Configurations a host keeps for its data groups. A group more than this many behind asks
+/// another controller host (`TYNAMO.MIGRATE CONFIG`), which keeps the same window.
+pub const HOST_CONFIGS_KEPT: usize = 256;
 
 /// The controller replica's facts, published after each of its turns (relaxed atomics).
 #[derive(Default)]
@@ -105,7 +112,13 @@ impl HostView {
             roles: (0..groups).map(|_| AtomicU8::new(0)).collect(),
             controller: ControllerView::default(),
             config: std::sync::Mutex::new(None),
+            configs: std::sync::Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// Configuration `num` as this host's controller replica applied it.
+    pub fn config(&self, num: u64) -> Option<Arc<Configuration>> {
+        self.configs.lock().ok()?.get(&num).cloned()
     }
 
     /// The latest configuration this host knows from its controller replica.
@@ -121,10 +134,28 @@ impl HostView {
         v.term.store(s.term, Ordering::Relaxed);
         v.commit.store(s.commit, Ordering::Relaxed);
         v.applied.store(s.applied, Ordering::Relaxed);
-        let latest = group.machine().sm.latest();
-        if v.config_num.swap(latest.num, Ordering::Relaxed) != latest.num {
+        let sm = &group.machine().sm;
+        let latest = sm.latest();
+        let before = v.config_num.swap(latest.num, Ordering::Relaxed);
+        if before != latest.num {
             if let Ok(mut c) = self.config.lock() {
                 *c = Some(Arc::new(latest.clone()));
+            }
+            if let Ok(mut kept) = self.configs.lock() {
+                // Every number since the last publish (a turn may apply several), not only
+                // the latest: groups accept them one at a time.
+                let from = latest.num.saturating_sub(HOST_CONFIGS_KEPT as u64 - 1);
+                for num in from..=latest.num {
+                    if kept.contains_key(&num) {
+                        continue;
+                    }
+                    if let Ok(c) = sm.query(num as i64) {
+                        kept.insert(num, Arc::new(c.clone()));
+                    }
+                }
+                while kept.len() > HOST_CONFIGS_KEPT {
+                    kept.pop_first();
+                }
             }
         }
     }
@@ -212,6 +243,11 @@ impl CoreCtx {
         self.cfg
             .host(host)
             .map(|h| SocketAddr::new(h.client.ip(), h.client.port() + core))
+    }
+
+    /// Whether this host runs a controller replica (on core 0).
+    pub fn controller_local(&self) -> bool {
+        self.plan.node_of_host(self.cfg.id).is_some()
     }
 
     /// Hands `ops` to the group on `core` (same host) and returns the slots its replies will
@@ -442,10 +478,12 @@ async fn run_core(
     let (storage, recovered) = GroupStorage::open(group_id, &dir, wal_opts, &cfg.voters())
         .await
         .map_err(|e| err(e.to_string()))?;
-    let kv = match recovered.machine_snapshot() {
-        Some((index, data)) => kv::restore(kvc.clone(), [data.clone()])
+    let config_group = super::migrate::group_of_core(core);
+    // A new replica holds no shard: the first configuration that names its group creates them.
+    let machine = match recovered.machine_snapshot() {
+        Some((index, data)) => KvMachine::restore(kvc.clone(), config_group, data)
             .map_err(|e| err(format!("snapshot {index} in {}: {e}", dir.display())))?,
-        None => kv::StateMachine::new(kvc.clone(), cfg.group_shards(core)),
+        None => KvMachine::new(kv::StateMachine::new(kvc.clone(), []), kvc, config_group),
     };
     let seed = cfg.id.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(core) ^ now_nanos();
     let raw = RawNode::new(raft_config(&cfg, cfg.id), recovered.initial, seed)
@@ -453,8 +491,7 @@ async fn run_core(
     let group = Rc::new(RefCell::new(Group::new(
         group_id,
         raw,
-        kv,
-        kvc,
+        machine,
         u64::from(cfg.election_ticks()),
     )));
     let wake = group.borrow().wake.clone();
@@ -530,6 +567,7 @@ async fn run_core(
         })
         .detach();
     }
+    glommio::spawn_local(super::migrate::drive(ctx.clone())).detach();
     glommio::spawn_local(super::server::accept_loop(client_listener, ctx)).detach();
 
     // Persister.
