@@ -514,14 +514,25 @@ fn kv_command(ctx: &CoreCtx, conn: &mut Conn, command: Command, seq: Option<u64>
             }
         }
         Route::Moved { group } => {
+            // The controller already gave this group the shard but the group has not accepted
+            // that configuration yet: a MOVED back to the old owner would only bounce the
+            // client between the two (and use up its redirections); it should wait instead.
+            let own = group_of_core(ctx.core);
+            let coming = ctx
+                .view
+                .latest_config()
+                .is_some_and(|c| c.owner(shard) == Some(own));
+            if coming {
+                return error(&format!(
+                    "TRYAGAIN shard {shard} (slot {slot}) is being handed to this group"
+                ));
+            }
             return match group_leader_addr(ctx, group) {
-                Some(addr) if group != group_of_core(ctx.core) => {
-                    now(|o| put_moved(o, slot, addr))
-                }
+                Some(addr) if group != own => now(|o| put_moved(o, slot, addr)),
                 _ => error(&format!(
                     "TRYAGAIN shard {shard} (slot {slot}) has no owner in this group's configuration yet"
                 )),
-            }
+            };
         }
     }
     if let Some(session) = session {
