@@ -1,6 +1,7 @@
-//! Real-process tests of live shard migration: three `tynamo server` hosts of two cores on
-//! loopback (data groups 1 and 2 on cores 0 and 1 of every host), `tynamo-bench --verify`
-//! load through the cluster client, and `tynamo ctl move` while it runs.
+//! Real-process tests of live shard migration: four `tynamo server` hosts of two cores on
+//! loopback (data groups 1 and 2 on cores 0 and 1 of every host; the controller on core 0 of
+//! hosts 1-3, so host 4 follows the configurations from them), `tynamo-bench --verify` load
+//! through the cluster client, and `tynamo ctl move` while it runs.
 //!
 //! What they assert: no verification error (every read sees every write acknowledged before
 //! it), every acknowledged write readable at the end (the bench's final scan), each group
@@ -34,7 +35,7 @@ fn lock() -> std::sync::MutexGuard<'static, ()> {
 const DEADLINE: Duration = Duration::from_secs(60);
 /// Poll interval while waiting for a condition (the condition decides, not the interval).
 const POLL: Duration = Duration::from_millis(50);
-const HOSTS: u16 = 3;
+const HOSTS: u16 = 4;
 const CORES: u16 = 2;
 const SHARD_COUNT: u16 = 64;
 
@@ -450,7 +451,7 @@ fn moving_shards_under_verified_load_loses_no_write_and_the_old_owner_redirects(
         }
     }
     assert!(redirected >= 1, "only group 2's leader host forwards");
-    // CLUSTER SLOTS on every host puts the moved shard's slot on a core 1 port.
+    // CLUSTER SLOTS on every host (host 4 runs no controller replica) puts the moved shard's slot on a core 1 port.
     for h in 1..=HOSTS {
         let Frame::Array(ranges) = try_call(&c.addr(h, 0), &["CLUSTER", "SLOTS"]).unwrap() else {
             panic!("CLUSTER SLOTS is an array");

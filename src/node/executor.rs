@@ -116,6 +116,28 @@ impl HostView {
         }
     }
 
+    /// Publishes a configuration fetched from a controller host (a host without a controller
+    /// replica of its own): newer ones only, so a slow answer never rolls the view back.
+    pub fn publish_fetched(&self, config: Configuration) {
+        let num = config.num;
+        let v = &self.controller;
+        if v.config_num.fetch_max(num, Ordering::Relaxed) >= num {
+            return;
+        }
+        let config = Arc::new(config);
+        if let Ok(mut c) = self.config.lock() {
+            if c.as_ref().is_none_or(|c| c.num < num) {
+                *c = Some(config.clone());
+            }
+        }
+        if let Ok(mut kept) = self.configs.lock() {
+            kept.insert(num, config);
+            while kept.len() > HOST_CONFIGS_KEPT {
+                kept.pop_first();
+            }
+        }
+    }
+
     /// Configuration `num` as this host's controller replica applied it.
     pub fn config(&self, num: u64) -> Option<Arc<Configuration>> {
         self.configs.lock().ok()?.get(&num).cloned()
@@ -568,6 +590,9 @@ async fn run_core(
         .detach();
     }
     glommio::spawn_local(super::migrate::drive(ctx.clone())).detach();
+    if core == 0 && !ctx.controller_local() {
+        glommio::spawn_local(super::migrate::follow_controller(ctx.clone())).detach();
+    }
     glommio::spawn_local(super::server::accept_loop(client_listener, ctx)).detach();
 
     // Persister.

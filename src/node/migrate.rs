@@ -3,6 +3,8 @@
 //! simulator's `sim::shard::world` drives the same [`GroupShards`] through the same steps).
 //!
 //! The driver, one task per core, every `heartbeat_ms` while this replica leads its group:
+//! 0. (core 0 of a host without a controller replica) [`follow_controller`] keeps the host's
+//!    view of the latest configuration fresh from a controller host;
 //! 1. the configuration the group wants next (`next_config_wanted`, or for a group that has
 //!    none yet the one that created it) and the one before it, from this host's controller
 //!    replica (`HostView::configs`), else from a controller host with `TYNAMO.MIGRATE CONFIG`;
@@ -52,6 +54,9 @@ const BACKOFF_MS_MAX: u64 = 2_000;
 /// Largest reply to a migration request: one shard blob, which must fit in one log entry.
 const REPLY_BYTES_MAX: usize = super::config::ENTRY_BYTES_MAX as usize;
 const READ_CHUNK_BYTES: usize = 64 << 10;
+/// A host without a controller replica asks for the latest configuration every this many
+/// heartbeats (a configuration change reaches its groups this much later).
+const FOLLOW_PERIOD_HEARTBEATS: u64 = 2;
 
 /// The configuration group id of the data group on `core` (the inverse of `core_of_group`).
 pub fn group_of_core(core: u16) -> ControllerGroupId {
@@ -84,6 +89,47 @@ pub async fn drive(ctx: Rc<CoreCtx>) {
             }
         }
     }
+}
+
+/// On core 0 of a host without a controller replica: keeps this host's view of the latest
+/// configuration fresh by asking the controller hosts (`TYNAMO.MIGRATE LATEST`), for its data
+/// groups (which start at the configuration that created them) and for `CLUSTER SLOTS`.
+pub async fn follow_controller(ctx: Rc<CoreCtx>) {
+    let period = Duration::from_millis(ctx.cfg.heartbeat_ms.max(1) * FOLLOW_PERIOD_HEARTBEATS);
+    let mut last_error = String::new();
+    loop {
+        glommio::timer::sleep(period).await;
+        match fetch_latest(&ctx).await {
+            Ok(config) => {
+                ctx.view.publish_fetched(config);
+                last_error.clear();
+            }
+            Err(e) => {
+                if e != last_error {
+                    eprintln!("tynamo: fetching the latest configuration: {e}");
+                    last_error = e;
+                }
+            }
+        }
+    }
+}
+
+async fn fetch_latest(ctx: &CoreCtx) -> Result<Configuration, String> {
+    let mut last = "no controller host is known".to_string();
+    for &host in &ctx.plan.hosts {
+        let Some(addr) = ctx.client_addr(host, 0) else {
+            continue;
+        };
+        match request(addr, &request_args(ctx, "LATEST", &[])).await {
+            Ok(Frame::Bulk(bytes)) => {
+                return Configuration::decode(&bytes)
+                    .map_err(|e| format!("the latest configuration from {addr}: {e}"))
+            }
+            Ok(other) => last = format!("latest configuration from {addr}: {}", describe(&other)),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
 }
 
 /// One round of the driver; Ok(true) when it proposed something.
@@ -352,7 +398,8 @@ async fn request(addr: SocketAddr, args: &[Vec<u8>]) -> Result<Frame, String> {
 /// - `CONFIRM <group> <config-num> <shard>`: `+DONE` once deleted, `+PENDING` when the leader
 ///   just proposed the delete, `-NOTYET n`, `-NOTLEADER`;
 /// - `CONFIG <num>`: configuration `num` (controller encoding) from this host's controller
-///   replica, or `-NOTYET`.
+///   replica, or `-NOTYET`;
+/// - `LATEST`: the latest configuration this host's controller replica applied.
 pub fn handle(ctx: &CoreCtx, args: &[Bytes]) -> BytesMut {
     let mut out = BytesMut::new();
     if let Err(e) = serve(ctx, args, &mut out) {
@@ -383,6 +430,16 @@ fn serve(ctx: &CoreCtx, args: &[Bytes], out: &mut BytesMut) -> Result<(), String
             "ERR TYNAMO.MIGRATE for cluster {cluster_id}, this is {}",
             ctx.cfg.cluster_id
         ));
+    }
+    if sub.eq_ignore_ascii_case(b"LATEST") {
+        if !ctx.controller_local() {
+            return Err("NOCONTROLLER this host runs no controller replica".into());
+        }
+        let config = ctx.view.latest_config().ok_or("NOTYET no configuration")?;
+        let mut bytes = Vec::new();
+        config.encode(&mut bytes);
+        put_bulk(out, &bytes);
+        return Ok(());
     }
     if sub.eq_ignore_ascii_case(b"CONFIG") {
         let [num] = rest else {
