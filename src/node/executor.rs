@@ -126,7 +126,7 @@ impl HostView {
         }
         let config = Arc::new(config);
         if let Ok(mut c) = self.config.lock() {
-            if c.as_ref().is_none_or(|c| c.num < num) {
+            if !matches!(c.as_ref(), Some(c) if c.num >= num) {
                 *c = Some(config.clone());
             }
         }
