@@ -41,13 +41,15 @@ const SHARD_COUNT: u16 = 64;
 
 struct Cluster {
     dir: tempfile::TempDir,
-    children: Vec<Child>,
+    /// By host id - 1; None while the host is killed.
+    children: Vec<Option<Child>>,
     base: u16,
+    map: String,
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        for c in &mut self.children {
+        for c in self.children.iter_mut().flatten() {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -87,26 +89,66 @@ impl Cluster {
             })
             .collect::<Vec<_>>()
             .join(",");
-        let dir = tempfile::tempdir().unwrap();
-        let mut children = Vec::new();
-        for id in 1..=HOSTS {
-            let log = std::fs::File::create(dir.path().join(format!("host-{id}.log"))).unwrap();
-            let child = Command::new(env!("CARGO_BIN_EXE_tynamo"))
-                .args(["server", "--id", &id.to_string()])
-                .arg("--data")
-                .arg(dir.path().join(format!("host-{id}")))
-                .args(["--initial-cluster", &map, "--cores", &CORES.to_string()])
-                .args(["--placement", "unbound", "--allow-reconfig"])
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap();
-            children.push(child);
-        }
-        Cluster {
-            dir,
-            children,
+        let mut c = Cluster {
+            dir: tempfile::tempdir().unwrap(),
+            children: (0..HOSTS).map(|_| None).collect(),
             base,
+            map,
+        };
+        for id in 1..=HOSTS {
+            c.spawn(id);
+        }
+        c
+    }
+
+    /// Starts host `id` (again) on its data directory; its log is appended to.
+    fn spawn(&mut self, id: u16) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("host-{id}.log")))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_tynamo"))
+            .args(["server", "--id", &id.to_string()])
+            .arg("--data")
+            .arg(self.dir.path().join(format!("host-{id}")))
+            .args([
+                "--initial-cluster",
+                &self.map,
+                "--cores",
+                &CORES.to_string(),
+            ])
+            .args(["--placement", "unbound"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.children[usize::from(id - 1)] = Some(child);
+    }
+
+    /// SIGKILL: nothing the host did not fsync survives.
+    fn kill(&mut self, id: u16) {
+        if let Some(mut c) = self.children[usize::from(id - 1)].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The host whose core `core` leads its group, once one does.
+    fn leader_host(&self, core: u16) -> u16 {
+        let start = Instant::now();
+        loop {
+            for h in 1..=HOSTS {
+                if self.children[usize::from(h - 1)].is_some()
+                    && self
+                        .info(h, core)
+                        .is_some_and(|i| i.contains("raft_role:Leader"))
+                {
+                    return h;
+                }
+            }
+            assert!(start.elapsed() < DEADLINE, "no leader on core {core}");
+            std::thread::sleep(POLL);
         }
     }
 
@@ -479,4 +521,50 @@ fn moving_shards_under_verified_load_loses_no_write_and_the_old_owner_redirects(
             .expect("the slot is in a range");
         assert_eq!((owner_port - c.base) % 10, 1, "host {h}: slot {slot}");
     }
+}
+
+#[test]
+fn a_move_survives_killing_the_old_owners_leader_host_and_restarting_it() {
+    let _l = lock();
+    let mut c = Cluster::start();
+    let first = c.latest();
+    let first_num = first["num"].as_u64().unwrap();
+    let (g1, g2) = (shards_of(&first, 1), shards_of(&first, 2));
+    c.wait_settled(first_num, &[g1.len() as u64, g2.len() as u64]);
+
+    let bench = Bench::start(&c.seeds(), 12);
+    bench.wait_serving();
+    let shard = g1[0];
+    let old_leader = c.leader_host(0);
+    let out = c.ctl(&["move", &shard.to_string(), "2"]);
+    assert!(
+        out.status.success(),
+        "move: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The old owner's leader host dies with the move in whatever step it reached; the other
+    // replicas elect a leader and finish it, and the host catches up when it is back.
+    c.kill(old_leader);
+    let killed_at = bench.started.elapsed();
+    let new_leader = c.leader_host(0);
+    assert_ne!(new_leader, old_leader);
+    c.spawn(old_leader);
+    let num = first_num + 1;
+    c.wait_settled(num, &[g1.len() as u64 - 1, g2.len() as u64 + 1]);
+    let settled_at = bench.started.elapsed();
+
+    let (ok, lines, summary) = bench.finish();
+    for (t, line) in &lines {
+        eprintln!("{:7.2}s  {line}", t.as_secs_f64());
+    }
+    eprintln!(
+        "killed host {old_leader} at {:.2}s, settled at {:.2}s\n{summary}",
+        killed_at.as_secs_f64(),
+        settled_at.as_secs_f64()
+    );
+    assert!(
+        ok && summary.contains("verify=ok") && summary.contains("mismatches=0"),
+        "tynamo-bench --verify failed:\n{summary}\nlogs:\n{}",
+        c.logs()
+    );
 }

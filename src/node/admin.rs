@@ -14,8 +14,9 @@
 //!
 //! Changes are exactly-once: the controller's session table answers a retry of (client id,
 //! seq) with the first answer. Reads (QUERY, STATUS) go through a ReadIndex: linearizable.
-//! Until data groups follow configurations, changes are refused unless the server runs with
-//! `--allow-reconfig` (they would change the configuration, not where data is served).
+//! MOVE is served (data groups move the shard live, `migrate`); JOIN and LEAVE are refused
+//! unless the server runs with `--allow-reconfig`, until groups are created on joined hosts and
+//! removed from leaving ones (their shards would otherwise stop being served).
 
 use std::sync::atomic::Ordering;
 
@@ -167,12 +168,16 @@ pub fn handle(ctx: &CoreCtx, args: &[Bytes]) -> CtlPending {
         },
         "STATUS" if rest.is_empty() => Ok((None, Render::Status, -1)),
         "STATUS" => Err("ERR TYNAMO.CTL STATUS takes no argument".into()),
-        "JOIN" | "LEAVE" | "MOVE" => {
+        // Data groups follow configurations and move shards between existing groups; they
+        // are not yet created on joined hosts nor removed on leaving ones, so a Join or Leave
+        // would hand shards to groups that never serve them.
+        "MOVE" => parse_change(&sub, rest).map(|c| (Some(c), Render::Change, 0)),
+        "JOIN" | "LEAVE" => {
             if !ctx.cfg.allow_reconfig {
                 Err(
-                    "ERR reconfiguration is not served yet: data groups do not follow \
-                     configurations, so a change would not move any data (servers started \
-                     with --allow-reconfig record it anyway)"
+                    "ERR Join and Leave are not served yet: groups are not created on joined \
+                     hosts nor removed from leaving ones, so their shards would stop being \
+                     served (servers started with --allow-reconfig record them anyway)"
                         .into(),
                 )
             } else {

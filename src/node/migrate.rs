@@ -51,8 +51,11 @@ use super::machine::migration_outcome_applied;
 const REQUEST_TIMEOUT_MS: u64 = 5_000;
 /// Longest pause between retries of a failing step.
 const BACKOFF_MS_MAX: u64 = 2_000;
-/// Largest reply to a migration request: one shard blob, which must fit in one log entry.
-const REPLY_BYTES_MAX: usize = super::config::ENTRY_BYTES_MAX as usize;
+/// Largest reply to a migration request: one shard blob, which must fit in one log entry with
+/// the Install header (a larger shard cannot move yet: its pull fails, logged, and is retried).
+const REPLY_BYTES_MAX: usize = super::config::ENTRY_BYTES_MAX as usize - INSTALL_HEADER_BYTES_MAX;
+/// Install entry bytes besides the blob: tag, version, kind, config number, shard, length.
+const INSTALL_HEADER_BYTES_MAX: usize = 64;
 const READ_CHUNK_BYTES: usize = 64 << 10;
 /// A host without a controller replica asks for the latest configuration every this many
 /// heartbeats (a configuration change reaches its groups this much later).
