@@ -458,6 +458,19 @@ fn moving_shards_under_verified_load_loses_no_write_and_the_old_owner_redirects(
         ],
     );
     marks.push((bench.started.elapsed(), "every move settled".into()));
+    // `tynamo ctl status` agrees: every local group at the latest configuration, nothing in
+    // flight.
+    let out = c.ctl(&["status", "--json"]);
+    assert!(out.status.success());
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        status["transfers"].as_array().map(Vec::len),
+        Some(0),
+        "{status}"
+    );
+    for g in status["groups"].as_array().unwrap() {
+        assert_eq!(g["config_num"], last_num, "{status}");
+    }
 
     let (ok, lines, summary) = bench.finish();
     let mut timeline: Vec<(Duration, String)> = lines;

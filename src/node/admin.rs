@@ -31,6 +31,8 @@ use super::control::{config_json, core_of_group, host_addr_text};
 use super::executor::CoreCtx;
 use super::group::{GroupReply, ReplySlot};
 use super::machine::ControllerQuery;
+use super::migrate::group_of_core;
+use crate::shard::migration::Phase;
 
 /// What the connection does with a `TYNAMO.CTL` request.
 pub enum CtlPending {
@@ -270,6 +272,8 @@ fn status_json(ctx: &CoreCtx, c: &controller::Configuration) -> Value {
                 "term": at(&v.terms),
                 "commit": at(&v.commits),
                 "applied": at(&v.applied),
+                "config_num": local
+                    .and_then(|core| v.migration[usize::from(core)].lock().ok().map(|m| m.config_num)),
                 "shards": c.shards_of(id).len(),
                 "replicas": g.replicas.iter()
                     .map(|r| json!({"node_id": r.node_id, "host": r.slot.host, "core": r.slot.core}))
@@ -277,13 +281,34 @@ fn status_json(ctx: &CoreCtx, c: &controller::Configuration) -> Value {
             })
         })
         .collect();
+    // Shards in flight at the groups with a replica on this host, as those replicas applied.
+    let mut transfers = Vec::new();
+    for core in 0..ctx.cfg.cores {
+        let Ok(m) = v.migration[usize::from(core)].lock() else {
+            continue;
+        };
+        for &(shard, phase) in &m.in_flight {
+            let (state, peer) = match phase {
+                Phase::Serving => continue,
+                Phase::Importing { from } => ("importing", from),
+                Phase::Confirming { from } => ("confirming", from),
+                Phase::Exporting { to } => ("exporting", to),
+            };
+            transfers.push(json!({
+                "group": group_of_core(core),
+                "shard": shard,
+                "state": state,
+                "peer_group": peer,
+                "config_num": m.config_num,
+            }));
+        }
+    }
     json!({
         "seen_from": ctx.cfg.id,
         "config": config_json(c),
         "controller": ctl,
         "groups": groups,
-        // Shard transfers start once groups follow configurations; none can be in flight yet.
-        "transfers": [],
+        "transfers": transfers,
     })
 }
 

@@ -40,6 +40,7 @@ use tynamo_wal::WalOptions;
 use crate::controller::{self, Configuration};
 use crate::kv::{self, Command as KvCommand, Op};
 use crate::raft::{self, Message, NodeId, RawNode, Role};
+use crate::shard::migration::{GroupShards, Phase};
 
 use super::codec::{decode_batch, encode_batch, verifier_options, GroupId};
 use super::config::{PlacementMode, ServerConfig};
@@ -76,6 +77,11 @@ pub struct HostView {
     pub roles: Vec<AtomicU8>,
     /// The controller replica of this host (core 0), if it runs one.
     pub controller: ControllerView,
+    /// Per core: the configuration its data group accepted and its shards in flight
+    /// (`tynamo ctl status`), rebuilt when the group applies a migration entry.
+    pub migration: Vec<std::sync::Mutex<MigrationView>>,
+    /// Per core: the migration applied index `migration` was built at.
+    migration_index: Vec<AtomicU64>,
     /// The latest configuration the controller replica of this host applied. Read by
     /// `CLUSTER SLOTS/SHARDS/NODES` and `tynamo ctl`, written when a new configuration is
     /// applied: a lock off the request path (no data command touches it).
@@ -88,6 +94,14 @@ pub struct HostView {
 /// Configurations a host keeps for its data groups. A group more than this many behind asks
 /// another controller host (`TYNAMO.MIGRATE CONFIG`), which keeps the same window.
 pub const HOST_CONFIGS_KEPT: usize = 256;
+
+/// One data group's migration state as `tynamo ctl status` shows it.
+#[derive(Default, Clone, Debug)]
+pub struct MigrationView {
+    pub config_num: u64,
+    /// Shards not plainly Serving, in shard order (at most the shard count).
+    pub in_flight: Vec<(u16, Phase)>,
+}
 
 /// The controller replica's facts, published after each of its turns (relaxed atomics).
 #[derive(Default)]
@@ -111,6 +125,10 @@ impl HostView {
             applied: v(),
             roles: (0..groups).map(|_| AtomicU8::new(0)).collect(),
             controller: ControllerView::default(),
+            migration: (0..groups)
+                .map(|_| std::sync::Mutex::new(MigrationView::default()))
+                .collect(),
+            migration_index: v(),
             config: std::sync::Mutex::new(None),
             configs: std::sync::Mutex::new(BTreeMap::new()),
         }
@@ -179,6 +197,22 @@ impl HostView {
                     kept.pop_first();
                 }
             }
+        }
+    }
+
+    /// Republishes core `g`'s migration state when its group applied a migration entry since
+    /// the last time (a lock taken a few times per configuration change, not per request).
+    fn publish_shards(&self, g: usize, shards: &GroupShards) {
+        let index = shards.applied_index();
+        if self.migration_index[g].swap(index, Ordering::Relaxed) == index {
+            return;
+        }
+        if let Ok(mut m) = self.migration[g].lock() {
+            m.config_num = shards.config_num();
+            m.in_flight = shards
+                .shards()
+                .filter(|(_, p)| *p != Phase::Serving)
+                .collect();
         }
     }
 
@@ -625,7 +659,10 @@ async fn run_core(
         persist_wake,
         senders.clone(),
         Some,
-        move |gr: &Group| view2.publish(g, gr),
+        move |gr: &Group| {
+            view2.publish(g, gr);
+            view2.publish_shards(g, &gr.machine().shards);
+        },
         snapshots,
         wal,
     );
