@@ -9,6 +9,10 @@
 //!   second and parks in io_uring in between (spinning before parking is off);
 //! - the peer listener and one writer per remote host (`transport`);
 //! - the client listener and one task per client connection (`server`);
+//! - the migration driver (`migrate::drive`): while this core's replica leads its data group,
+//!   moves the group through the controller's configurations (AcceptConfig, pulls, confirms);
+//!   on core 0 of a host without a controller replica, `migrate::follow_controller` keeps the
+//!   host's view of the latest configuration fresh from a controller host;
 //! - on core 0 of the first three hosts: the controller group's loop, persister and bootstrap
 //!   proposer (`control`), on the same storage and Ready-loop code as the data group, sharing
 //!   the core's peer connections (its messages carry group id `CONTROLLER_GROUP_ID`).

@@ -412,7 +412,18 @@ pub fn handle(ctx: &CoreCtx, args: &[Bytes]) -> BytesMut {
     out
 }
 
-fn serve(ctx: &CoreCtx, args: &[Bytes], out: &mut BytesMut) -> Result<(), String> {
+/// A `TYNAMO.MIGRATE` request, parsed and checked against this cluster and core.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MigrateRequest {
+    Latest,
+    Config { num: u64 },
+    Pull { config_num: u64, shard: u16 },
+    Confirm { config_num: u64, shard: u16 },
+}
+
+/// Parses `<sub> <cluster-id> <numbers...>`; every malformed or misdirected request is an error
+/// reply naming what is wrong.
+fn parse(args: &[Bytes], cluster_id_here: u64, group_here: u64) -> Result<MigrateRequest, String> {
     let sub = args
         .first()
         .ok_or("ERR TYNAMO.MIGRATE wants a subcommand")?;
@@ -428,67 +439,151 @@ fn serve(ctx: &CoreCtx, args: &[Bytes], out: &mut BytesMut) -> Result<(), String
     let (&cluster_id, rest) = numbers
         .split_first()
         .ok_or("ERR TYNAMO.MIGRATE wants the cluster id")?;
-    if cluster_id != ctx.cfg.cluster_id {
+    if cluster_id != cluster_id_here {
         return Err(format!(
-            "ERR TYNAMO.MIGRATE for cluster {cluster_id}, this is {}",
-            ctx.cfg.cluster_id
+            "ERR TYNAMO.MIGRATE for cluster {cluster_id}, this is {cluster_id_here}"
         ));
     }
     if sub.eq_ignore_ascii_case(b"LATEST") {
-        if !ctx.controller_local() {
-            return Err("NOCONTROLLER this host runs no controller replica".into());
-        }
-        let config = ctx.view.latest_config().ok_or("NOTYET no configuration")?;
-        let mut bytes = Vec::new();
-        config.encode(&mut bytes);
-        put_bulk(out, &bytes);
-        return Ok(());
+        return match rest {
+            [] => Ok(MigrateRequest::Latest),
+            _ => Err("ERR TYNAMO.MIGRATE LATEST takes no number".into()),
+        };
     }
     if sub.eq_ignore_ascii_case(b"CONFIG") {
-        let [num] = rest else {
-            return Err("ERR TYNAMO.MIGRATE CONFIG wants a number".into());
+        return match rest {
+            [num] => Ok(MigrateRequest::Config { num: *num }),
+            _ => Err("ERR TYNAMO.MIGRATE CONFIG wants a number".into()),
         };
-        let config = ctx.view.config(*num).ok_or(format!("NOTYET {num}"))?;
-        let mut bytes = Vec::new();
-        config.encode(&mut bytes);
-        put_bulk(out, &bytes);
-        return Ok(());
+    }
+    let pull = sub.eq_ignore_ascii_case(b"PULL");
+    if !pull && !sub.eq_ignore_ascii_case(b"CONFIRM") {
+        return Err("ERR TYNAMO.MIGRATE subcommands are PULL, CONFIRM, CONFIG and LATEST".into());
     }
     let [group, config_num, shard] = rest else {
         return Err("ERR TYNAMO.MIGRATE PULL|CONFIRM want group, configuration and shard".into());
     };
-    let shard = u16::try_from(*shard).map_err(|_| "ERR shard out of range".to_string())?;
-    if *group != group_of_core(ctx.core) {
+    let shard = u16::try_from(*shard).map_err(|_| format!("ERR shard {shard} out of range"))?;
+    if *group != group_here {
         return Err(format!(
-            "ERR group {group} is not on this core (group {})",
-            group_of_core(ctx.core)
+            "ERR group {group} is not on this core (group {group_here})"
         ));
     }
-    if sub.eq_ignore_ascii_case(b"PULL") {
-        let g = ctx.group.borrow();
-        let m = g.machine();
-        match m.shards.handle_pull(&m.sm, shard, *config_num) {
-            PullReply::Blob(blob) => put_bulk(out, &blob),
-            PullReply::NotYet { config_num } => return Err(format!("NOTYET {config_num}")),
-            PullReply::Gone => put_simple(out, b"GONE"),
+    let config_num = *config_num;
+    Ok(if pull {
+        MigrateRequest::Pull { config_num, shard }
+    } else {
+        MigrateRequest::Confirm { config_num, shard }
+    })
+}
+
+fn serve(ctx: &CoreCtx, args: &[Bytes], out: &mut BytesMut) -> Result<(), String> {
+    match parse(args, ctx.cfg.cluster_id, group_of_core(ctx.core))? {
+        MigrateRequest::Latest => {
+            if !ctx.controller_local() {
+                return Err("NOCONTROLLER this host runs no controller replica".into());
+            }
+            let config = ctx.view.latest_config().ok_or("NOTYET no configuration")?;
+            let mut bytes = Vec::new();
+            config.encode(&mut bytes);
+            put_bulk(out, &bytes);
         }
-        return Ok(());
-    }
-    if sub.eq_ignore_ascii_case(b"CONFIRM") {
-        let mut g = ctx.group.borrow_mut();
-        if !g.is_leader() {
-            return Err("NOTLEADER".into());
+        MigrateRequest::Config { num } => {
+            let config = ctx.view.config(num).ok_or(format!("NOTYET {num}"))?;
+            let mut bytes = Vec::new();
+            config.encode(&mut bytes);
+            put_bulk(out, &bytes);
         }
-        match g.machine().shards.handle_confirm(shard, *config_num) {
-            ConfirmReply::Done => put_simple(out, b"DONE"),
-            ConfirmReply::NotYet { config_num } => return Err(format!("NOTYET {config_num}")),
-            ConfirmReply::Propose(entry) => {
-                // Not awaited: the asker asks again until the delete has applied.
-                let _ = g.submit_raw(entry);
-                put_simple(out, b"PENDING");
+        MigrateRequest::Pull { config_num, shard } => {
+            let g = ctx.group.borrow();
+            let m = g.machine();
+            match m.shards.handle_pull(&m.sm, shard, config_num) {
+                PullReply::Blob(blob) => put_bulk(out, &blob),
+                PullReply::NotYet { config_num } => return Err(format!("NOTYET {config_num}")),
+                PullReply::Gone => put_simple(out, b"GONE"),
             }
         }
-        return Ok(());
+        MigrateRequest::Confirm { config_num, shard } => {
+            let mut g = ctx.group.borrow_mut();
+            if !g.is_leader() {
+                return Err("NOTLEADER".into());
+            }
+            match g.machine().shards.handle_confirm(shard, config_num) {
+                ConfirmReply::Done => put_simple(out, b"DONE"),
+                ConfirmReply::NotYet { config_num } => return Err(format!("NOTYET {config_num}")),
+                ConfirmReply::Propose(entry) => {
+                    // Not awaited: the asker asks again until the delete has applied.
+                    let _ = g.submit_raw(entry);
+                    put_simple(out, b"PENDING");
+                }
+            }
+        }
     }
-    Err("ERR TYNAMO.MIGRATE subcommands are PULL, CONFIRM and CONFIG".into())
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<Bytes> {
+        list.iter()
+            .map(|a| Bytes::copy_from_slice(a.as_bytes()))
+            .collect()
+    }
+
+    #[test]
+    fn requests_parse_and_misdirected_or_malformed_ones_are_refused() {
+        let p = |list: &[&str]| parse(&args(list), 7, 2);
+        assert_eq!(p(&["LATEST", "7"]), Ok(MigrateRequest::Latest));
+        assert_eq!(
+            p(&["config", "7", "12"]),
+            Ok(MigrateRequest::Config { num: 12 })
+        );
+        assert_eq!(
+            p(&["PULL", "7", "2", "5", "63"]),
+            Ok(MigrateRequest::Pull {
+                config_num: 5,
+                shard: 63
+            })
+        );
+        assert_eq!(
+            p(&["Confirm", "7", "2", "5", "1"]),
+            Ok(MigrateRequest::Confirm {
+                config_num: 5,
+                shard: 1
+            })
+        );
+        let refused = |list: &[&str], want: &str| {
+            let e = p(list).unwrap_err();
+            assert!(e.contains(want), "{list:?}: {e}");
+        };
+        refused(&[], "wants a subcommand");
+        refused(&["PULL"], "wants the cluster id");
+        refused(&["PULL", "8", "2", "5", "1"], "for cluster 8, this is 7");
+        refused(
+            &["PULL", "7", "3", "5", "1"],
+            "group 3 is not on this core (group 2)",
+        );
+        refused(
+            &["PULL", "7", "2", "5", "70000"],
+            "shard 70000 out of range",
+        );
+        refused(
+            &["PULL", "7", "2", "5"],
+            "want group, configuration and shard",
+        );
+        refused(&["PULL", "7", "2", "x", "1"], "arguments are numbers");
+        refused(&["PULL", "7", "2", "-1", "1"], "arguments are numbers");
+        refused(&["CONFIG", "7"], "wants a number");
+        refused(&["LATEST", "7", "1"], "takes no number");
+        refused(&["DELETE", "7", "2", "5", "1"], "subcommands are");
+    }
+
+    #[test]
+    fn cores_and_configuration_groups_correspond() {
+        for core in 0..64u16 {
+            assert_eq!(core_of_group(group_of_core(core)), Some(core));
+        }
+    }
 }
