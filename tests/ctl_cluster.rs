@@ -298,14 +298,14 @@ fn ctl_status_and_query_answer_from_any_host_as_tables_and_json() {
         other => panic!("{other:?}"),
     }
 
-    // Changes are refused, with the reason, while data groups do not follow configurations.
+    // Join and Leave are refused, with the reason, while groups are not created and removed.
     let out = c.ctl(
         &c.addr(1, 0),
         &["join", "4=127.0.0.1:1101,127.0.0.1:1001,2"],
     );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("reconfiguration is not served yet"), "{err}");
+    assert!(err.contains("Join and Leave are not served yet"), "{err}");
     // A malformed host spec is refused before anything is sent.
     let out = c.ctl(&c.addr(1, 0), &["join", "4=nonsense"]);
     assert_eq!(out.status.code(), Some(2));

@@ -168,7 +168,11 @@ impl Cluster {
                     continue;
                 }
                 if let Some(info) = self.info(i, g) {
-                    if info.contains("raft_role:Leader") && info_field(&info, "applied_index") > 0 {
+                    // A leader serves once its group accepted its first configuration.
+                    if info.contains("raft_role:Leader")
+                        && info_field(&info, "applied_index") > 0
+                        && info_field(&info, "group_config_num") > 0
+                    {
                         return i;
                     }
                 }

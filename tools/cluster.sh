@@ -8,6 +8,7 @@
 #   tools/cluster.sh bench [clients] [requests]      # redis-benchmark --cluster -t set,get -d 256
 #   tools/cluster.sh window-table [requests]         # SET rps for window 1,2,4,16 x 1,256 clients
 #   tools/cluster.sh ctl status|query [N] [--json]   # tynamo ctl against host 1
+#   tools/cluster.sh ctl move SHARD GROUP            # move a shard live (watch: ctl status)
 #
 # Environment: BIN (default target/release/tynamo), DIR (default /tmp/tynamo-cluster),
 # BASE (client port of host 1, default 7001; host h: BASE + 10(h-1), peers + 100), CORES (2).

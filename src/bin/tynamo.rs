@@ -37,8 +37,8 @@ enum Cmd {
     Server(Box<ServerArgs>),
     /// Start a local 3-host cluster (three child processes) and wait for Ctrl-C.
     Demo(DemoArgs),
-    /// Ask the controller: configurations, cluster status, and (with servers started with
-    /// --allow-reconfig) Join/Leave/Move.
+    /// Ask the controller: configurations, cluster status, Move (live shard migration), and
+    /// (with servers started with --allow-reconfig) Join/Leave.
     Ctl(CtlArgs),
 }
 
@@ -149,8 +149,9 @@ struct ServerArgs {
     /// safe (ReadIndex) or lease.
     #[arg(long)]
     read_mode: Option<String>,
-    /// Let the controller accept Join/Leave/Move although data groups do not follow
-    /// configurations yet (the configuration changes; no data moves).
+    /// Let the controller accept Join/Leave although groups are not yet created on joined
+    /// hosts nor removed from leaving ones (testing only: the shards handed to such groups
+    /// stop being served). Move is always served: shards move live between existing groups.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     allow_reconfig: Option<bool>,
     /// Shards the key space is cut into (fixed at cluster creation; default 64).

@@ -288,23 +288,64 @@ pub fn status_table(s: &Value) -> String {
         ],
         &groups,
     );
-    let transfers = s["transfers"].as_array().map_or(0, Vec::len);
+    let transfers: Vec<Vec<String>> = s["transfers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| {
+            vec![
+                cell(&t["group"]),
+                cell(&t["shard"]),
+                cell(&t["state"]),
+                cell(&t["peer_group"]),
+                cell(&t["config_num"]),
+            ]
+        })
+        .collect();
     let _ = writeln!(
         out,
         "\ntransfers in flight: {}  (group state as seen from host {})",
-        if transfers == 0 {
+        if transfers.is_empty() {
             "none".to_string()
         } else {
-            transfers.to_string()
+            transfers.len().to_string()
         },
         cell(&s["seen_from"])
     );
+    if !transfers.is_empty() {
+        table(
+            &mut out,
+            &["GROUP", "SHARD", "STATE", "PEER GROUP", "CONFIG"],
+            &transfers,
+        );
+    }
     out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_lists_the_transfers_in_flight() {
+        let status = serde_json::json!({
+            "seen_from": 2,
+            "config": {"num": 5, "hosts": []},
+            "controller": {"leader": 1, "term": 3, "commit": 9, "applied": 9},
+            "groups": [],
+            "transfers": [
+                {"group": 2, "shard": 7, "state": "importing", "peer_group": 1, "config_num": 5},
+            ],
+        });
+        let text = status_table(&status);
+        assert!(
+            text.contains("transfers in flight: 1  (group state as seen from host 2)"),
+            "{text}"
+        );
+        assert!(text.contains("GROUP  SHARD  STATE      PEER GROUP  CONFIG\n2      7      importing  1           5"), "{text}");
+        let idle = serde_json::json!({"seen_from": 1, "transfers": []});
+        assert!(status_table(&idle).contains("transfers in flight: none"));
+    }
 
     #[test]
     fn shard_lists_print_as_ranges_and_tables_align() {

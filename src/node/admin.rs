@@ -14,8 +14,9 @@
 //!
 //! Changes are exactly-once: the controller's session table answers a retry of (client id,
 //! seq) with the first answer. Reads (QUERY, STATUS) go through a ReadIndex: linearizable.
-//! Until data groups follow configurations, changes are refused unless the server runs with
-//! `--allow-reconfig` (they would change the configuration, not where data is served).
+//! MOVE is served (data groups move the shard live, `migrate`); JOIN and LEAVE are refused
+//! unless the server runs with `--allow-reconfig`, until groups are created on joined hosts and
+//! removed from leaving ones (their shards would otherwise stop being served).
 
 use std::sync::atomic::Ordering;
 
@@ -30,6 +31,8 @@ use super::control::{config_json, core_of_group, host_addr_text};
 use super::executor::CoreCtx;
 use super::group::{GroupReply, ReplySlot};
 use super::machine::ControllerQuery;
+use super::migrate::group_of_core;
+use crate::shard::migration::Phase;
 
 /// What the connection does with a `TYNAMO.CTL` request.
 pub enum CtlPending {
@@ -167,12 +170,16 @@ pub fn handle(ctx: &CoreCtx, args: &[Bytes]) -> CtlPending {
         },
         "STATUS" if rest.is_empty() => Ok((None, Render::Status, -1)),
         "STATUS" => Err("ERR TYNAMO.CTL STATUS takes no argument".into()),
-        "JOIN" | "LEAVE" | "MOVE" => {
+        // Data groups follow configurations and move shards between existing groups; they
+        // are not yet created on joined hosts nor removed on leaving ones, so a Join or Leave
+        // would hand shards to groups that never serve them.
+        "MOVE" => parse_change(&sub, rest).map(|c| (Some(c), Render::Change, 0)),
+        "JOIN" | "LEAVE" => {
             if !ctx.cfg.allow_reconfig {
                 Err(
-                    "ERR reconfiguration is not served yet: data groups do not follow \
-                     configurations, so a change would not move any data (servers started \
-                     with --allow-reconfig record it anyway)"
+                    "ERR Join and Leave are not served yet: groups are not created on joined \
+                     hosts nor removed from leaving ones, so their shards would stop being \
+                     served (servers started with --allow-reconfig record them anyway)"
                         .into(),
                 )
             } else {
@@ -265,6 +272,8 @@ fn status_json(ctx: &CoreCtx, c: &controller::Configuration) -> Value {
                 "term": at(&v.terms),
                 "commit": at(&v.commits),
                 "applied": at(&v.applied),
+                "config_num": local
+                    .and_then(|core| v.migration[usize::from(core)].lock().ok().map(|m| m.config_num)),
                 "shards": c.shards_of(id).len(),
                 "replicas": g.replicas.iter()
                     .map(|r| json!({"node_id": r.node_id, "host": r.slot.host, "core": r.slot.core}))
@@ -272,13 +281,34 @@ fn status_json(ctx: &CoreCtx, c: &controller::Configuration) -> Value {
             })
         })
         .collect();
+    // Shards in flight at the groups with a replica on this host, as those replicas applied.
+    let mut transfers = Vec::new();
+    for core in 0..ctx.cfg.cores {
+        let Ok(m) = v.migration[usize::from(core)].lock() else {
+            continue;
+        };
+        for &(shard, phase) in &m.in_flight {
+            let (state, peer) = match phase {
+                Phase::Serving => continue,
+                Phase::Importing { from } => ("importing", from),
+                Phase::Confirming { from } => ("confirming", from),
+                Phase::Exporting { to } => ("exporting", to),
+            };
+            transfers.push(json!({
+                "group": group_of_core(core),
+                "shard": shard,
+                "state": state,
+                "peer_group": peer,
+                "config_num": m.config_num,
+            }));
+        }
+    }
     json!({
         "seen_from": ctx.cfg.id,
         "config": config_json(c),
         "controller": ctl,
         "groups": groups,
-        // Shard transfers start once groups follow configurations; none can be in flight yet.
-        "transfers": [],
+        "transfers": transfers,
     })
 }
 

@@ -101,8 +101,8 @@ pub struct ServerConfig {
     pub io_memory_bytes: usize,
     /// Client connections per core.
     pub connections_max: usize,
-    /// Accept controller Join/Leave/Move although data groups do not follow configurations
-    /// yet (the configuration changes, the data does not move).
+    /// Accept controller Join/Leave although groups are not created on joined hosts nor
+    /// removed from leaving ones yet (testing only). Move is always accepted.
     pub allow_reconfig: bool,
 }
 

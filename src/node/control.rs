@@ -17,10 +17,10 @@
 //! the same contiguous blocks as the static map (`ServerConfig::shard_group`), so configuration
 //! 1 describes exactly what the data groups serve (`bootstrap_matches_the_static_map` checks it).
 //!
-//! Until data groups follow configurations (`shard::migration`), configuration group `k + 1` is
-//! the data group on core `k` ([`core_of_group`]), and Join/Leave/Move are refused unless the
-//! server runs with `--allow-reconfig` (they would change the configuration but not where data
-//! is served).
+//! Configuration group `k + 1` is the data group on core `k` of every host ([`core_of_group`]);
+//! data groups follow the configurations (`migrate`), so Move moves shards live between them.
+//! Groups are not yet created on joined hosts nor removed from leaving ones, so Join and Leave
+//! are refused unless the server runs with `--allow-reconfig`.
 
 use std::net::SocketAddr;
 

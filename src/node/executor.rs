@@ -9,6 +9,10 @@
 //!   second and parks in io_uring in between (spinning before parking is off);
 //! - the peer listener and one writer per remote host (`transport`);
 //! - the client listener and one task per client connection (`server`);
+//! - the migration driver (`migrate::drive`): while this core's replica leads its data group,
+//!   moves the group through the controller's configurations (AcceptConfig, pulls, confirms);
+//!   on core 0 of a host without a controller replica, `migrate::follow_controller` keeps the
+//!   host's view of the latest configuration fresh from a controller host;
 //! - on core 0 of the first three hosts: the controller group's loop, persister and bootstrap
 //!   proposer (`control`), on the same storage and Ready-loop code as the data group, sharing
 //!   the core's peer connections (its messages carry group id `CONTROLLER_GROUP_ID`).
@@ -25,7 +29,7 @@
 //! path crosses cores.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -40,6 +44,7 @@ use tynamo_wal::WalOptions;
 use crate::controller::{self, Configuration};
 use crate::kv::{self, Command as KvCommand, Op};
 use crate::raft::{self, Message, NodeId, RawNode, Role};
+use crate::shard::migration::{GroupShards, Phase};
 
 use super::codec::{decode_batch, encode_batch, verifier_options, GroupId};
 use super::config::{PlacementMode, ServerConfig};
@@ -47,7 +52,7 @@ use super::control::{
     ControlPlan, CONTROLLER_ENTRY_BYTES_MAX, CONTROLLER_GROUP_ID, CONTROLLER_SEGMENT_BYTES,
 };
 use super::group::{persist_loop, Group, GroupReply, ReplySlot, Signal};
-use super::machine::{ControllerMachine, Machine};
+use super::machine::{ControllerMachine, KvMachine, Machine};
 use super::storage::{save_local_snapshot, GroupStorage};
 use super::transport::{
     bind_exclusive, spawn_listener, CoreId, FrameSink, PeerSender, TransportConfig, TransportStats,
@@ -76,10 +81,30 @@ pub struct HostView {
     pub roles: Vec<AtomicU8>,
     /// The controller replica of this host (core 0), if it runs one.
     pub controller: ControllerView,
+    /// Per core: the configuration its data group accepted and its shards in flight
+    /// (`tynamo ctl status`), rebuilt when the group applies a migration entry.
+    pub migration: Vec<std::sync::Mutex<MigrationView>>,
+    /// Per core: the migration applied index `migration` was built at.
+    migration_index: Vec<AtomicU64>,
     /// The latest configuration the controller replica of this host applied. Read by
     /// `CLUSTER SLOTS/SHARDS/NODES` and `tynamo ctl`, written when a new configuration is
     /// applied: a lock off the request path (no data command touches it).
     pub config: std::sync::Mutex<Option<Arc<Configuration>>>,
+    /// The configurations the controller replica of this host applied, by number (the last
+    /// [`HOST_CONFIGS_KEPT`]): what the data groups of this host accept one at a time.
+    pub configs: std::sync::Mutex<BTreeMap<u64, Arc<Configuration>>>,
+}
+
+/// Configurations a host keeps for its data groups. A group more than this many behind asks
+/// another controller host (`TYNAMO.MIGRATE CONFIG`), which keeps the same window.
+pub const HOST_CONFIGS_KEPT: usize = 256;
+
+/// One data group's migration state as `tynamo ctl status` shows it.
+#[derive(Default, Clone, Debug)]
+pub struct MigrationView {
+    pub config_num: u64,
+    /// Shards not plainly Serving, in shard order (at most the shard count).
+    pub in_flight: Vec<(u16, Phase)>,
 }
 
 /// The controller replica's facts, published after each of its turns (relaxed atomics).
@@ -104,8 +129,40 @@ impl HostView {
             applied: v(),
             roles: (0..groups).map(|_| AtomicU8::new(0)).collect(),
             controller: ControllerView::default(),
+            migration: (0..groups)
+                .map(|_| std::sync::Mutex::new(MigrationView::default()))
+                .collect(),
+            migration_index: v(),
             config: std::sync::Mutex::new(None),
+            configs: std::sync::Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// Publishes a configuration fetched from a controller host (a host without a controller
+    /// replica of its own): newer ones only, so a slow answer never rolls the view back.
+    pub fn publish_fetched(&self, config: Configuration) {
+        let num = config.num;
+        let v = &self.controller;
+        if v.config_num.fetch_max(num, Ordering::Relaxed) >= num {
+            return;
+        }
+        let config = Arc::new(config);
+        if let Ok(mut c) = self.config.lock() {
+            if !matches!(c.as_ref(), Some(c) if c.num >= num) {
+                *c = Some(config.clone());
+            }
+        }
+        if let Ok(mut kept) = self.configs.lock() {
+            kept.insert(num, config);
+            while kept.len() > HOST_CONFIGS_KEPT {
+                kept.pop_first();
+            }
+        }
+    }
+
+    /// Configuration `num` as this host's controller replica applied it.
+    pub fn config(&self, num: u64) -> Option<Arc<Configuration>> {
+        self.configs.lock().ok()?.get(&num).cloned()
     }
 
     /// The latest configuration this host knows from its controller replica.
@@ -121,11 +178,45 @@ impl HostView {
         v.term.store(s.term, Ordering::Relaxed);
         v.commit.store(s.commit, Ordering::Relaxed);
         v.applied.store(s.applied, Ordering::Relaxed);
-        let latest = group.machine().sm.latest();
-        if v.config_num.swap(latest.num, Ordering::Relaxed) != latest.num {
+        let sm = &group.machine().sm;
+        let latest = sm.latest();
+        let before = v.config_num.swap(latest.num, Ordering::Relaxed);
+        if before != latest.num {
             if let Ok(mut c) = self.config.lock() {
                 *c = Some(Arc::new(latest.clone()));
             }
+            if let Ok(mut kept) = self.configs.lock() {
+                // Every number since the last publish (a turn may apply several), not only
+                // the latest: groups accept them one at a time.
+                let from = latest.num.saturating_sub(HOST_CONFIGS_KEPT as u64 - 1);
+                for num in from..=latest.num {
+                    if kept.contains_key(&num) {
+                        continue;
+                    }
+                    if let Ok(c) = sm.query(num as i64) {
+                        kept.insert(num, Arc::new(c.clone()));
+                    }
+                }
+                while kept.len() > HOST_CONFIGS_KEPT {
+                    kept.pop_first();
+                }
+            }
+        }
+    }
+
+    /// Republishes core `g`'s migration state when its group applied a migration entry since
+    /// the last time (a lock taken a few times per configuration change, not per request).
+    fn publish_shards(&self, g: usize, shards: &GroupShards) {
+        let index = shards.applied_index();
+        if self.migration_index[g].swap(index, Ordering::Relaxed) == index {
+            return;
+        }
+        if let Ok(mut m) = self.migration[g].lock() {
+            m.config_num = shards.config_num();
+            m.in_flight = shards
+                .shards()
+                .filter(|(_, p)| *p != Phase::Serving)
+                .collect();
         }
     }
 
@@ -212,6 +303,11 @@ impl CoreCtx {
         self.cfg
             .host(host)
             .map(|h| SocketAddr::new(h.client.ip(), h.client.port() + core))
+    }
+
+    /// Whether this host runs a controller replica (on core 0).
+    pub fn controller_local(&self) -> bool {
+        self.plan.node_of_host(self.cfg.id).is_some()
     }
 
     /// Hands `ops` to the group on `core` (same host) and returns the slots its replies will
@@ -442,10 +538,12 @@ async fn run_core(
     let (storage, recovered) = GroupStorage::open(group_id, &dir, wal_opts, &cfg.voters())
         .await
         .map_err(|e| err(e.to_string()))?;
-    let kv = match recovered.machine_snapshot() {
-        Some((index, data)) => kv::restore(kvc.clone(), [data.clone()])
+    let config_group = super::migrate::group_of_core(core);
+    // A new replica holds no shard: the first configuration that names its group creates them.
+    let machine = match recovered.machine_snapshot() {
+        Some((index, data)) => KvMachine::restore(kvc.clone(), config_group, data)
             .map_err(|e| err(format!("snapshot {index} in {}: {e}", dir.display())))?,
-        None => kv::StateMachine::new(kvc.clone(), cfg.group_shards(core)),
+        None => KvMachine::new(kv::StateMachine::new(kvc.clone(), []), kvc, config_group),
     };
     let seed = cfg.id.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(core) ^ now_nanos();
     let raw = RawNode::new(raft_config(&cfg, cfg.id), recovered.initial, seed)
@@ -453,8 +551,7 @@ async fn run_core(
     let group = Rc::new(RefCell::new(Group::new(
         group_id,
         raw,
-        kv,
-        kvc,
+        machine,
         u64::from(cfg.election_ticks()),
     )));
     let wake = group.borrow().wake.clone();
@@ -530,6 +627,10 @@ async fn run_core(
         })
         .detach();
     }
+    glommio::spawn_local(super::migrate::drive(ctx.clone())).detach();
+    if core == 0 && !ctx.controller_local() {
+        glommio::spawn_local(super::migrate::follow_controller(ctx.clone())).detach();
+    }
     glommio::spawn_local(super::server::accept_loop(client_listener, ctx)).detach();
 
     // Persister.
@@ -562,7 +663,10 @@ async fn run_core(
         persist_wake,
         senders.clone(),
         Some,
-        move |gr: &Group| view2.publish(g, gr),
+        move |gr: &Group| {
+            view2.publish(g, gr);
+            view2.publish_shards(g, &gr.machine().shards);
+        },
         snapshots,
         wal,
     );

@@ -46,6 +46,8 @@ pub const QUEUED_OPS_MAX: usize = 65_536;
 pub const BATCH_BYTES_MAX: usize = 1 << 20;
 /// A linearizable read not confirmed within this many election timeouts is refused.
 const READ_TIMEOUT_ELECTIONS: u64 = 2;
+/// Runtime-built entries queued at once: the migration driver has at most one step in flight.
+pub const RAW_WRITES_MAX: usize = 16;
 
 /// A one-shot wake-up flag for one waiting task. `notify` before `wait` is not lost.
 #[derive(Default)]
@@ -181,6 +183,8 @@ pub struct Group<M: Machine = KvMachine> {
     machine: M,
     election_ticks: u64,
     writes: Vec<(M::Command, ReplySlot<M::Outcome>)>,
+    /// Whole entries built by the runtime (migration entries), one log entry each.
+    raw_writes: Vec<(Bytes, ReplySlot<M::Outcome>)>,
     reads: Vec<(M::Read, ReplySlot<M::Outcome>)>,
     inbox: Vec<Message>,
     ticks_due: u32,
@@ -216,22 +220,8 @@ type ReadBatch<M> = Vec<(<M as Machine>::Read, ReplySlot<<M as Machine>::Outcome
 
 impl Group<KvMachine> {
     /// A data group replica over its KV store.
-    pub fn new(
-        id: GroupId,
-        raw: RawNode,
-        kv: kv::StateMachine,
-        kv_config: kv::Config,
-        election_ticks: u64,
-    ) -> Group<KvMachine> {
-        Group::with_machine(
-            id,
-            raw,
-            KvMachine {
-                sm: kv,
-                config: kv_config,
-            },
-            election_ticks,
-        )
+    pub fn new(id: GroupId, raw: RawNode, machine: KvMachine, election_ticks: u64) -> Group {
+        Group::with_machine(id, raw, machine, election_ticks)
     }
 
     pub fn kv(&self) -> &kv::StateMachine {
@@ -247,6 +237,7 @@ impl<M: Machine> Group<M> {
             machine,
             election_ticks,
             writes: Vec::new(),
+            raw_writes: Vec::new(),
             reads: Vec::new(),
             inbox: Vec::new(),
             ticks_due: 0,
@@ -311,6 +302,21 @@ impl<M: Machine> Group<M> {
         slot
     }
 
+    /// Queues a whole log entry built by the runtime (a migration entry); applying it must
+    /// push exactly one outcome. Few of these exist at once (one per migration step in flight).
+    pub fn submit_raw(&mut self, payload: Bytes) -> ReplySlot<M::Outcome> {
+        if self.raw_writes.len() >= RAW_WRITES_MAX {
+            return ReplySlot::ready(GroupReply::Unavailable(format!(
+                "group {} has {RAW_WRITES_MAX} runtime entries queued",
+                self.id
+            )));
+        }
+        let slot = ReplySlot::new();
+        self.raw_writes.push((payload, slot.clone()));
+        self.wake.notify();
+        slot
+    }
+
     /// Queues a linearizable read for the next turn's ReadIndex.
     pub fn submit_read(&mut self, op: M::Read) -> ReplySlot<M::Outcome> {
         if self.queued_ops() >= QUEUED_OPS_MAX {
@@ -347,6 +353,7 @@ impl<M: Machine> Group<M> {
                 self.stats.messages_dropped += 1;
             }
         }
+        self.propose_raw();
         self.propose_writes();
         self.start_reads();
         while self.raw.has_ready() && self.fatal.is_none() {
@@ -356,6 +363,22 @@ impl<M: Machine> Group<M> {
         self.check_role();
         self.serve_reads();
         self.maybe_snapshot();
+    }
+
+    fn propose_raw(&mut self) {
+        for (payload, slot) in std::mem::take(&mut self.raw_writes) {
+            let term = self.raw.term();
+            match self.raw.propose(std::slice::from_ref(&payload)) {
+                Ok((index, _)) => {
+                    self.stats.proposals += 1;
+                    self.proposals.insert(index, (term, vec![slot]));
+                }
+                Err(ProposeError::NotLeader { leader }) => {
+                    slot.fill(GroupReply::NotLeader { leader })
+                }
+                Err(other) => slot.fill(GroupReply::Unavailable(other.to_string())),
+            }
+        }
     }
 
     fn propose_writes(&mut self) {
@@ -680,8 +703,10 @@ mod tests {
     //! The turn logic against an in-memory "disk" (writes complete at once) and a lossless
     //! in-process network, with simulated time: no glommio, no sockets.
     use super::*;
+    use crate::controller;
     use crate::kv::{Command, Op, Outcome, StateMachine};
     use crate::raft::{Config, InitialState};
+    use crate::shard::migration::MigrationEntry;
 
     fn group(id: NodeId, kv_config: kv::Config) -> Group {
         let mut cfg = Config::new(id);
@@ -689,11 +714,50 @@ mod tests {
         cfg.heartbeat_ticks = 2;
         let raw = RawNode::new(cfg, InitialState::bootstrap(&[1, 2, 3]), id).unwrap();
         let kv = StateMachine::new(kv_config.clone(), 0..kv_config.shard_count);
-        Group::new(0, raw, kv, kv_config, 10)
+        Group::new(0, raw, KvMachine::new(kv, kv_config, 1), 10)
     }
 
     fn cluster(kv_config: kv::Config) -> Vec<Group> {
         (1..=3).map(|id| group(id, kv_config.clone())).collect()
+    }
+
+    /// Three replicas of configuration group 1 that start empty, as the server's do.
+    fn following_cluster(kv_config: kv::Config) -> Vec<Group> {
+        (1..=3)
+            .map(|id| {
+                let mut g = group(id, kv_config.clone());
+                g.machine = KvMachine::new(
+                    StateMachine::new(kv_config.clone(), []),
+                    kv_config.clone(),
+                    1,
+                );
+                g
+            })
+            .collect()
+    }
+
+    /// Configurations 0 and 1 of a one-host, one-core cluster: group 1 owns every shard.
+    fn first_configs(shard_count: u16) -> (controller::Configuration, controller::Configuration) {
+        use controller::{Command as CtlCommand, HostSpec, Op as CtlOp, Settings};
+        let mut ctl = controller::StateMachine::new(Settings {
+            shard_count,
+            replication: 1,
+            ..Settings::default()
+        })
+        .unwrap();
+        let join = CtlCommand {
+            client_id: 1,
+            seq: 1,
+            op: CtlOp::Join {
+                hosts: vec![HostSpec {
+                    id: 1,
+                    cores: 1,
+                    addr: "127.0.0.1:1/127.0.0.1:2".into(),
+                }],
+            },
+        };
+        assert!(ctl.apply(1, &join.encode()).is_some());
+        (ctl.query(0).unwrap().clone(), ctl.query(1).unwrap().clone())
     }
 
     /// Runs turns until no group has work, delivering messages except those `cut` drops.
@@ -848,11 +912,21 @@ mod tests {
             snapshot_log_bytes_threshold: 512,
             ..kv::Config::default()
         };
-        let mut gs = cluster(kvc);
+        let mut gs = following_cluster(kvc.clone());
         let l = tick_until_leader(&mut gs, &no_cut, 0);
+        let (previous, config) = first_configs(kvc.shard_count);
+        let accept = MigrationEntry::AcceptConfig { previous, config }.encode();
+        let w = gs[l].submit_raw(accept.clone());
+        pump(&mut gs, &no_cut);
+        assert_eq!(take(&w), Some(GroupReply::Done(Outcome::Bool(true))));
+        // A duplicate (a retry by the next leader) applies as stale and changes nothing.
+        let w = gs[l].submit_raw(accept);
+        pump(&mut gs, &no_cut);
+        assert_eq!(take(&w), Some(GroupReply::Done(Outcome::Bool(false))));
         for i in 0..20 {
-            let _ = gs[l].submit_write(put(&format!("k{i}"), &"v".repeat(64)));
+            let w = gs[l].submit_write(put(&format!("k{i}"), &"v".repeat(64)));
             pump(&mut gs, &no_cut);
+            assert_eq!(take(&w), Some(GroupReply::Done(Outcome::Ok)));
         }
         let req = gs[l].snapshot_request.take().expect("snapshot requested");
         assert_eq!(
@@ -861,8 +935,34 @@ mod tests {
         );
         assert!(gs[l].snapshot_saved(req.meta.index, req.data.clone()));
         assert_eq!(gs[l].raw().status().snapshot_index, req.meta.index);
-        // The snapshot restores to the same state on a fresh replica.
-        let restored = kv::restore(gs[l].machine.config.clone(), [req.data]).unwrap();
+        // Both halves restore to the same state on a fresh replica.
+        let restored = gs[l].machine.restored(&req.data).unwrap();
         assert_eq!(restored.applied_index(), req.meta.index);
+        assert_eq!(restored.shards.config_num(), 1);
+        assert_eq!(restored.sm.shards().count(), usize::from(kvc.shard_count));
+        // Another group's replica refuses it, and so does a cut snapshot.
+        let other = KvMachine::new(StateMachine::new(kvc.clone(), []), kvc.clone(), 2);
+        let e = other.restored(&req.data).err().unwrap();
+        assert!(e.contains("group 1"), "{e}");
+        for cut in [0, 5, 6, req.data.len() / 2] {
+            assert!(
+                gs[l].machine.restored(&req.data.slice(..cut)).is_err(),
+                "cut at {cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn writes_before_the_first_configuration_are_refused() {
+        let mut gs = following_cluster(kv::Config::default());
+        let l = tick_until_leader(&mut gs, &no_cut, 0);
+        let w = gs[l].submit_write(put("k", "v"));
+        pump(&mut gs, &no_cut);
+        assert!(matches!(
+            take(&w),
+            Some(GroupReply::Done(Outcome::Err(
+                kv::KvError::WrongShard { .. }
+            )))
+        ));
     }
 }

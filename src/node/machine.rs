@@ -15,8 +15,9 @@
 
 use bytes::{Bytes, BytesMut};
 
-use crate::controller;
+use crate::controller::{self, GroupId as ControllerGroupId};
 use crate::kv::{self, ReadConsistency};
+use crate::shard::migration::{is_migration_entry, ApplyOutcome, GroupShards};
 
 /// A replicated state machine driven by a group's committed log.
 pub trait Machine: Sized {
@@ -51,10 +52,86 @@ pub trait Machine: Sized {
 /// Chunk size of the KV snapshot stream.
 const KV_SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 
-/// A data group's KV store.
+/// First byte of a data group's snapshot (KV + migration state).
+const DATA_SNAPSHOT_MAGIC: u8 = b'G';
+const DATA_SNAPSHOT_VERSION: u8 = 1;
+/// `magic:u8 version:u8 shards_len:u32`.
+const DATA_SNAPSHOT_HEADER_BYTES: usize = 6;
+/// Bound on the migration half of a snapshot: two configurations and the shard phases (a
+/// configuration of the largest cluster the controller allows is well under 1 MiB).
+const SHARDS_SNAPSHOT_BYTES_MAX: usize = 16 << 20;
+
+/// What applying a migration entry came to, as the outcome its proposer receives: `Bool(true)`
+/// applied, `Bool(false)` stale or refused (changed nothing).
+pub fn migration_outcome_applied(outcome: &kv::Outcome) -> bool {
+    matches!(outcome, kv::Outcome::Bool(true))
+}
+
+/// A data group's state: the KV store and the group's migration state ([`GroupShards`])
+/// behind one Raft log. Entries that start with [`MIGRATION_TAG`](crate::shard::migration::MIGRATION_TAG)
+/// go to [`GroupShards::apply`] (which also advances the KV applied index), every other entry
+/// is a KV batch, so both halves are a function of the log and the KV applied index follows
+/// the Raft applied index one for one.
 pub struct KvMachine {
     pub sm: kv::StateMachine,
     pub config: kv::Config,
+    pub shards: GroupShards,
+}
+
+impl KvMachine {
+    /// A replica of configuration group `group` over `sm`. A new replica's `sm` holds no shard:
+    /// the first configuration that names the group creates them (`AcceptConfig`).
+    pub fn new(sm: kv::StateMachine, config: kv::Config, group: ControllerGroupId) -> KvMachine {
+        KvMachine {
+            sm,
+            config,
+            shards: GroupShards::new(group),
+        }
+    }
+
+    /// Rebuilds both halves from a data group snapshot; every disagreement is an error naming it.
+    pub fn restore(
+        config: kv::Config,
+        group: ControllerGroupId,
+        data: &Bytes,
+    ) -> Result<KvMachine, String> {
+        let header = &data[..data.len().min(DATA_SNAPSHOT_HEADER_BYTES)];
+        if data.len() < DATA_SNAPSHOT_HEADER_BYTES
+            || data[0] != DATA_SNAPSHOT_MAGIC
+            || data[1] != DATA_SNAPSHOT_VERSION
+        {
+            return Err(format!(
+                "not a data group snapshot of version {DATA_SNAPSHOT_VERSION}: header {header:?}"
+            ));
+        }
+        let shards_len = u32::from_le_bytes([data[2], data[3], data[4], data[5]]) as usize;
+        let kv_at = DATA_SNAPSHOT_HEADER_BYTES + shards_len;
+        if shards_len > SHARDS_SNAPSHOT_BYTES_MAX || kv_at > data.len() {
+            return Err(format!(
+                "migration state of {shards_len} bytes in a snapshot of {} bytes",
+                data.len()
+            ));
+        }
+        let shards = GroupShards::decode(&data[DATA_SNAPSHOT_HEADER_BYTES..kv_at])
+            .map_err(|e| format!("migration state: {e}"))?;
+        if shards.group() != group {
+            return Err(format!(
+                "the snapshot holds group {}, this replica is group {group}",
+                shards.group()
+            ));
+        }
+        let sm = kv::restore(config.clone(), [data.slice(kv_at..)])
+            .map_err(|e| format!("kv state: {e}"))?;
+        if shards.applied_index() > sm.applied_index() {
+            return Err(format!(
+                "migration state applied up to {} but kv only up to {}",
+                shards.applied_index(),
+                sm.applied_index()
+            ));
+        }
+        shards.check_against(&sm)?;
+        Ok(KvMachine { sm, config, shards })
+    }
 }
 
 impl Machine for KvMachine {
@@ -89,7 +166,25 @@ impl Machine for KvMachine {
 
     #[inline]
     fn apply(&mut self, index: u64, payload: &Bytes, outcomes: &mut Vec<kv::Outcome>) {
-        self.sm.apply(index, payload, outcomes);
+        if !is_migration_entry(payload) {
+            self.sm.apply(index, payload, outcomes);
+            return;
+        }
+        let applied = match self.shards.apply(&mut self.sm, index, payload) {
+            ApplyOutcome::Applied => true,
+            ApplyOutcome::Stale { .. } => false,
+            // Refused entries change nothing (GroupShards checks before it changes), and the
+            // runtime proposes only entries that follow from the log and the controller: a
+            // refusal is a bug worth a loud line, not a reason to stop serving other shards.
+            ApplyOutcome::Refused(e) => {
+                eprintln!(
+                    "tynamo: group {}: migration entry {index} refused: {e}",
+                    self.shards.group()
+                );
+                false
+            }
+        };
+        outcomes.push(kv::Outcome::Bool(applied));
     }
 
     #[inline]
@@ -111,7 +206,17 @@ impl Machine for KvMachine {
     }
 
     fn take_snapshot(&mut self) -> Bytes {
-        let mut data = BytesMut::new();
+        let shards = self.shards.encode();
+        assert!(
+            shards.len() <= SHARDS_SNAPSHOT_BYTES_MAX,
+            "group {}: migration state of {} bytes",
+            self.shards.group(),
+            shards.len()
+        );
+        let mut data = BytesMut::with_capacity(DATA_SNAPSHOT_HEADER_BYTES + shards.len());
+        data.extend_from_slice(&[DATA_SNAPSHOT_MAGIC, DATA_SNAPSHOT_VERSION]);
+        data.extend_from_slice(&(shards.len() as u32).to_le_bytes());
+        data.extend_from_slice(&shards);
         for chunk in self.sm.snapshot_writer(KV_SNAPSHOT_CHUNK_BYTES) {
             data.extend_from_slice(&chunk);
         }
@@ -120,11 +225,7 @@ impl Machine for KvMachine {
     }
 
     fn restored(&self, data: &Bytes) -> Result<KvMachine, String> {
-        let sm = kv::restore(self.config.clone(), [data.clone()]).map_err(|e| e.to_string())?;
-        Ok(KvMachine {
-            sm,
-            config: self.config.clone(),
-        })
+        KvMachine::restore(self.config.clone(), self.shards.group(), data)
     }
 }
 

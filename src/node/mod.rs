@@ -18,6 +18,7 @@ pub mod control;
 pub mod executor;
 pub mod group;
 pub mod machine;
+pub mod migrate;
 pub mod server;
 pub mod storage;
 pub mod transport;

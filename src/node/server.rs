@@ -36,8 +36,9 @@ use crate::resp::frame::{
     decode_request, put_array_len, put_bulk, put_error, put_integer, put_null, put_simple,
 };
 use crate::resp::reply::{
-    cluster_info_text, cluster_nodes_text, put_cluster_shards, put_cluster_slots, put_hello,
-    put_moved, put_text, NodeInfo, ServerHello, SlotRange, Topology, INFO_CLUSTER_SECTION,
+    cluster_info_text, cluster_nodes_text, put_ask, put_cluster_shards, put_cluster_slots,
+    put_hello, put_moved, put_text, NodeInfo, ServerHello, SlotRange, Topology,
+    INFO_CLUSTER_SECTION,
 };
 use crate::resp::{Command, Limits, Protocol, Request};
 use crate::shard::{key_slot, shard_slots, slot_shard};
@@ -48,6 +49,8 @@ use super::config::ServerConfig;
 use super::control::{core_of_group, host_client_addr};
 use super::executor::{CoreCtx, Forward, SessionWrite};
 use super::group::{GroupReply, ReplySlot};
+use super::migrate::group_of_core;
+use crate::shard::migration::{Phase, Route};
 
 /// Caps on client requests: values up to the KV's own limit, arrays up to the multi-key limit.
 pub const CLIENT_LIMITS: Limits = Limits {
@@ -239,6 +242,12 @@ fn handle(ctx: &CoreCtx, conn: &mut Conn, args: &[Bytes]) -> Pending {
             super::admin::CtlPending::Wait { slot, render } => Pending::Ctl { slot, render },
         };
     }
+    if args
+        .first()
+        .is_some_and(|name| name.eq_ignore_ascii_case(b"TYNAMO.MIGRATE"))
+    {
+        return Pending::Now(super::migrate::handle(ctx, &args[1..]));
+    }
     let request = match Request::parse(args) {
         Ok(r) => r,
         Err(e) => return error(&e.to_string()),
@@ -415,7 +424,8 @@ fn kv_command(ctx: &CoreCtx, conn: &mut Conn, command: Command, seq: Option<u64>
         return error("CROSSSLOT Keys in request don't hash to the same slot");
     }
     let cfg = &ctx.cfg;
-    let group_of_slot = cfg.shard_group(slot_shard(slot, cfg.shard_count));
+    let shard = slot_shard(slot, cfg.shard_count);
+    let group_of_slot = owner_core(ctx, shard);
     let is_write = ops.iter().any(Op::is_write);
     let session = match seq {
         Some(seq) => {
@@ -487,6 +497,44 @@ fn kv_command(ctx: &CoreCtx, conn: &mut Conn, command: Command, seq: Option<u64>
     if !g.is_leader() {
         return not_leader(ctx, g.leader(), slot, ctx.core);
     }
+    // The leader's applied migration state decides; the KV state machine refuses a write to a
+    // shard that is not Serving when it applies, so a route that changes between here and the
+    // commit costs the client a retry, never a write in the wrong group.
+    match g.machine().shards.route(shard) {
+        Route::Serve => {}
+        Route::TryAgain => {
+            return error(&format!(
+                "TRYAGAIN shard {shard} (slot {slot}) is arriving at this group"
+            ))
+        }
+        Route::Ask { group } => {
+            return match group_leader_addr(ctx, group) {
+                Some(addr) => now(|o| put_ask(o, slot, addr)),
+                None => tryagain(slot),
+            }
+        }
+        Route::Moved { group } => {
+            // The controller already gave this group the shard but the group has not accepted
+            // that configuration yet: a MOVED back to the old owner would only bounce the
+            // client between the two (and use up its redirections); it should wait instead.
+            let own = group_of_core(ctx.core);
+            let coming = ctx
+                .view
+                .latest_config()
+                .is_some_and(|c| c.owner(shard) == Some(own));
+            if coming {
+                return error(&format!(
+                    "TRYAGAIN shard {shard} (slot {slot}) is being handed to this group"
+                ));
+            }
+            return match group_leader_addr(ctx, group) {
+                Some(addr) if group != own => now(|o| put_moved(o, slot, addr)),
+                _ => error(&format!(
+                    "TRYAGAIN shard {shard} (slot {slot}) has no owner in this group's configuration yet"
+                )),
+            };
+        }
+    }
     if let Some(session) = session {
         if conn.sessions_opened & (1 << ctx.core) == 0 {
             conn.sessions_opened |= 1 << ctx.core;
@@ -511,6 +559,35 @@ fn kv_command(ctx: &CoreCtx, conn: &mut Conn, command: Command, seq: Option<u64>
         slot,
         group: ctx.core,
     }
+}
+
+/// The core of this host whose group serves `shard`: this core when its own group holds the
+/// shard in any phase (it answers, redirects or refuses by its own log), else the owner in
+/// the latest configuration this host knows, else the static map.
+fn owner_core(ctx: &CoreCtx, shard: u16) -> u16 {
+    let own = ctx.group.borrow().machine().shards.route(shard);
+    if !matches!(own, Route::Moved { .. }) {
+        return ctx.core;
+    }
+    let from_config = ctx
+        .view
+        .latest_config()
+        .and_then(|c| c.owner(shard))
+        .or(match own {
+            Route::Moved { group } => Some(group),
+            _ => None,
+        })
+        .and_then(core_of_group)
+        .filter(|&core| core < ctx.cfg.cores);
+    from_config.unwrap_or_else(|| ctx.cfg.shard_group(shard))
+}
+
+/// The client address of the leader of configuration group `group`, when it has a core here.
+fn group_leader_addr(ctx: &CoreCtx, group: crate::controller::GroupId) -> Option<SocketAddr> {
+    let core = core_of_group(group).filter(|&c| c < ctx.cfg.cores)?;
+    let leader = ctx.view.leaders[usize::from(core)].load(Ordering::Relaxed);
+    let host = if leader == 0 { ctx.cfg.id } else { leader };
+    ctx.client_addr(host, core)
 }
 
 /// The first slot of a group's range, for redirections that are about the group, not a key.
@@ -856,6 +933,27 @@ fn info_text(ctx: &CoreCtx) -> String {
         ctl.commit.load(Ordering::Relaxed),
         ctl.applied.load(Ordering::Relaxed),
         ctl.config_num.load(Ordering::Relaxed),
+    );
+    let shards = &g.machine().shards;
+    let mut phases = [0usize; 4];
+    for (_, phase) in shards.shards() {
+        phases[match phase {
+            Phase::Serving => 0,
+            Phase::Importing { .. } => 1,
+            Phase::Confirming { .. } => 2,
+            Phase::Exporting { .. } => 3,
+        }] += 1;
+    }
+    let _ = write!(
+        t,
+        "# Shards\r\ngroup_id:{}\r\ngroup_config_num:{}\r\nshards_serving:{}\r\nshards_importing:{}\r\n\
+         shards_confirming:{}\r\nshards_exporting:{}\r\n\r\n",
+        shards.group(),
+        shards.config_num(),
+        phases[0],
+        phases[1],
+        phases[2],
+        phases[3],
     );
     t.push_str("# Groups\r\n");
     for gi in 0..usize::from(ctx.cfg.cores) {

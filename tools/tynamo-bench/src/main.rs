@@ -129,6 +129,10 @@ struct Args {
     /// Bound on each read or write of a connection.
     #[arg(long, default_value_t = 10_000)]
     timeout_ms: u64,
+    /// Print the progress line once a second as its own line (`[  3.0s] ... ops/s ...`), also
+    /// when stderr is not a terminal: a log of throughput over time (e.g. across a migration).
+    #[arg(long)]
+    progress_lines: bool,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -235,7 +239,7 @@ fn build_config(args: &Args, target: Target) -> Result<Config, String> {
             },
             ..ClientOptions::default()
         },
-        progress: std::io::stderr().is_terminal(),
+        progress: std::io::stderr().is_terminal() || args.progress_lines,
     })
 }
 
@@ -276,6 +280,7 @@ fn main() -> ExitCode {
             Err(e) => return fail(e),
         }
     };
+    let args_progress_lines = args.progress_lines;
     let cfg = match build_config(&args, target) {
         Ok(c) => Arc::new(c),
         Err(e) => return fail(e),
@@ -313,7 +318,7 @@ fn main() -> ExitCode {
         }
     }
     if cfg.progress {
-        progress_loop(&shared, &finished, cfg.threads);
+        progress_loop(&shared, &finished, cfg.threads, args_progress_lines);
     }
     let mut results = Vec::with_capacity(handles.len());
     for h in handles {
@@ -391,7 +396,7 @@ fn main() -> ExitCode {
 }
 
 /// The live line on stderr (a terminal only): throughput of the last second, p50/p99 so far.
-fn progress_loop(shared: &Shared, finished: &AtomicUsize, threads: usize) {
+fn progress_loop(shared: &Shared, finished: &AtomicUsize, threads: usize, lines: bool) {
     const TICK: Duration = Duration::from_millis(100);
     const EVERY: Duration = Duration::from_secs(1);
     let start = Instant::now();
@@ -407,14 +412,19 @@ fn progress_loop(shared: &Shared, finished: &AtomicUsize, threads: usize) {
             Ok(h) if !h.is_empty() => (h.value_at_quantile(0.5), h.value_at_quantile(0.99)),
             _ => (0, 0),
         };
-        eprint!(
-            "\r[{:6.1}s] {:>9.0} ops/s  p50 {:8.3} ms  p99 {:8.3} ms  errors {}   ",
+        let line = format!(
+            "[{:6.1}s] {:>9.0} ops/s  p50 {:8.3} ms  p99 {:8.3} ms  errors {}",
             start.elapsed().as_secs_f64(),
             rate,
             p50 as f64 / 1000.0,
             p99 as f64 / 1000.0,
             shared.errors.load(Ordering::Relaxed)
         );
+        if lines {
+            eprintln!("{line}");
+        } else {
+            eprint!("\r{line}   ");
+        }
         (last_print, last_ops) = (Instant::now(), ops);
     }
     eprintln!();

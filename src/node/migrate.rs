@@ -1,0 +1,589 @@
+//! Live shard migration in the server: each data group's leader drives its group through the
+//! controller's configurations, one number at a time, as `shard::migration` describes (the
+//! simulator's `sim::shard::world` drives the same [`GroupShards`] through the same steps).
+//!
+//! The driver, one task per core, every `heartbeat_ms` while this replica leads its group:
+//! 0. (core 0 of a host without a controller replica) [`follow_controller`] keeps the host's
+//!    view of the latest configuration fresh from a controller host;
+//! 1. the configuration the group wants next (`next_config_wanted`, or for a group that has
+//!    none yet the one that created it) and the one before it, from this host's controller
+//!    replica (`HostView::configs`), else from a controller host with `TYNAMO.MIGRATE CONFIG`;
+//!    proposes `AcceptConfig` when `can_accept` says it applies;
+//! 2. each pull: asks a replica of the old owner (`TYNAMO.MIGRATE PULL`) and proposes `Install`;
+//! 3. each confirm: asks the old owner's leader (`TYNAMO.MIGRATE CONFIRM`, which makes it
+//!    propose `DeleteExported`) until it answers DONE, then proposes `ConfirmDone`.
+//!
+//! Every request is idempotent and every step is retried until the log says it is done (a
+//! duplicate entry applies as Stale and changes nothing), with a doubling backoff while a step
+//! fails, so a move survives either side's crash or leader change at any step.
+//!
+//! Group-to-group requests travel over the client port in RESP (one short-lived connection per
+//! request; a migration makes a few per shard), not over the peer transport: the peer transport
+//! joins core c only to core c of other hosts, and an old owner is usually on another core.
+//! A pull may be answered by any replica of the old owner that applied the configuration: the
+//! shard is frozen from `AcceptConfig` on, so every such replica holds the same final blob.
+//! The blob is bounded by one log entry (`ENTRY_BYTES_MAX`), since `Install` logs it whole.
+//!
+//! Requests name the cluster id, so a request meant for another cluster (or a stray client)
+//! cannot make a group delete a shard.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+
+use crate::controller::{Configuration, GroupId as ControllerGroupId};
+use crate::resp::frame::{decode, put_bulk, put_error, put_request, put_simple, Frame, Limits};
+use crate::shard::migration::{
+    Confirm, ConfirmReply, GroupShards, MigrationEntry, Pull, PullReply,
+};
+
+use super::control::{core_of_group, host_client_addr};
+use super::executor::CoreCtx;
+use super::group::GroupReply;
+use super::machine::migration_outcome_applied;
+
+/// Longest wait for one group-to-group request (connect, send, answer).
+const REQUEST_TIMEOUT_MS: u64 = 5_000;
+/// Longest pause between retries of a failing step.
+const BACKOFF_MS_MAX: u64 = 2_000;
+/// Largest reply to a migration request: one shard blob, which must fit in one log entry with
+/// the Install header (a larger shard cannot move yet: its pull fails, logged, and is retried).
+const REPLY_BYTES_MAX: usize = super::config::ENTRY_BYTES_MAX as usize - INSTALL_HEADER_BYTES_MAX;
+/// Install entry bytes besides the blob: tag, version, kind, config number, shard, length.
+const INSTALL_HEADER_BYTES_MAX: usize = 64;
+const READ_CHUNK_BYTES: usize = 64 << 10;
+/// A host without a controller replica asks for the latest configuration every this many
+/// heartbeats (a configuration change reaches its groups this much later).
+const FOLLOW_PERIOD_HEARTBEATS: u64 = 2;
+
+/// The configuration group id of the data group on `core` (the inverse of `core_of_group`).
+pub fn group_of_core(core: u16) -> ControllerGroupId {
+    ControllerGroupId::from(core) + 1
+}
+
+/// Runs this core's migration driver forever.
+pub async fn drive(ctx: Rc<CoreCtx>) {
+    let period_ms = ctx.cfg.heartbeat_ms.max(1);
+    let mut backoff_ms = period_ms;
+    let mut last_error = String::new();
+    loop {
+        glommio::timer::sleep(Duration::from_millis(backoff_ms)).await;
+        match step(&ctx).await {
+            Ok(_) => {
+                backoff_ms = period_ms;
+                last_error.clear();
+            }
+            Err(e) => {
+                // One line per new reason: a peer down for a minute must not flood the log.
+                if e != last_error {
+                    eprintln!(
+                        "tynamo: group {} (core {}): migration step: {e}",
+                        group_of_core(ctx.core),
+                        ctx.core
+                    );
+                    last_error = e;
+                }
+                backoff_ms = (backoff_ms * 2).min(BACKOFF_MS_MAX);
+            }
+        }
+    }
+}
+
+/// On core 0 of a host without a controller replica: keeps this host's view of the latest
+/// configuration fresh by asking the controller hosts (`TYNAMO.MIGRATE LATEST`), for its data
+/// groups (which start at the configuration that created them) and for `CLUSTER SLOTS`.
+pub async fn follow_controller(ctx: Rc<CoreCtx>) {
+    let period = Duration::from_millis(ctx.cfg.heartbeat_ms.max(1) * FOLLOW_PERIOD_HEARTBEATS);
+    let mut last_error = String::new();
+    loop {
+        glommio::timer::sleep(period).await;
+        match fetch_latest(&ctx).await {
+            Ok(config) => {
+                ctx.view.publish_fetched(config);
+                last_error.clear();
+            }
+            Err(e) => {
+                if e != last_error {
+                    eprintln!("tynamo: fetching the latest configuration: {e}");
+                    last_error = e;
+                }
+            }
+        }
+    }
+}
+
+async fn fetch_latest(ctx: &CoreCtx) -> Result<Configuration, String> {
+    let mut last = "no controller host is known".to_string();
+    for &host in &ctx.plan.hosts {
+        let Some(addr) = ctx.client_addr(host, 0) else {
+            continue;
+        };
+        match request(addr, &request_args(ctx, "LATEST", &[])).await {
+            Ok(Frame::Bulk(bytes)) => {
+                return Configuration::decode(&bytes)
+                    .map_err(|e| format!("the latest configuration from {addr}: {e}"))
+            }
+            Ok(other) => last = format!("latest configuration from {addr}: {}", describe(&other)),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// One round of the driver; Ok(true) when it proposed something.
+async fn step(ctx: &CoreCtx) -> Result<bool, String> {
+    let shards = {
+        let g = ctx.group.borrow();
+        if !g.is_leader() {
+            return Ok(false);
+        }
+        g.machine().shards.clone()
+    };
+    if let Some(num) = config_wanted(ctx, &shards) {
+        let previous = config(ctx, num - 1).await?;
+        let next = config(ctx, num).await?;
+        if let (Some(previous), Some(config)) = (previous, next) {
+            if shards.can_accept(&previous, &config) {
+                propose(
+                    ctx,
+                    MigrationEntry::AcceptConfig { previous, config }.encode(),
+                )
+                .await?;
+                return Ok(true);
+            }
+        }
+    }
+    let mut proposed = false;
+    for pull in shards.pulls() {
+        if let Some(blob) = pull_shard(ctx, &shards, pull).await? {
+            let install = MigrationEntry::Install {
+                config_num: pull.config_num,
+                shard: pull.shard,
+                blob,
+            };
+            proposed |= propose(ctx, install.encode()).await?;
+        }
+    }
+    for confirm in shards.confirms() {
+        if confirm_shard(ctx, &shards, confirm).await? {
+            let done = MigrationEntry::ConfirmDone {
+                config_num: confirm.config_num,
+                shard: confirm.shard,
+            };
+            proposed |= propose(ctx, done.encode()).await?;
+        }
+    }
+    Ok(proposed)
+}
+
+/// The configuration this group should accept next, if it may move on.
+fn config_wanted(ctx: &CoreCtx, shards: &GroupShards) -> Option<u64> {
+    if shards.config().is_some() {
+        return shards.next_config_wanted();
+    }
+    // A new replica starts at the configuration that created its group.
+    let latest = ctx.view.latest_config()?;
+    latest.groups.get(&shards.group()).map(|g| g.created_in)
+}
+
+/// Configuration `num`: from this host's controller replica, else from a controller host.
+/// Ok(None) while nobody knows it yet.
+async fn config(ctx: &CoreCtx, num: u64) -> Result<Option<Configuration>, String> {
+    if let Some(c) = ctx.view.config(num) {
+        return Ok(Some((*c).clone()));
+    }
+    if ctx.controller_local() {
+        // This host's controller replica has not applied it yet: it will.
+        return Ok(None);
+    }
+    let mut last = format!("configuration {num}: no controller host reachable");
+    for host in ctx.plan.hosts.iter().filter(|&&h| h != ctx.cfg.id) {
+        let Some(addr) = ctx.client_addr(*host, 0) else {
+            continue;
+        };
+        let args = request_args(ctx, "CONFIG", &[num]);
+        match request(addr, &args).await {
+            Ok(Frame::Bulk(bytes)) => {
+                let config = Configuration::decode(&bytes)
+                    .map_err(|e| format!("configuration {num} from {addr}: {e}"))?;
+                if config.num != num {
+                    return Err(format!(
+                        "asked {addr} for configuration {num}, got {}",
+                        config.num
+                    ));
+                }
+                return Ok(Some(config));
+            }
+            Ok(other) => last = format!("configuration {num} from {addr}: {}", describe(&other)),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// Commits `payload` through this group's log; Ok(applied) once it applied.
+async fn propose(ctx: &CoreCtx, payload: Bytes) -> Result<bool, String> {
+    let slot = ctx.group.borrow_mut().submit_raw(payload);
+    match slot.wait().await {
+        GroupReply::Done(outcome) => Ok(migration_outcome_applied(&outcome)),
+        GroupReply::NotLeader { leader } => Err(format!("no longer leader (leader {leader})")),
+        GroupReply::Unavailable(why) => Err(why),
+    }
+}
+
+/// Client addresses of `group`'s replicas in `config`, the likely leader first.
+fn replica_addrs(
+    ctx: &CoreCtx,
+    config: &Configuration,
+    group: ControllerGroupId,
+) -> Vec<SocketAddr> {
+    let Some(g) = config.groups.get(&group) else {
+        return Vec::new();
+    };
+    // Data group node ids are host ids; this host knows the leader of every group that has a
+    // core here.
+    let leader_host = core_of_group(group)
+        .and_then(|core| ctx.view.leaders.get(usize::from(core)))
+        .map_or(0, |l| l.load(Ordering::Relaxed));
+    let mut slots: Vec<_> = g.replicas.iter().map(|r| r.slot).collect();
+    slots.sort_by_key(|s| s.host != leader_host);
+    slots
+        .into_iter()
+        .filter_map(|s| {
+            let client = host_client_addr(config.hosts.get(&s.host)?)?;
+            Some(SocketAddr::new(
+                client.ip(),
+                client.port().checked_add(s.core)?,
+            ))
+        })
+        .collect()
+}
+
+/// Asks the old owner for the frozen shard; Ok(None) when nobody has it ready yet.
+async fn pull_shard(
+    ctx: &CoreCtx,
+    shards: &GroupShards,
+    pull: Pull,
+) -> Result<Option<Bytes>, String> {
+    let Some(previous) = shards.previous() else {
+        return Err(format!(
+            "shard {} is importing without a previous configuration",
+            pull.shard
+        ));
+    };
+    let mut last = format!(
+        "pull of shard {}: group {} has no replica address",
+        pull.shard, pull.from
+    );
+    for addr in replica_addrs(ctx, previous, pull.from) {
+        let args = request_args(
+            ctx,
+            "PULL",
+            &[pull.from, pull.config_num, u64::from(pull.shard)],
+        );
+        match request(addr, &args).await {
+            Ok(Frame::Bulk(blob)) => return Ok(Some(blob)),
+            Ok(other) => {
+                last = format!(
+                    "pull of shard {} of configuration {} from {addr}: {}",
+                    pull.shard,
+                    pull.config_num,
+                    describe(&other)
+                )
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// Tells the old owner the shard arrived; Ok(true) once it deleted its copy.
+async fn confirm_shard(ctx: &CoreCtx, shards: &GroupShards, c: Confirm) -> Result<bool, String> {
+    let Some(previous) = shards.previous() else {
+        return Err(format!(
+            "shard {} is confirming without a previous configuration",
+            c.shard
+        ));
+    };
+    let mut last = format!(
+        "confirm of shard {}: group {} has no replica address",
+        c.shard, c.from
+    );
+    for addr in replica_addrs(ctx, previous, c.from) {
+        let args = request_args(ctx, "CONFIRM", &[c.from, c.config_num, u64::from(c.shard)]);
+        match request(addr, &args).await {
+            Ok(Frame::Simple(s)) if &s[..] == b"DONE" => return Ok(true),
+            // Its leader proposed the delete: ask again next round.
+            Ok(Frame::Simple(s)) if &s[..] == b"PENDING" => return Ok(false),
+            Ok(other) => {
+                last = format!(
+                    "confirm of shard {} of configuration {} at {addr}: {}",
+                    c.shard,
+                    c.config_num,
+                    describe(&other)
+                )
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+fn request_args(ctx: &CoreCtx, sub: &str, numbers: &[u64]) -> Vec<Vec<u8>> {
+    let mut args = vec![
+        b"TYNAMO.MIGRATE".to_vec(),
+        sub.as_bytes().to_vec(),
+        ctx.cfg.cluster_id.to_string().into_bytes(),
+    ];
+    args.extend(numbers.iter().map(|n| n.to_string().into_bytes()));
+    args
+}
+
+fn describe(frame: &Frame) -> String {
+    match frame.as_error() {
+        Some(e) => String::from_utf8_lossy(e).into_owned(),
+        None => format!("unexpected reply {frame:?}"),
+    }
+}
+
+/// One request on a fresh connection, bounded in time and reply size.
+async fn request(addr: SocketAddr, args: &[Vec<u8>]) -> Result<Frame, String> {
+    let exchange = async {
+        let mut stream = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        let refs: Vec<&[u8]> = args.iter().map(|a| a.as_slice()).collect();
+        let mut out = BytesMut::new();
+        put_request(&mut out, &refs);
+        stream
+            .write_all(&out)
+            .await
+            .map_err(|e| format!("send to {addr}: {e}"))?;
+        let limits = Limits {
+            bulk_bytes_max: REPLY_BYTES_MAX,
+            ..Limits::DEFAULT
+        };
+        let mut buf = BytesMut::new();
+        let mut chunk = vec![0u8; READ_CHUNK_BYTES];
+        loop {
+            if let Some(frame) =
+                decode(&mut buf, &limits).map_err(|e| format!("reply from {addr}: {e}"))?
+            {
+                let _ = stream.close().await;
+                return Ok(frame);
+            }
+            let n = stream
+                .read(&mut chunk)
+                .await
+                .map_err(|e| format!("read from {addr}: {e}"))?;
+            if n == 0 {
+                return Err(format!("{addr} closed the connection before answering"));
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
+    glommio::timer::timeout(Duration::from_millis(REQUEST_TIMEOUT_MS), async {
+        Ok(exchange.await)
+    })
+    .await
+    .map_err(|_| format!("{addr} did not answer within {REQUEST_TIMEOUT_MS} ms"))?
+}
+
+// ----- the serving side ----------------------------------------------------------------------
+
+/// `TYNAMO.MIGRATE <PULL|CONFIRM|CONFIG> <cluster-id> <numbers...>`, answered at once:
+/// - `PULL <group> <config-num> <shard>`: the frozen shard blob, `-NOTYET n`, or `+GONE`;
+/// - `CONFIRM <group> <config-num> <shard>`: `+DONE` once deleted, `+PENDING` when the leader
+///   just proposed the delete, `-NOTYET n`, `-NOTLEADER`;
+/// - `CONFIG <num>`: configuration `num` (controller encoding) from this host's controller
+///   replica, or `-NOTYET`;
+/// - `LATEST`: the latest configuration this host's controller replica applied.
+pub fn handle(ctx: &CoreCtx, args: &[Bytes]) -> BytesMut {
+    let mut out = BytesMut::new();
+    if let Err(e) = serve(ctx, args, &mut out) {
+        out.clear();
+        put_error(&mut out, e.as_bytes());
+    }
+    out
+}
+
+/// A `TYNAMO.MIGRATE` request, parsed and checked against this cluster and core.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MigrateRequest {
+    Latest,
+    Config { num: u64 },
+    Pull { config_num: u64, shard: u16 },
+    Confirm { config_num: u64, shard: u16 },
+}
+
+/// Parses `<sub> <cluster-id> <numbers...>`; every malformed or misdirected request is an error
+/// reply naming what is wrong.
+fn parse(args: &[Bytes], cluster_id_here: u64, group_here: u64) -> Result<MigrateRequest, String> {
+    let sub = args
+        .first()
+        .ok_or("ERR TYNAMO.MIGRATE wants a subcommand")?;
+    let numbers: Vec<u64> = args[1..]
+        .iter()
+        .map(|a| {
+            std::str::from_utf8(a)
+                .ok()
+                .and_then(|t| t.parse().ok())
+                .ok_or("ERR TYNAMO.MIGRATE arguments are numbers")
+        })
+        .collect::<Result<_, _>>()?;
+    let (&cluster_id, rest) = numbers
+        .split_first()
+        .ok_or("ERR TYNAMO.MIGRATE wants the cluster id")?;
+    if cluster_id != cluster_id_here {
+        return Err(format!(
+            "ERR TYNAMO.MIGRATE for cluster {cluster_id}, this is {cluster_id_here}"
+        ));
+    }
+    if sub.eq_ignore_ascii_case(b"LATEST") {
+        return match rest {
+            [] => Ok(MigrateRequest::Latest),
+            _ => Err("ERR TYNAMO.MIGRATE LATEST takes no number".into()),
+        };
+    }
+    if sub.eq_ignore_ascii_case(b"CONFIG") {
+        return match rest {
+            [num] => Ok(MigrateRequest::Config { num: *num }),
+            _ => Err("ERR TYNAMO.MIGRATE CONFIG wants a number".into()),
+        };
+    }
+    let pull = sub.eq_ignore_ascii_case(b"PULL");
+    if !pull && !sub.eq_ignore_ascii_case(b"CONFIRM") {
+        return Err("ERR TYNAMO.MIGRATE subcommands are PULL, CONFIRM, CONFIG and LATEST".into());
+    }
+    let [group, config_num, shard] = rest else {
+        return Err("ERR TYNAMO.MIGRATE PULL|CONFIRM want group, configuration and shard".into());
+    };
+    let shard = u16::try_from(*shard).map_err(|_| format!("ERR shard {shard} out of range"))?;
+    if *group != group_here {
+        return Err(format!(
+            "ERR group {group} is not on this core (group {group_here})"
+        ));
+    }
+    let config_num = *config_num;
+    Ok(if pull {
+        MigrateRequest::Pull { config_num, shard }
+    } else {
+        MigrateRequest::Confirm { config_num, shard }
+    })
+}
+
+fn serve(ctx: &CoreCtx, args: &[Bytes], out: &mut BytesMut) -> Result<(), String> {
+    match parse(args, ctx.cfg.cluster_id, group_of_core(ctx.core))? {
+        MigrateRequest::Latest => {
+            if !ctx.controller_local() {
+                return Err("NOCONTROLLER this host runs no controller replica".into());
+            }
+            let config = ctx.view.latest_config().ok_or("NOTYET no configuration")?;
+            let mut bytes = Vec::new();
+            config.encode(&mut bytes);
+            put_bulk(out, &bytes);
+        }
+        MigrateRequest::Config { num } => {
+            let config = ctx.view.config(num).ok_or(format!("NOTYET {num}"))?;
+            let mut bytes = Vec::new();
+            config.encode(&mut bytes);
+            put_bulk(out, &bytes);
+        }
+        MigrateRequest::Pull { config_num, shard } => {
+            let g = ctx.group.borrow();
+            let m = g.machine();
+            match m.shards.handle_pull(&m.sm, shard, config_num) {
+                PullReply::Blob(blob) => put_bulk(out, &blob),
+                PullReply::NotYet { config_num } => return Err(format!("NOTYET {config_num}")),
+                PullReply::Gone => put_simple(out, b"GONE"),
+            }
+        }
+        MigrateRequest::Confirm { config_num, shard } => {
+            let mut g = ctx.group.borrow_mut();
+            if !g.is_leader() {
+                return Err("NOTLEADER".into());
+            }
+            match g.machine().shards.handle_confirm(shard, config_num) {
+                ConfirmReply::Done => put_simple(out, b"DONE"),
+                ConfirmReply::NotYet { config_num } => return Err(format!("NOTYET {config_num}")),
+                ConfirmReply::Propose(entry) => {
+                    // Not awaited: the asker asks again until the delete has applied.
+                    let _ = g.submit_raw(entry);
+                    put_simple(out, b"PENDING");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<Bytes> {
+        list.iter()
+            .map(|a| Bytes::copy_from_slice(a.as_bytes()))
+            .collect()
+    }
+
+    #[test]
+    fn requests_parse_and_misdirected_or_malformed_ones_are_refused() {
+        let p = |list: &[&str]| parse(&args(list), 7, 2);
+        assert_eq!(p(&["LATEST", "7"]), Ok(MigrateRequest::Latest));
+        assert_eq!(
+            p(&["config", "7", "12"]),
+            Ok(MigrateRequest::Config { num: 12 })
+        );
+        assert_eq!(
+            p(&["PULL", "7", "2", "5", "63"]),
+            Ok(MigrateRequest::Pull {
+                config_num: 5,
+                shard: 63
+            })
+        );
+        assert_eq!(
+            p(&["Confirm", "7", "2", "5", "1"]),
+            Ok(MigrateRequest::Confirm {
+                config_num: 5,
+                shard: 1
+            })
+        );
+        let refused = |list: &[&str], want: &str| {
+            let e = p(list).unwrap_err();
+            assert!(e.contains(want), "{list:?}: {e}");
+        };
+        refused(&[], "wants a subcommand");
+        refused(&["PULL"], "wants the cluster id");
+        refused(&["PULL", "8", "2", "5", "1"], "for cluster 8, this is 7");
+        refused(
+            &["PULL", "7", "3", "5", "1"],
+            "group 3 is not on this core (group 2)",
+        );
+        refused(
+            &["PULL", "7", "2", "5", "70000"],
+            "shard 70000 out of range",
+        );
+        refused(
+            &["PULL", "7", "2", "5"],
+            "want group, configuration and shard",
+        );
+        refused(&["PULL", "7", "2", "x", "1"], "arguments are numbers");
+        refused(&["PULL", "7", "2", "-1", "1"], "arguments are numbers");
+        refused(&["CONFIG", "7"], "wants a number");
+        refused(&["LATEST", "7", "1"], "takes no number");
+        refused(&["DELETE", "7", "2", "5", "1"], "subcommands are");
+    }
+
+    #[test]
+    fn cores_and_configuration_groups_correspond() {
+        for core in 0..64u16 {
+            assert_eq!(core_of_group(group_of_core(core)), Some(core));
+        }
+    }
+}
