@@ -876,13 +876,16 @@ impl Wal {
                 staged_bytes_max: self.opts.staged_bytes_max,
             });
         }
-        st.reserve_batch(bytes_total - entries.len() * SEAL_BYTES as usize + SEAL_BYTES as usize);
+        let mut remaining_bytes = bytes_total - entries.len() * SEAL_BYTES as usize;
+        st.reserve_batch(remaining_bytes + SEAL_BYTES as usize);
+        st.index.reserve(entries.len());
         for e in entries {
             let record_bytes = RecordHeader::record_bytes(e.payload.len()) as u64;
             let capacity = st.segments.back().map_or(0, |s| s.size_bytes);
             if st.tail_offset + record_bytes + SEAL_BYTES > capacity {
-                self.roll_staged(&mut st, e.index)?;
+                self.roll_staged(&mut st, e.index, remaining_bytes + SEAL_BYTES as usize)?;
             }
+            remaining_bytes -= record_bytes as usize;
             let offset = st.put_record(e.index, e.term, e.kind, e.payload);
             let seq = st.open_chunk().seq;
             st.index.push_back(IndexEntry {
@@ -898,8 +901,9 @@ impl Wal {
     }
 
     /// Seals the tail segment in the staging buffer and plans the next segment, starting at
-    /// `next_index`. The round that writes it activates the new file.
-    fn roll_staged(&self, st: &mut State, next_index: u64) -> Result<()> {
+    /// `next_index`. The round that writes it activates the new file. The new chunk's buffer
+    /// holds `bytes_hint` (the rest of the batch) without growing.
+    fn roll_staged(&self, st: &mut State, next_index: u64, bytes_hint: usize) -> Result<()> {
         st.put_seal();
         let seq = st.next_seq;
         st.next_seq = seq
@@ -912,7 +916,12 @@ impl Wal {
             file: None,
             size_bytes: self.opts.segment_bytes,
         });
-        let buf = st.take_buffer(STAGING_BYTES_MIN, STAGING_BYTES_MIN);
+        let want = if bytes_hint >= POOLED_BYTES_MIN {
+            bytes_hint + STAGING_HEADROOM_BYTES
+        } else {
+            bytes_hint
+        };
+        let buf = st.take_buffer(STAGING_BYTES_MIN, want);
         st.staged.push(Chunk {
             seq,
             first_index: next_index,
