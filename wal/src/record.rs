@@ -26,14 +26,22 @@ pub const SEGMENT_HEADER_BYTES: u64 = 4096;
 pub const SEGMENT_HEADER_USED_BYTES: usize = 32;
 /// The payload length is a 24-bit field: the largest `entry_bytes_max` a log accepts.
 pub const PAYLOAD_BYTES_LIMIT: u32 = (1 << 24) - 1;
+/// Largest padding record: it reaches the next block boundary (blocks are at most
+/// `SEGMENT_HEADER_BYTES`), one block further when fewer than a header's bytes are left.
+pub const PAD_BYTES_MAX: u64 = 2 * SEGMENT_HEADER_BYTES;
+/// Largest payload (zeros) of a padding record.
+pub const PAD_PAYLOAD_BYTES_MAX: u32 = (PAD_BYTES_MAX - RECORD_HEADER_BYTES as u64) as u32;
 
 /// Record kind reserved for the seal record that closes a segment.
 pub const KIND_SEAL: u8 = 255;
 /// Record kind reserved for a truncation marker: "the log ends before this record's index".
 /// It persists `truncate_suffix` inside the tail segment without rewriting anything.
 pub const KIND_TRUNCATE: u8 = 254;
+/// Record kind reserved for padding: it fills the rest of the last block of a write (index =
+/// the previous record's index, zero payload) and the reader skips it.
+pub const KIND_PAD: u8 = 253;
 /// Largest kind a caller may use for its entries.
-pub const KIND_USER_MAX: u8 = 253;
+pub const KIND_USER_MAX: u8 = 252;
 
 /// The CRC covers the magic (a constant) and then the contiguous bytes from `CRC_FROM` to the
 /// end of the payload: the encoder hashes that range in one pass, starting from the CRC of

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::record::{
-    RecordHeader, KIND_SEAL, KIND_TRUNCATE, RECORD_ALIGN_BYTES, SEGMENT_HEADER_BYTES,
+    RecordHeader, KIND_PAD, KIND_SEAL, KIND_TRUNCATE, PAD_PAYLOAD_BYTES_MAX, RECORD_ALIGN_BYTES,
+    SEGMENT_HEADER_BYTES,
 };
 
 const SEGMENT_SUFFIX: &str = ".wal";
@@ -109,6 +110,10 @@ pub fn scan_segment(
     is_last: bool,
     payload_bytes_max: u32,
 ) -> Result<SegmentScan> {
+    // Padding records may be longer than an entry may be: validity checks use the larger
+    // bound, and entries are held to `payload_bytes_max` below.
+    let entry_bytes_max = payload_bytes_max;
+    let payload_bytes_max = payload_bytes_max.max(PAD_PAYLOAD_BYTES_MAX);
     let mut records = Vec::new();
     let mut offset = SEGMENT_HEADER_BYTES;
     let mut last_index = first_index - 1;
@@ -122,14 +127,20 @@ pub fn scan_segment(
             let index = h.index;
             if h.kind == KIND_SEAL {
                 index == last_index && h.payload_len == 0
+            } else if h.kind == KIND_PAD {
+                index == last_index
             } else if h.kind == KIND_TRUNCATE {
                 index >= first_index && index <= last_index + 1 && h.payload_len == 0
             } else {
-                index >= first_index && index <= last_index + 1
+                index >= first_index && index <= last_index + 1 && h.payload_len <= entry_bytes_max
             }
         });
         let Some(h) = plausible else { break };
         let payload_len = h.payload_len;
+        if h.kind == KIND_PAD {
+            offset += RecordHeader::record_bytes(payload_len as usize) as u64;
+            continue;
+        }
         if h.kind == KIND_SEAL {
             let end = offset + RecordHeader::record_bytes(0) as u64;
             return Ok(SegmentScan {
