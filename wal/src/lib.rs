@@ -84,7 +84,7 @@
 //! | 4 | 4 | CRC32 (IEEE) of header bytes 0..4 and 8..32, then the payload |
 //! | 8 | 4 | segment sequence number (a record left over from a recycled file's former life does not match) |
 //! | 12 | 3 | payload length in bytes (24 bits, so at most 16 MiB - 1) |
-//! | 15 | 1 | kind: 0..=253 caller-defined entry kinds, 254 = truncation marker, 255 = seal |
+//! | 15 | 1 | kind: 0..=252 caller-defined entry kinds, 253 = padding, 254 = truncation marker, 255 = seal |
 //! | 16 | 8 | term |
 //! | 24 | 4 | index relative to the segment: index - segment first index + 1 (0 only for the seal of an empty segment) |
 //! | 28 | 4 | durable offset: every byte of this segment below it was durable when the record was encoded |
@@ -107,10 +107,17 @@
 //!   segment lies beyond it and its durable offset is above the bad offset, acknowledged data
 //!   was damaged: corruption. Otherwise the bytes were a write the crash cut short: they are
 //!   zeroed and reported as dropped (the torn tail).
+//! - A **padding** record (kind 253, index = the previous record's index, payload of zeros,
+//!   at most 8 KiB in all) is skipped. Every write ends with one, on a block boundary
+//!   (the file system block, 4096 here, or the DMA alignment if larger), so that the next
+//!   write starts on a fresh block and no block is written twice. It reaches one block
+//!   further when the gap to the boundary is below 32 bytes. The room for a padding record
+//!   and a seal is always kept free at a segment's end.
 //! - A segment whose first index is above the previous segment's last index + 1 marks an
 //!   interrupted compaction: the segments before it are removed.
-//! - Writes cover whole DMA blocks: the partial last block is rewritten with its old bytes
-//!   unchanged, so a torn write can only damage records of the batch being written.
+//! - Writes cover whole blocks. Only the first write after a recovery that ended inside a
+//!   block rewrites that partial block, with its old bytes unchanged, so a torn write can only
+//!   damage records of the batch being written.
 //!
 //! ### `hardstate` (8192 bytes: slot 0 at 0, slot 1 at 4096)
 //! | offset | size | field |

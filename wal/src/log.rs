@@ -4,10 +4,11 @@
 //! # Back of the envelope
 //! One fdatasync costs 0.15-0.3 ms on the target machine, so one log sustains a few thousand
 //! syncs a second: throughput comes from how many records share a sync. Records are packed at
-//! 8-byte alignment (a 128 B entry costs 160 B, not a 512 B block); the *write* is padded to the
-//! DMA alignment instead, and the partial last block is kept in memory and rewritten, with its
-//! old bytes identical, in front of the next batch. A torn rewrite can therefore only damage the
-//! new records. CPU per entry is one copy into the DMA buffer plus one CRC pass over the copy
+//! 8-byte alignment (a 128 B entry costs 160 B, not a 512 B block); each *write* ends with a
+//! padding record on a 4 KiB block boundary, so the next write starts on a fresh block: no
+//! block is written twice (on this machine's virtual disk rewriting the just-written partial
+//! block, as an earlier version did, cost more than the padding bytes). CPU per entry is one
+//! copy into the DMA buffer plus one CRC pass over the copy
 //! (header and payload are contiguous, so one pass); per batch one `write` (or a few, at a
 //! segment boundary) and one `fdatasync`. The device time grows with the bytes written (about
 //! 2 us per KiB here, on top of ~85 us per write + sync), so the 32-byte header and writing
@@ -37,7 +38,8 @@
 //! does the same on replay). `truncate_suffix` inside the tail segment appends a truncation
 //! marker record (no payload) and syncs it. A cut in an older segment
 //! seals the tail, starts a new segment whose header says `first_index = from`, and removes the
-//! superseded segments. Nothing is ever rewritten in place except the identical partial block.
+//! superseded segments. Nothing is ever rewritten in place, except once after recovery the
+//! identical partial block.
 //!
 //! # Segments
 //! A segment is sealed (a seal record, then fdatasync) before the next one receives any byte,
@@ -166,7 +168,7 @@ impl WalOptions {
 pub struct EntryRef<'a> {
     pub index: u64,
     pub term: u64,
-    /// Caller-defined kind, 0..=253 (254 and 255 are reserved for the log's own records).
+    /// Caller-defined kind, 0..=252 (253, 254 and 255 are reserved for the log's own records).
     pub kind: u8,
     pub payload: &'a [u8],
 }
