@@ -451,7 +451,9 @@ impl State {
         let dst = &mut chunk.buf.as_bytes_mut()[at..at + record_bytes];
         let used = RECORD_HEADER_BYTES + payload.len();
         dst[RECORD_HEADER_BYTES..used].copy_from_slice(payload);
-        dst[used..].fill(0);
+        if used < record_bytes {
+            dst[used..].fill(0);
+        }
         // The CRC reads the copy (still in cache), so the source payload is read only once.
         RecordHeader::encode_in_place(
             &mut dst[..used],
@@ -1068,7 +1070,10 @@ impl Wal {
                 let end = base_last + len_last as u64;
                 let base = align_down_u64(end, align);
                 let carried = (end - base) as usize;
-                let mut buf = st.take_buffer(carried.max(1), len_last + len_last / 8);
+                let mut buf = st.take_buffer(
+                    carried.max(1),
+                    len_last + len_last / 8 + TAIL_RESERVE_BYTES as usize,
+                );
                 let from = (base - base_last) as usize;
                 buf.as_bytes_mut()[..carried]
                     .copy_from_slice(&last_buf.as_bytes()[from..from + carried]);
