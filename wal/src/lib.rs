@@ -34,7 +34,8 @@
 //!   `last_index() + 1`; call `truncate_suffix` first to replace a conflicting suffix.
 //! - Every call that returns `Ok` from `append`, `truncate_suffix` or `compact_prefix` is
 //!   durable. Do not drop those futures midway: the log then stops rather than guess.
-//! - Bounds: `segment_bytes` (default 64 MiB, at most 1 GiB), `entry_bytes_max` (8 MiB),
+//! - Bounds: `segment_bytes` (default 64 MiB, at most 1 GiB), `entry_bytes_max` (8 MiB by
+//!   default, at most 16 MiB - 1: the record's length field has 24 bits),
 //!   `staged_bytes_max` (64 MiB staged and not yet written; beyond it `append` returns
 //!   [`Error::Busy`]), `spare_segments_max` (2). Reads return at most `bytes_max` payload
 //!   bytes (but at least one entry).
@@ -68,29 +69,33 @@
 //! | offset | size | field |
 //! | --- | --- | --- |
 //! | 0 | 4 | magic `b"TWSG"` |
-//! | 4 | 4 | format version (1) |
+//! | 4 | 4 | format version (2; version 1 had 40-byte record headers and is refused) |
 //! | 8 | 4 | segment sequence number (equals the file name) |
 //! | 12 | 4 | reserved, 0 |
 //! | 16 | 8 | first index: the index of the segment's first record (also when empty) |
 //! | 24 | 4 | CRC32 (IEEE) of bytes 0..24 |
 //! | 28 | 4 | reserved, 0 |
 //!
-//! Record = 40-byte header + payload + zero padding to a multiple of 8:
+//! Record = 32-byte header + payload + zero padding to a multiple of 8 (a 128-byte entry takes
+//! 160 bytes):
 //! | offset | size | field |
 //! | --- | --- | --- |
 //! | 0 | 4 | magic `b"TWRC"` |
-//! | 4 | 4 | CRC32 (IEEE) of header bytes 0..4 and 8..40, then the payload |
-//! | 8 | 4 | payload length in bytes |
-//! | 12 | 4 | segment sequence number (a record left over from a recycled file's former life does not match) |
+//! | 4 | 4 | CRC32 (IEEE) of header bytes 0..4 and 8..32, then the payload |
+//! | 8 | 4 | segment sequence number (a record left over from a recycled file's former life does not match) |
+//! | 12 | 3 | payload length in bytes (24 bits, so at most 16 MiB - 1) |
+//! | 15 | 1 | kind: 0..=252 caller-defined entry kinds, 253 = padding, 254 = truncation marker, 255 = seal |
 //! | 16 | 8 | term |
-//! | 24 | 8 | index |
-//! | 32 | 1 | kind: 0..=253 caller-defined entry kinds, 254 = truncation marker, 255 = seal |
-//! | 33 | 3 | reserved, 0 |
-//! | 36 | 4 | durable offset: every byte of this segment below it was durable when the record was encoded |
+//! | 24 | 4 | index relative to the segment: index - segment first index + 1 (0 only for the seal of an empty segment) |
+//! | 28 | 4 | durable offset: every byte of this segment below it was durable when the record was encoded |
+//!
+//! The relative index is exact: records of a segment (at most 1 GiB, at least 32 bytes each)
+//! have indexes in `[first index - 1, first index + 2^25]`. Every header bit is covered by the
+//! CRC; there are no reserved bytes.
 //!
 //! Rules a reader applies:
 //! - A record is valid when magic, segment number, length (at most `entry_bytes_max`, inside
-//!   the file), reserved bytes and CRC agree, and its index is in `[first index, previous + 1]`.
+//!   the file) and CRC agree, and its index is in `[first index, previous + 1]`.
 //!   An index at or below the previous one overwrites the suffix from there, and a
 //!   **truncation marker** (kind 254, no payload) with index `i` removes entries `i..`: this
 //!   is how `truncate_suffix` is persisted without rewriting anything. Likewise a segment whose header
@@ -102,10 +107,17 @@
 //!   segment lies beyond it and its durable offset is above the bad offset, acknowledged data
 //!   was damaged: corruption. Otherwise the bytes were a write the crash cut short: they are
 //!   zeroed and reported as dropped (the torn tail).
+//! - A **padding** record (kind 253, index = the previous record's index, payload of zeros,
+//!   at most 8 KiB in all) is skipped. Every write ends with one, on a block boundary
+//!   (the file system block, 4096 here, or the DMA alignment if larger), so that the next
+//!   write starts on a fresh block and no block is written twice. It reaches one block
+//!   further when the gap to the boundary is below 32 bytes. The room for a padding record
+//!   and a seal is always kept free at a segment's end.
 //! - A segment whose first index is above the previous segment's last index + 1 marks an
 //!   interrupted compaction: the segments before it are removed.
-//! - Writes cover whole DMA blocks: the partial last block is rewritten with its old bytes
-//!   unchanged, so a torn write can only damage records of the batch being written.
+//! - Writes cover whole blocks. Only the first write after a recovery that ended inside a
+//!   block rewrites that partial block, with its old bytes unchanged, so a torn write can only
+//!   damage records of the batch being written.
 //!
 //! ### `hardstate` (8192 bytes: slot 0 at 0, slot 1 at 4096)
 //! | offset | size | field |

@@ -11,11 +11,12 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 pub const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"TWRC");
 /// `b"TWSG"`: marks a segment header (offset 0 of every segment file).
 pub const SEGMENT_MAGIC: u32 = u32::from_le_bytes(*b"TWSG");
-/// Version of the segment format; a different version is refused, not guessed at.
-pub const SEGMENT_VERSION: u32 = 1;
+/// Version of the segment format; a different version is refused, not guessed at. Version 2
+/// has 32-byte record headers (version 1 had 40).
+pub const SEGMENT_VERSION: u32 = 2;
 
 /// Size of the record header in bytes.
-pub const RECORD_HEADER_BYTES: usize = 40;
+pub const RECORD_HEADER_BYTES: usize = 32;
 /// Records start at multiples of this within a segment.
 pub const RECORD_ALIGN_BYTES: usize = 8;
 /// The segment header occupies the first block; records start here. 4096 is the largest DMA
@@ -23,71 +24,183 @@ pub const RECORD_ALIGN_BYTES: usize = 8;
 pub const SEGMENT_HEADER_BYTES: u64 = 4096;
 /// Size of the meaningful part of the segment header.
 pub const SEGMENT_HEADER_USED_BYTES: usize = 32;
+/// The payload length is a 24-bit field: the largest `entry_bytes_max` a log accepts.
+pub const PAYLOAD_BYTES_LIMIT: u32 = (1 << 24) - 1;
+/// Largest padding record: it reaches the next block boundary (blocks are at most
+/// `SEGMENT_HEADER_BYTES`), one block further when fewer than a header's bytes are left.
+pub const PAD_BYTES_MAX: u64 = 2 * SEGMENT_HEADER_BYTES;
+/// Largest payload (zeros) of a padding record.
+pub const PAD_PAYLOAD_BYTES_MAX: u32 = (PAD_BYTES_MAX - RECORD_HEADER_BYTES as u64) as u32;
 
 /// Record kind reserved for the seal record that closes a segment.
 pub const KIND_SEAL: u8 = 255;
 /// Record kind reserved for a truncation marker: "the log ends before this record's index".
 /// It persists `truncate_suffix` inside the tail segment without rewriting anything.
 pub const KIND_TRUNCATE: u8 = 254;
+/// Record kind reserved for padding: it fills the rest of the last block of a write (index =
+/// the previous record's index, zero payload) and the reader skips it.
+pub const KIND_PAD: u8 = 253;
 /// Largest kind a caller may use for its entries.
-pub const KIND_USER_MAX: u8 = 253;
+pub const KIND_USER_MAX: u8 = 252;
+
+/// The CRC covers the magic (a constant) and then the contiguous bytes from `CRC_FROM` to the
+/// end of the payload: the encoder hashes that range in one pass, starting from the CRC of
+/// the magic instead of hashing the four magic bytes each time.
+const CRC_FROM: usize = 8;
+const MAGIC_CRC: u32 = crc32_ieee_const(&RECORD_MAGIC.to_le_bytes());
 
 const _: () = assert!(std::mem::size_of::<RecordHeader>() == RECORD_HEADER_BYTES);
 const _: () = assert!(RECORD_HEADER_BYTES % RECORD_ALIGN_BYTES == 0);
 const _: () = assert!(std::mem::size_of::<SegmentHeader>() == SEGMENT_HEADER_USED_BYTES);
 const _: () = assert!(SEGMENT_HEADER_BYTES as usize >= SEGMENT_HEADER_USED_BYTES);
 
-/// Fixed header in front of every record payload. See the crate docs for the byte layout.
+/// Bitwise CRC32 (IEEE, reflected, as crc32fast), for constants.
+const fn crc32_ieee_const(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    let mut i = 0;
+    while i < bytes.len() {
+        crc ^= bytes[i] as u32;
+        let mut bit = 0;
+        while bit < 8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+            bit += 1;
+        }
+        i += 1;
+    }
+    !crc
+}
+
+/// Fixed 32-byte header in front of every record payload. See the crate docs for the byte
+/// layout. The index is stored relative to the segment's first index (a segment of at most
+/// 1 GiB holds fewer than 2^25 records), so decoding needs that first index.
 #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
 pub struct RecordHeader {
     pub magic: U32,
-    /// CRC32 (IEEE, crc32fast) over header bytes 0..4 and 8..40, then the payload.
+    /// CRC32 (IEEE, crc32fast) over header bytes 0..4 and 8..32, then the payload.
     pub crc: U32,
-    pub payload_len: U32,
     /// Sequence number of the segment this record was written into: records left over from an
     /// older life of a recycled segment file carry a different value and are never accepted.
     pub segment_seq: U32,
-    pub term: U64,
-    pub index: U64,
+    /// Payload length in bytes, 24-bit little-endian.
+    pub payload_len: [u8; 3],
     pub kind: u8,
-    pub reserved: [u8; 3],
+    pub term: U64,
+    /// `index - segment first index + 1` (0 only for the seal of an empty segment).
+    pub index_rel: U32,
     /// Every byte of this segment below this offset was durable (fdatasync completed) when this
     /// record was encoded. Recovery uses it to tell a torn tail from lost acknowledged data.
     pub durable_offset: U32,
 }
 
+/// A record header that passed [`RecordHeader::check`], with its index made absolute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckedRecord {
+    pub index: u64,
+    pub term: u64,
+    pub kind: u8,
+    pub payload_len: u32,
+    pub durable_offset: u32,
+}
+
+fn u24(b: [u8; 3]) -> u32 {
+    u32::from_le_bytes([b[0], b[1], b[2], 0])
+}
+
 impl RecordHeader {
+    /// A header for `payload` (used by tests and tools; the log encodes in place with
+    /// [`RecordHeader::encode_in_place`]). `index` must be in `[first_index - 1, first_index
+    /// + 2^32 - 2]` and the payload at most [`PAYLOAD_BYTES_LIMIT`] bytes.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         segment_seq: u32,
+        segment_first_index: u64,
         index: u64,
         term: u64,
         kind: u8,
         durable_offset: u32,
         payload: &[u8],
     ) -> Self {
-        let payload_len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
-        debug_assert_eq!(payload_len as usize, payload.len());
-        let mut header = RecordHeader {
-            magic: U32::new(RECORD_MAGIC),
-            crc: U32::new(0),
-            payload_len: U32::new(payload_len),
-            segment_seq: U32::new(segment_seq),
-            term: U64::new(term),
-            index: U64::new(index),
+        let mut header = Self::without_crc(
+            segment_seq,
+            segment_first_index,
+            index,
+            term,
             kind,
-            reserved: [0; 3],
-            durable_offset: U32::new(durable_offset),
-        };
-        header.crc = U32::new(header.compute_crc(payload));
+            durable_offset,
+            payload.len(),
+        );
+        let mut hasher = crc32fast::Hasher::new_with_initial(MAGIC_CRC);
+        hasher.update(&header.as_bytes()[CRC_FROM..]);
+        hasher.update(payload);
+        header.crc = U32::new(hasher.finalize());
         header
     }
 
+    fn without_crc(
+        segment_seq: u32,
+        segment_first_index: u64,
+        index: u64,
+        term: u64,
+        kind: u8,
+        durable_offset: u32,
+        payload_len: usize,
+    ) -> Self {
+        debug_assert!(payload_len <= PAYLOAD_BYTES_LIMIT as usize);
+        let index_rel = (index + 1).wrapping_sub(segment_first_index);
+        debug_assert!(
+            index_rel <= u64::from(u32::MAX),
+            "index {index} too far from segment start"
+        );
+        let len = (payload_len as u32).to_le_bytes();
+        RecordHeader {
+            magic: U32::new(RECORD_MAGIC),
+            crc: U32::new(0),
+            segment_seq: U32::new(segment_seq),
+            payload_len: [len[0], len[1], len[2]],
+            kind,
+            term: U64::new(term),
+            index_rel: U32::new(index_rel as u32),
+            durable_offset: U32::new(durable_offset),
+        }
+    }
+
+    /// Writes the header into `record[..RECORD_HEADER_BYTES]`, whose payload already sits at
+    /// `record[RECORD_HEADER_BYTES..]` (exactly the payload: `record.len()` is header +
+    /// payload), and checksums it in one pass over the copy (still in cache).
+    #[allow(clippy::too_many_arguments)]
+    pub fn encode_in_place(
+        record: &mut [u8],
+        segment_seq: u32,
+        segment_first_index: u64,
+        index: u64,
+        term: u64,
+        kind: u8,
+        durable_offset: u32,
+    ) {
+        let payload_len = record.len() - RECORD_HEADER_BYTES;
+        let header = Self::without_crc(
+            segment_seq,
+            segment_first_index,
+            index,
+            term,
+            kind,
+            durable_offset,
+            payload_len,
+        );
+        record[..RECORD_HEADER_BYTES].copy_from_slice(header.as_bytes());
+        let mut hasher = crc32fast::Hasher::new_with_initial(MAGIC_CRC);
+        hasher.update(&record[CRC_FROM..]);
+        record[4..8].copy_from_slice(&hasher.finalize().to_le_bytes());
+    }
+
     fn compute_crc(&self, payload: &[u8]) -> u32 {
-        let bytes = self.as_bytes();
-        let mut hasher = crc32fast::Hasher::new();
-        hasher.update(&bytes[0..4]);
-        hasher.update(&bytes[8..RECORD_HEADER_BYTES]);
+        let mut hasher = crc32fast::Hasher::new_with_initial(MAGIC_CRC);
+        hasher.update(&self.as_bytes()[CRC_FROM..]);
         hasher.update(payload);
         hasher.finalize()
     }
@@ -98,34 +211,52 @@ impl RecordHeader {
     }
 
     /// Checks the bytes at the start of `bytes` for a complete record of segment `segment_seq`
-    /// with a payload of at most `payload_bytes_max`. Returns the header when magic, segment,
-    /// length and CRC all agree, `None` otherwise. Never panics.
-    pub fn check(bytes: &[u8], segment_seq: u32, payload_bytes_max: u32) -> Option<RecordHeader> {
+    /// (whose header says it starts at `segment_first_index`) with a payload of at most
+    /// `payload_bytes_max`. Returns the decoded header when magic, segment, length and CRC all
+    /// agree, `None` otherwise. Never panics.
+    pub fn check(
+        bytes: &[u8],
+        segment_seq: u32,
+        segment_first_index: u64,
+        payload_bytes_max: u32,
+    ) -> Option<CheckedRecord> {
         let (header, rest) = RecordHeader::read_from_prefix(bytes).ok()?;
         if header.magic.get() != RECORD_MAGIC || header.segment_seq.get() != segment_seq {
             return None;
         }
-        let payload_len = header.payload_len.get();
+        let payload_len = u24(header.payload_len);
         if payload_len > payload_bytes_max || payload_len as usize > rest.len() {
-            return None;
-        }
-        if header.reserved != [0; 3] {
             return None;
         }
         let payload = &rest[..payload_len as usize];
         if header.compute_crc(payload) != header.crc.get() {
             return None;
         }
-        Some(header)
+        // index_rel is at most 2^32 - 1 and a segment's first index is at least 1: no overflow
+        // below u64::MAX - 2^32; a header claiming more is refused rather than wrapped.
+        let index = segment_first_index
+            .checked_sub(1)?
+            .checked_add(u64::from(header.index_rel.get()))?;
+        Some(CheckedRecord {
+            index,
+            term: header.term.get(),
+            kind: header.kind,
+            payload_len,
+            durable_offset: header.durable_offset.get(),
+        })
+    }
+
+    /// The identifying fields of whatever is at the start of `bytes` (magic, segment sequence,
+    /// claimed payload length), intact or not; `None` when fewer than a header's bytes remain.
+    pub fn peek(bytes: &[u8]) -> Option<(u32, u32, u32)> {
+        let (h, _) = RecordHeader::read_from_prefix(bytes).ok()?;
+        Some((h.magic.get(), h.segment_seq.get(), u24(h.payload_len)))
     }
 
     /// True when the bytes look like the start of a record of this segment (magic and
     /// sequence match), whether or not the rest of it is intact.
     pub fn looks_like_start(bytes: &[u8], segment_seq: u32) -> bool {
-        match RecordHeader::read_from_prefix(bytes) {
-            Ok((h, _)) => h.magic.get() == RECORD_MAGIC && h.segment_seq.get() == segment_seq,
-            Err(_) => false,
-        }
+        matches!(Self::peek(bytes), Some((m, s, _)) if m == RECORD_MAGIC && s == segment_seq)
     }
 }
 
@@ -199,7 +330,7 @@ mod tests {
     use super::*;
 
     fn encode(seq: u32, index: u64, payload: &[u8]) -> Vec<u8> {
-        let h = RecordHeader::new(seq, index, 3, 1, 4096, payload);
+        let h = RecordHeader::new(seq, 40, index, 3, 1, 4096, payload);
         let mut v = h.as_bytes().to_vec();
         v.extend_from_slice(payload);
         v.resize(RecordHeader::record_bytes(payload.len()), 0);
@@ -207,14 +338,40 @@ mod tests {
     }
 
     #[test]
+    fn magic_crc_constant_matches_crc32fast() {
+        assert_eq!(MAGIC_CRC, crc32fast::hash(b"TWRC"));
+        assert_eq!(crc32_ieee_const(b"123456789"), 0xCBF4_3926);
+    }
+
+    #[test]
     fn record_round_trip() {
         let bytes = encode(7, 42, b"hello");
-        assert_eq!(bytes.len(), 48);
-        let h = RecordHeader::check(&bytes, 7, 1024).expect("valid");
-        assert_eq!(h.index.get(), 42);
-        assert_eq!(h.term.get(), 3);
-        assert_eq!(h.payload_len.get(), 5);
-        assert_eq!(h.durable_offset.get(), 4096);
+        assert_eq!(bytes.len(), 40);
+        let h = RecordHeader::check(&bytes, 7, 40, 1024).expect("valid");
+        assert_eq!(h.index, 42);
+        assert_eq!(h.term, 3);
+        assert_eq!(h.kind, 1);
+        assert_eq!(h.payload_len, 5);
+        assert_eq!(h.durable_offset, 4096);
+        // The same bytes read against another segment start give another index: the index is
+        // relative, so the reader must pass the header's first index.
+        assert_eq!(
+            RecordHeader::check(&bytes, 7, 41, 1024).map(|h| h.index),
+            Some(43)
+        );
+    }
+
+    #[test]
+    fn encode_in_place_matches_new() {
+        for (index, payload) in [(39u64, &b""[..]), (40, b"x"), (1000, &[0xA5; 300][..])] {
+            let expected = encode(9, index, payload);
+            let mut rec = vec![0xFFu8; RECORD_HEADER_BYTES + payload.len()];
+            rec[RECORD_HEADER_BYTES..].copy_from_slice(payload);
+            RecordHeader::encode_in_place(&mut rec, 9, 40, index, 3, 1, 4096);
+            assert_eq!(rec[..], expected[..rec.len()], "index {index}");
+            let h = RecordHeader::check(&expected, 9, 40, 1024).expect("valid");
+            assert_eq!((h.index, h.payload_len as usize), (index, payload.len()));
+        }
     }
 
     #[test]
@@ -225,7 +382,7 @@ mod tests {
             let mut b = bytes.clone();
             b[bit / 8] ^= 1 << (bit % 8);
             assert!(
-                RecordHeader::check(&b, 7, 1024).is_none(),
+                RecordHeader::check(&b, 7, 40, 1024).is_none(),
                 "bit {bit} accepted"
             );
         }
@@ -234,12 +391,13 @@ mod tests {
     #[test]
     fn record_rejects_other_segment_truncation_and_oversize() {
         let bytes = encode(7, 42, b"payload");
-        assert!(RecordHeader::check(&bytes, 8, 1024).is_none());
-        assert!(RecordHeader::check(&bytes, 7, 6).is_none());
+        assert!(RecordHeader::check(&bytes, 8, 40, 1024).is_none());
+        assert!(RecordHeader::check(&bytes, 7, 40, 6).is_none());
+        assert!(RecordHeader::check(&bytes, 7, 0, 1024).is_none());
         for cut in 0..RECORD_HEADER_BYTES + 7 {
-            assert!(RecordHeader::check(&bytes[..cut], 7, 1024).is_none());
+            assert!(RecordHeader::check(&bytes[..cut], 7, 40, 1024).is_none());
         }
-        assert!(RecordHeader::check(&[0u8; 64], 0, 1024).is_none());
+        assert!(RecordHeader::check(&[0u8; 64], 0, 1, 1024).is_none());
     }
 
     #[test]

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::record::{
-    RecordHeader, KIND_SEAL, KIND_TRUNCATE, RECORD_ALIGN_BYTES, SEGMENT_HEADER_BYTES,
+    RecordHeader, KIND_PAD, KIND_SEAL, KIND_TRUNCATE, PAD_PAYLOAD_BYTES_MAX, RECORD_ALIGN_BYTES,
+    SEGMENT_HEADER_BYTES,
 };
 
 const SEGMENT_SUFFIX: &str = ".wal";
@@ -109,6 +110,10 @@ pub fn scan_segment(
     is_last: bool,
     payload_bytes_max: u32,
 ) -> Result<SegmentScan> {
+    // Padding records may be longer than an entry may be: validity checks use the larger
+    // bound, and entries are held to `payload_bytes_max` below.
+    let entry_bytes_max = payload_bytes_max;
+    let payload_bytes_max = payload_bytes_max.max(PAD_PAYLOAD_BYTES_MAX);
     let mut records = Vec::new();
     let mut offset = SEGMENT_HEADER_BYTES;
     let mut last_index = first_index - 1;
@@ -117,19 +122,25 @@ pub fn scan_segment(
         let at = usize::try_from(offset).unwrap_or(usize::MAX);
         let header = bytes
             .get(at..)
-            .and_then(|b| RecordHeader::check(b, seq, payload_bytes_max));
+            .and_then(|b| RecordHeader::check(b, seq, first_index, payload_bytes_max));
         let plausible = header.filter(|h| {
-            let index = h.index.get();
+            let index = h.index;
             if h.kind == KIND_SEAL {
-                index == last_index && h.payload_len.get() == 0
+                index == last_index && h.payload_len == 0
+            } else if h.kind == KIND_PAD {
+                index == last_index
             } else if h.kind == KIND_TRUNCATE {
-                index >= first_index && index <= last_index + 1 && h.payload_len.get() == 0
+                index >= first_index && index <= last_index + 1 && h.payload_len == 0
             } else {
-                index >= first_index && index <= last_index + 1
+                index >= first_index && index <= last_index + 1 && h.payload_len <= entry_bytes_max
             }
         });
         let Some(h) = plausible else { break };
-        let payload_len = h.payload_len.get();
+        let payload_len = h.payload_len;
+        if h.kind == KIND_PAD {
+            offset += RecordHeader::record_bytes(payload_len as usize) as u64;
+            continue;
+        }
         if h.kind == KIND_SEAL {
             let end = offset + RecordHeader::record_bytes(0) as u64;
             return Ok(SegmentScan {
@@ -140,16 +151,16 @@ pub fn scan_segment(
             });
         }
         records.push(ScannedRecord {
-            index: h.index.get(),
-            term: h.term.get(),
+            index: h.index,
+            term: h.term,
             kind: h.kind,
             offset,
             payload_len,
         });
         last_index = if h.kind == KIND_TRUNCATE {
-            h.index.get() - 1
+            h.index - 1
         } else {
-            h.index.get()
+            h.index
         };
         offset += RecordHeader::record_bytes(payload_len as usize) as u64;
     }
@@ -166,20 +177,19 @@ pub fn scan_segment(
     let mut drop_end = offset;
     let at = usize::try_from(offset).unwrap_or(usize::MAX);
     if let Some(b) = bytes.get(at..) {
-        let field = |r: std::ops::Range<usize>| {
-            b.get(r)
-                .map(|x| u32::from_le_bytes([x[0], x[1], x[2], x[3]]))
-        };
-        let magic_ok = field(0..4) == Some(crate::record::RECORD_MAGIC);
-        let seq_ok = field(12..16) == Some(seq);
+        let peek = RecordHeader::peek(b);
+        let magic_ok = peek.is_some_and(|(m, _, _)| m == crate::record::RECORD_MAGIC);
+        let seq_ok = peek.is_some_and(|(_, s, _)| s == seq);
         if magic_ok && seq_ok {
             // A torn or damaged record of ours: its claimed extent is part of what we drop.
-            let claimed = field(8..12).unwrap_or(0) as usize;
+            let claimed = peek.map_or(0, |(_, _, len)| len) as usize;
             let claimed_end =
                 offset.saturating_add(RecordHeader::record_bytes(claimed.min(bytes.len())) as u64);
             drop_end = drop_end.max(claimed_end.min(len));
-        } else if field(12..16)
-            .and_then(|other| RecordHeader::check(b, other, payload_bytes_max))
+        } else if peek
+            // Validity does not depend on the other generation's first index (only the
+            // decoded index does), so any first index will do.
+            .and_then(|(_, other, _)| RecordHeader::check(b, other, 1, payload_bytes_max))
             .is_some()
         {
             // An intact record of another generation: a leftover of a recycled file, not a
@@ -195,19 +205,19 @@ pub fn scan_segment(
         let p = probe as usize;
         // Cheap filter before the CRC: magic and segment must match.
         if RecordHeader::looks_like_start(&bytes[p..], seq) {
-            if let Some(h) = RecordHeader::check(&bytes[p..], seq, payload_bytes_max) {
-                if u64::from(h.durable_offset.get()) > offset {
+            if let Some(h) = RecordHeader::check(&bytes[p..], seq, first_index, payload_bytes_max) {
+                if u64::from(h.durable_offset) > offset {
                     return Err(Error::Corruption {
                         path: path.to_path_buf(),
                         offset,
                         reason: format!(
                             "bad record after index {last_index}, but the record at offset \
                              {probe} (index {}) was written after this offset was durable",
-                            h.index.get()
+                            h.index
                         ),
                     });
                 }
-                let end = probe + RecordHeader::record_bytes(h.payload_len.get() as usize) as u64;
+                let end = probe + RecordHeader::record_bytes(h.payload_len as usize) as u64;
                 drop_end = drop_end.max(end);
                 probe = end;
                 continue;
@@ -248,7 +258,7 @@ mod tests {
         durable: u32,
         payload: &[u8],
     ) -> u64 {
-        let h = RecordHeader::new(seq, index, 1, 0, durable, payload);
+        let h = RecordHeader::new(seq, 10, index, 1, 0, durable, payload);
         let o = offset as usize;
         bytes[o..o + RECORD_HEADER_BYTES].copy_from_slice(h.as_bytes());
         bytes[o + RECORD_HEADER_BYTES..o + RECORD_HEADER_BYTES + payload.len()]

@@ -329,7 +329,7 @@ mod garbage {
             let mut written = Vec::new();
             for i in 1..=20u64 {
                 let e = Owned::new(i, 1, (i as usize * 11) % 90);
-                let h = tynamo_wal::format::RecordHeader::new(1, i, 1, e.kind, 4096, &e.payload);
+                let h = tynamo_wal::format::RecordHeader::new(1, 1, i, 1, e.kind, 4096, &e.payload);
                 use zerocopy::IntoBytes;
                 let o = off as usize;
                 img[o..o + RECORD_HEADER_BYTES].copy_from_slice(h.as_bytes());
@@ -379,7 +379,7 @@ mod open_garbage {
                 let mut off = 4096usize;
                 for i in 1..=records {
                     let e = Owned::new(i, 1, 20);
-                    let rh = tynamo_wal::format::RecordHeader::new(1, i, 1, e.kind, 4096, &e.payload);
+                    let rh = tynamo_wal::format::RecordHeader::new(1, 1, i, 1, e.kind, 4096, &e.payload);
                     let end = off + tynamo_wal::format::RecordHeader::record_bytes(20);
                     img.resize(img.len().max(end), 0);
                     img[off..off + RECORD_HEADER_BYTES].copy_from_slice(rh.as_bytes());
