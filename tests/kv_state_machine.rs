@@ -193,6 +193,16 @@ impl Model {
                     }
                 }
             }
+            Op::PutIfPresent { key, value } => {
+                if let Some(e) = self.key_err(key).or(self.value_err(value.len())) {
+                    return err(e);
+                }
+                if !self.data.contains_key(key) {
+                    return Outcome::Bool(false);
+                }
+                self.data.insert(key.clone(), value.clone());
+                Outcome::Bool(true)
+            }
             Op::Cas { key, expected, new } => {
                 if let Some(e) = self.key_err(key) {
                     return err(e);
@@ -244,6 +254,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         proptest::collection::vec(key.clone(), 1..5).prop_map(|keys| Op::MGet { keys }),
         (key.clone(), value.clone()).prop_map(|(key, value)| Op::Put { key, value }),
         (key.clone(), value.clone()).prop_map(|(key, value)| Op::Append { key, value }),
+        (key.clone(), value.clone()).prop_map(|(key, value)| Op::PutIfPresent { key, value }),
         key.clone().prop_map(|key| Op::Delete { key }),
         (
             key.clone(),

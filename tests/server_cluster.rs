@@ -361,6 +361,11 @@ fn redis_cli_and_redis_benchmark_work_against_a_three_host_cluster() {
     assert!(redis_cli(port, &["MSET", "a", "1", "b", "2"]).contains("CROSSSLOT"));
     assert_eq!(redis_cli(port, &["SET", "nx", "1", "NX"]), "OK");
     assert_eq!(redis_cli(port, &["SET", "nx", "2", "NX"]), "");
+    // XX: set only over an existing key (null reply, nothing created, when the key is missing).
+    assert_eq!(redis_cli(port, &["SET", "xx", "1", "XX"]), "");
+    assert_eq!(redis_cli(port, &["EXISTS", "xx"]), "0");
+    assert_eq!(redis_cli(port, &["SET", "nx", "3", "XX"]), "OK");
+    assert_eq!(redis_cli(port, &["GET", "nx"]), "3");
     let slots = redis_cli(port, &["CLUSTER", "SLOTS"]);
     assert!(slots.starts_with("0\n8191\n"), "{slots}");
     let nodes = redis_cli(port, &["CLUSTER", "NODES"]);

@@ -20,6 +20,7 @@
 //!   8 Cas                        key:bytes expected:opt new:opt
 //!   9 MPut                       count:u32 (1..=MULTI_KEYS_MAX) (key:bytes value:bytes)*count
 //!  10 OpenSession, 11 CloseSession  (empty; the session is the command's client_id)
+//!  12 PutIfPresent               key:bytes value:bytes
 //! admin_body by admin_code:
 //!   1 SetState  shard:u16 state:u8 (1 Serving, 2 Importing, 3 Exporting)
 //!   2 Import    blob:bytes (the output of `StateMachine::export_shard`)
@@ -63,6 +64,7 @@ const OP_CAS: u8 = 8;
 const OP_MPUT: u8 = 9;
 const OP_OPEN_SESSION: u8 = 10;
 const OP_CLOSE_SESSION: u8 = 11;
+const OP_PUT_IF_PRESENT: u8 = 12;
 
 const ADMIN_SET_STATE: u8 = 1;
 const ADMIN_IMPORT: u8 = 2;
@@ -144,6 +146,11 @@ pub enum Op {
         expected: Option<Bytes>,
         new: Option<Bytes>,
     },
+    /// Sets the value only if the key exists (Redis `SET ... XX`). Result: whether it was set.
+    PutIfPresent {
+        key: Bytes,
+        value: Bytes,
+    },
     /// Multi-key put; all keys must be in one shard; all or nothing.
     MPut {
         pairs: Vec<(Bytes, Bytes)>,
@@ -171,6 +178,7 @@ impl Op {
             Op::Delete { .. } => OP_DELETE,
             Op::Incr { .. } => OP_INCR,
             Op::Cas { .. } => OP_CAS,
+            Op::PutIfPresent { .. } => OP_PUT_IF_PRESENT,
             Op::MPut { .. } => OP_MPUT,
             Op::OpenSession => OP_OPEN_SESSION,
             Op::CloseSession => OP_CLOSE_SESSION,
@@ -181,7 +189,9 @@ impl Op {
         1 + match self {
             Op::Get { key } | Op::Exists { key } | Op::Delete { key } => bytes_len(key),
             Op::MGet { keys } => 4 + keys.iter().map(|k| bytes_len(k)).sum::<usize>(),
-            Op::Put { key, value } | Op::Append { key, value } => bytes_len(key) + bytes_len(value),
+            Op::Put { key, value }
+            | Op::Append { key, value }
+            | Op::PutIfPresent { key, value } => bytes_len(key) + bytes_len(value),
             Op::Incr { key, .. } => bytes_len(key) + 8,
             Op::Cas { key, expected, new } => {
                 bytes_len(key)
@@ -210,7 +220,9 @@ impl Op {
                     put_bytes(out, key);
                 }
             }
-            Op::Put { key, value } | Op::Append { key, value } => {
+            Op::Put { key, value }
+            | Op::Append { key, value }
+            | Op::PutIfPresent { key, value } => {
                 put_bytes(out, key);
                 put_bytes(out, value);
             }
@@ -260,6 +272,10 @@ impl Op {
                 value: r.bytes(FIELD_BYTES_MAX)?,
             },
             OP_APPEND => Op::Append {
+                key: r.bytes(FIELD_BYTES_MAX)?,
+                value: r.bytes(FIELD_BYTES_MAX)?,
+            },
+            OP_PUT_IF_PRESENT => Op::PutIfPresent {
                 key: r.bytes(FIELD_BYTES_MAX)?,
                 value: r.bytes(FIELD_BYTES_MAX)?,
             },
@@ -451,7 +467,9 @@ fn assert_op_within_bounds(op: &Op) {
         Op::MGet { keys } => {
             !keys.is_empty() && keys.len() <= MULTI_KEYS_MAX as usize && keys.iter().all(field_ok)
         }
-        Op::Put { key, value } | Op::Append { key, value } => field_ok(key) && field_ok(value),
+        Op::Put { key, value } | Op::Append { key, value } | Op::PutIfPresent { key, value } => {
+            field_ok(key) && field_ok(value)
+        }
         Op::Cas { key, expected, new } => {
             field_ok(key) && expected.iter().all(field_ok) && new.iter().all(field_ok)
         }
@@ -505,6 +523,10 @@ mod tests {
             },
             Op::MPut {
                 pairs: vec![(b("a"), b("1")), (b("b"), b(""))],
+            },
+            Op::PutIfPresent {
+                key: b("k"),
+                value: b("only if present"),
             },
             Op::OpenSession,
             Op::CloseSession,

@@ -119,7 +119,9 @@ impl Config {
                 self.check_key(key)?;
                 key_shard(key, self.shard_count)
             }
-            Op::Put { key, value } | Op::Append { key, value } => {
+            Op::Put { key, value }
+            | Op::Append { key, value }
+            | Op::PutIfPresent { key, value } => {
                 self.check_key(key)?;
                 self.check_value(value.len())?;
                 key_shard(key, self.shard_count)
@@ -482,6 +484,13 @@ impl StateMachine {
                 data.insert(keep(key), Bytes::from(new.to_string()));
                 Outcome::Int(new)
             }
+            Op::PutIfPresent { key, value } => match data.get_mut(&key) {
+                Some(current) => {
+                    *current = keep(value);
+                    Outcome::Bool(true)
+                }
+                None => Outcome::Bool(false),
+            },
             Op::Cas { key, expected, new } => {
                 if data.get(&key) != expected.as_ref() {
                     return Outcome::Bool(false);

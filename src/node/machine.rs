@@ -147,7 +147,9 @@ impl Machine for KvMachine {
         OVERHEAD_BYTES
             + match &c.op {
                 Op::Get { key } | Op::Exists { key } | Op::Delete { key } => key.len(),
-                Op::Put { key, value } | Op::Append { key, value } => key.len() + value.len(),
+                Op::Put { key, value }
+                | Op::Append { key, value }
+                | Op::PutIfPresent { key, value } => key.len() + value.len(),
                 Op::Incr { key, .. } => key.len(),
                 Op::Cas { key, expected, new } => {
                     key.len()

@@ -360,7 +360,14 @@ fn kv_ops(command: Command) -> Result<(Vec<Op>, Shape, Vec<Bytes>), String> {
                     Shape::OkIfSwapped,
                     vec![key],
                 ),
-                SetCondition::IfPresent => return unsupported("SET ... XX"),
+                SetCondition::IfPresent => (
+                    vec![Op::PutIfPresent {
+                        key: set.key,
+                        value: set.value,
+                    }],
+                    Shape::OkIfSwapped,
+                    vec![key],
+                ),
             }
         }
         Command::Append { key, value } => (
@@ -603,7 +610,9 @@ const KEY_BYTES_MAX: usize = 64 << 10;
 
 fn op_bytes(op: &Op) -> usize {
     match op {
-        Op::Put { key, value } | Op::Append { key, value } => key.len() + value.len(),
+        Op::Put { key, value } | Op::Append { key, value } | Op::PutIfPresent { key, value } => {
+            key.len() + value.len()
+        }
         Op::Cas { key, new, .. } => key.len() + new.as_ref().map_or(0, |v| v.len()),
         Op::MPut { pairs } => pairs.iter().map(|(k, v)| k.len() + v.len()).sum(),
         Op::MGet { keys } => keys.iter().map(|k| k.len()).sum(),
