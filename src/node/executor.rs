@@ -281,7 +281,11 @@ pub const FORWARD_CHANNEL_CAPACITY: usize = 4096;
 pub struct CoreCtx {
     pub cfg: Arc<ServerConfig>,
     pub core: u16,
+    /// The data group this core was started with (the bootstrap's group `core`); client
+    /// requests and the migration driver use it.
     pub group: Rc<RefCell<Group>>,
+    /// Every data group this core runs, by group id (peer routing, INFO).
+    pub groups: Rc<CoreGroups>,
     pub view: Arc<HostView>,
     pub wal: Rc<tynamo_wal::Wal>,
     pub transport_stats: Rc<TransportStats>,
@@ -390,11 +394,140 @@ struct CoreChannels {
     receivers: Vec<(u16, SharedReceiver<CoreMsg>)>,
 }
 
-/// Delivers a core's peer frames to its groups: the data group, and on core 0 of a controller
-/// host the controller group.
+/// The data groups one core runs, keyed by their peer group id: where peer frames are routed.
+///
+/// Today a core runs one data group fixed at start (the bootstrap's group `core`); the registry
+/// is keyed by group id so that groups a configuration creates on this core (Join) can be added
+/// and those it no longer lists removed (Leave) while the core runs, without touching routing.
+/// Messages for a group this core does not run (not created yet, or already removed) are
+/// dropped and counted: Raft retries them from its progress state.
+#[derive(Default)]
+pub struct CoreGroups {
+    groups: RefCell<BTreeMap<GroupId, Rc<RefCell<Group>>>>,
+    /// Messages that named a data group this core does not run.
+    pub messages_unrouted: Cell<u64>,
+}
+
+impl CoreGroups {
+    /// Registers `group` under its id. A group id is registered at most once at a time: two
+    /// replicas of one group on one core would both answer for the same Raft node.
+    pub fn insert(&self, group: Rc<RefCell<Group>>) {
+        let id = group.borrow().id;
+        let before = self.groups.borrow_mut().insert(id, group);
+        assert!(
+            before.is_none(),
+            "data group {id} registered twice on one core"
+        );
+    }
+
+    /// Unregisters group `id` (its replica stopped); returns it if it was registered.
+    pub fn remove(&self, id: GroupId) -> Option<Rc<RefCell<Group>>> {
+        self.groups.borrow_mut().remove(&id)
+    }
+
+    pub fn get(&self, id: GroupId) -> Option<Rc<RefCell<Group>>> {
+        self.groups.borrow().get(&id).cloned()
+    }
+
+    /// The ids of the groups this core runs, ascending.
+    pub fn ids(&self) -> Vec<GroupId> {
+        self.groups.borrow().keys().copied().collect()
+    }
+
+    /// Hands `m` to group `id`'s replica on this core; false (and counted) if it runs none.
+    fn deliver(&self, id: GroupId, m: Message) -> bool {
+        match self.groups.borrow().get(&id) {
+            Some(g) => {
+                g.borrow_mut().deliver(m);
+                true
+            }
+            None => {
+                self.messages_unrouted.set(self.messages_unrouted.get() + 1);
+                false
+            }
+        }
+    }
+}
+
+/// The outbound peer connections of one core, by host id: core c of this host talks to core c
+/// of every other host.
+///
+/// The hosts of the static map get a connection at start; a host that joined later is only in
+/// the controller's configurations, so its connection is opened on demand from the
+/// configuration's host entry (`peer/client`, core 0's addresses; core c uses port + c) the
+/// first time a configuration names it ([`PeerSenders::open_config_hosts`]).
+pub struct PeerSenders {
+    me: CoreId,
+    tcfg: Rc<TransportConfig>,
+    stats: Rc<TransportStats>,
+    senders: RefCell<HashMap<u64, PeerSender>>,
+}
+
+impl PeerSenders {
+    fn new(me: CoreId, tcfg: Rc<TransportConfig>, stats: Rc<TransportStats>) -> PeerSenders {
+        PeerSenders {
+            me,
+            tcfg,
+            stats,
+            senders: RefCell::new(HashMap::new()),
+        }
+    }
+
+    /// Opens a connection to core `self.me.core` of `host` at `core0_peer` (that host's core 0
+    /// peer address), unless one is open already (the first address a host is known by wins:
+    /// a host keeps its address for life).
+    fn open(&self, host: u64, core0_peer: SocketAddr) {
+        if host == self.me.host || self.senders.borrow().contains_key(&host) {
+            return;
+        }
+        let core = self.me.core;
+        let to = CoreId { host, core };
+        let Some(port) = core0_peer.port().checked_add(core) else {
+            eprintln!("tynamo: core {core}: host {host}'s peer port {core0_peer} + core overflows");
+            return;
+        };
+        let addr = SocketAddr::new(core0_peer.ip(), port);
+        let sender = PeerSender::spawn(self.me, to, addr, self.tcfg.clone(), self.stats.clone());
+        self.senders.borrow_mut().insert(host, sender);
+    }
+
+    /// Opens connections to the hosts of `config` this core has none to yet (hosts that joined
+    /// after start). A host entry whose address does not parse is skipped and said once per
+    /// call: the controller only stores addresses `tynamo ctl join` parsed, so it is a bug.
+    pub fn open_config_hosts(&self, config: &Configuration) {
+        for (&host, h) in &config.hosts {
+            if host == self.me.host || self.senders.borrow().contains_key(&host) {
+                continue;
+            }
+            match host_peer_addr(h) {
+                Some(peer) => self.open(host, peer),
+                None => eprintln!(
+                    "tynamo: core {}: configuration {} host {host}: no peer address in {:?}",
+                    self.me.core, config.num, h.addr
+                ),
+            }
+        }
+    }
+
+    /// Queues `frame` for `host`; false when there is no connection to it or its outbox is full.
+    fn send(&self, host: u64, frame: &[u8]) -> bool {
+        self.senders
+            .borrow()
+            .get(&host)
+            .is_some_and(|s| s.send(frame))
+    }
+}
+
+/// The peer address (core 0) of a configuration host, from its `peer/client` text.
+pub fn host_peer_addr(host: &controller::Host) -> Option<SocketAddr> {
+    let (peer, _) = host.addr.split_once('/')?;
+    peer.parse().ok()
+}
+
+/// Delivers a core's peer frames to its groups by the group id each message carries: the data
+/// groups of the core (`CoreGroups`), and on core 0 of a controller host the controller group.
 struct GroupSink {
-    group_id: GroupId,
-    group: Rc<RefCell<Group>>,
+    groups: Rc<CoreGroups>,
     controller: Option<Rc<RefCell<Group<ControllerMachine>>>>,
     opts: VerifierOptions,
     bad_frames: Rc<Cell<u64>>,
@@ -405,12 +538,11 @@ impl FrameSink for GroupSink {
         match decode_batch(&frame, &self.opts) {
             Ok(messages) => {
                 for (group, m) in messages {
-                    if group == self.group_id {
-                        self.group.borrow_mut().deliver(m);
-                    } else if let (CONTROLLER_GROUP_ID, Some(c)) = (group, &self.controller) {
-                        c.borrow_mut().deliver(m);
-                    } else {
-                        self.group.borrow_mut().stats.messages_dropped += 1;
+                    match (group, &self.controller) {
+                        (CONTROLLER_GROUP_ID, Some(c)) => c.borrow_mut().deliver(m),
+                        _ => {
+                            self.groups.deliver(group, m);
+                        }
                     }
                 }
             }
@@ -572,23 +704,19 @@ async fn run_core(
     let peer_addr = SocketAddr::new(me.peer.ip(), me.peer.port() + core);
     let listener = bind_exclusive(peer_addr).map_err(|e| err(e.to_string()))?;
     let bad_frames = Rc::new(Cell::new(0));
+    let groups = Rc::new(CoreGroups::default());
+    groups.insert(group.clone());
     let sink = Rc::new(GroupSink {
-        group_id,
-        group: group.clone(),
+        groups: groups.clone(),
         controller: controller.as_ref().map(|c| c.group.clone()),
         opts: verifier_options(tcfg.frame_bytes_max),
         bad_frames: bad_frames.clone(),
     });
     spawn_listener(listener, me_core, tcfg.clone(), tstats.clone(), sink);
-    let mut senders: HashMap<u64, PeerSender> = HashMap::new();
+    let senders = Rc::new(PeerSenders::new(me_core, tcfg.clone(), tstats.clone()));
     // Core 0's connections also carry the controller's messages to the other controller hosts.
     for h in cfg.hosts.iter().filter(|h| h.id != cfg.id) {
-        let to = CoreId { host: h.id, core };
-        let addr = SocketAddr::new(h.peer.ip(), h.peer.port() + core);
-        senders.insert(
-            h.id,
-            PeerSender::spawn(me_core, to, addr, tcfg.clone(), tstats.clone()),
-        );
+        senders.open(h.id, h.peer);
     }
 
     // Clients.
@@ -598,6 +726,7 @@ async fn run_core(
         cfg: cfg.clone(),
         core,
         group: group.clone(),
+        groups,
         view: view.clone(),
         wal: wal.clone(),
         transport_stats: tstats,
@@ -653,8 +782,15 @@ async fn run_core(
     })
     .detach();
 
+    // Connections to hosts that joined after start, once a configuration names them.
+    glommio::spawn_local(open_joined_hosts(
+        senders.clone(),
+        view.clone(),
+        cfg.heartbeat_ms,
+    ))
+    .detach();
+
     // The group loops; the core stops only on a fatal error of a replica or its storage.
-    let senders = Rc::new(senders);
     let view2 = view.clone();
     let g = usize::from(core);
     let looper = group_loop(
@@ -682,6 +818,25 @@ async fn run_core(
         None => data.await,
     };
     Err(err(why))
+}
+
+/// Every heartbeat: when this host knows a newer configuration, opens peer connections to the
+/// hosts it names that this core has none to (a few map lookups per configuration change; an
+/// unchanged number costs one atomic load).
+async fn open_joined_hosts(senders: Rc<PeerSenders>, view: Arc<HostView>, period_ms: u64) {
+    let every = Duration::from_millis(period_ms.max(1));
+    let mut seen = 0;
+    loop {
+        glommio::timer::sleep(every).await;
+        let num = view.controller.config_num.load(Ordering::Relaxed);
+        if num == seen {
+            continue;
+        }
+        if let Some(config) = view.latest_config() {
+            senders.open_config_hosts(&config);
+            seen = config.num;
+        }
+    }
 }
 
 /// The controller replica of this host, opened but not yet running.
@@ -736,7 +891,7 @@ impl ControllerReplica {
     /// Runs the controller's loop, persister and bootstrap proposer; returns why it stopped.
     async fn run(
         self,
-        senders: Rc<HashMap<u64, PeerSender>>,
+        senders: Rc<PeerSenders>,
         view: Arc<HostView>,
         plan: Arc<ControlPlan>,
         retry_ms: u64,
@@ -811,7 +966,7 @@ async fn group_loop<M: Machine + 'static>(
     group: Rc<RefCell<Group<M>>>,
     wake: Rc<Signal>,
     persist_wake: Rc<Signal>,
-    senders: Rc<HashMap<u64, PeerSender>>,
+    senders: Rc<PeerSenders>,
     host_of: impl Fn(NodeId) -> Option<u64>,
     publish: impl Fn(&Group<M>),
     snapshots: Rc<tynamo_wal::SnapshotStore>,
@@ -865,7 +1020,7 @@ fn send_messages(
     fbb: &mut FlatBufferBuilder<'static>,
     group: GroupId,
     messages: &mut [Message],
-    senders: &HashMap<u64, PeerSender>,
+    senders: &PeerSenders,
     host_of: &impl Fn(NodeId) -> Option<u64>,
 ) {
     if messages.is_empty() {
@@ -888,10 +1043,11 @@ fn send_messages(
             refs.push((group, &messages[at]));
             at += 1;
         }
-        if let Some(sender) = host_of(to).and_then(|host| senders.get(&host)) {
+        if let Some(host) = host_of(to) {
             let frame = encode_batch(fbb, &refs);
-            // A full outbox drops the frame: Raft retries from its progress state.
-            let _ = sender.send(frame);
+            // A full outbox (or a host not connected yet) drops the frame: Raft retries from
+            // its progress state.
+            let _ = senders.send(host, frame);
         }
     }
 }
