@@ -659,36 +659,15 @@ async fn run_core(
         .me()
         .cloned()
         .ok_or_else(|| err("this host is not in the cluster map".into()))?;
-    let group_id = GroupId::from(core);
-    let dir = cfg.data_dir.join(format!("group-{core}"));
-    let wal_opts = WalOptions {
-        segment_bytes: cfg.segment_bytes,
-        entry_bytes_max: super::config::ENTRY_BYTES_MAX,
-        ..WalOptions::default()
-    };
-    let kvc = kv_config(&cfg);
-    let (storage, recovered) = GroupStorage::open(group_id, &dir, wal_opts, &cfg.voters())
-        .await
-        .map_err(|e| err(e.to_string()))?;
-    let config_group = super::migrate::group_of_core(core);
-    // A new replica holds no shard: the first configuration that names its group creates them.
-    let machine = match recovered.machine_snapshot() {
-        Some((index, data)) => KvMachine::restore(kvc.clone(), config_group, data)
-            .map_err(|e| err(format!("snapshot {index} in {}: {e}", dir.display())))?,
-        None => KvMachine::new(kv::StateMachine::new(kvc.clone(), []), kvc, config_group),
-    };
-    let seed = cfg.id.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(core) ^ now_nanos();
-    let raw = RawNode::new(raft_config(&cfg, cfg.id), recovered.initial, seed)
-        .map_err(|e| err(format!("raft config: {e}")))?;
-    let group = Rc::new(RefCell::new(Group::new(
-        group_id,
-        raw,
-        machine,
-        u64::from(cfg.election_ticks()),
-    )));
+    let spec = DataGroupSpec::bootstrap(&cfg, core);
+    let hosts_by_node = spec.hosts_by_node.clone();
+    let OpenedGroup {
+        group,
+        storage,
+        wal,
+        snapshots,
+    } = open_data_group(&cfg, core, &spec).await.map_err(err)?;
     let wake = group.borrow().wake.clone();
-    let wal = storage.wal.clone();
-    let snapshots = storage.snapshots.clone();
     let controller = match (core, plan.node_of_host(cfg.id)) {
         (0, Some(node)) => Some(open_controller(&cfg, &plan, node).await?),
         _ => None,
@@ -798,7 +777,7 @@ async fn run_core(
         wake,
         persist_wake,
         senders.clone(),
-        Some,
+        move |node| hosts_by_node.get(&node).copied(),
         move |gr: &Group| {
             view2.publish(g, gr);
             view2.publish_shards(g, &gr.machine().shards);
@@ -818,6 +797,122 @@ async fn run_core(
         None => data.await,
     };
     Err(err(why))
+}
+
+/// What one data group replica on a core is: its ids, its Raft node id and members, and which
+/// host runs each member (peer messages go to core `core` of that host).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DataGroupSpec {
+    /// The group id its peer frames carry; its storage is `group-{peer_id}` in the data dir.
+    pub peer_id: GroupId,
+    /// The group's id in the controller's configurations (`peer_id + 1`).
+    pub config_group: controller::GroupId,
+    /// This replica's Raft node id.
+    pub node: NodeId,
+    /// The members a fresh replica bootstraps with (ascending).
+    pub voters: Vec<NodeId>,
+    /// Raft node id -> host id, for every member.
+    pub hosts_by_node: BTreeMap<NodeId, u64>,
+}
+
+impl DataGroupSpec {
+    /// The static map's group on `core`: a replica on every host, whose Raft node id is its
+    /// host id (what every log written so far uses, so it must stay so).
+    pub fn bootstrap(cfg: &ServerConfig, core: u16) -> DataGroupSpec {
+        let voters = cfg.voters();
+        DataGroupSpec {
+            peer_id: GroupId::from(core),
+            config_group: super::migrate::group_of_core(core),
+            node: cfg.id,
+            hosts_by_node: voters.iter().map(|&h| (h, h)).collect(),
+            voters,
+        }
+    }
+
+    /// Configuration group `group`'s replica on (`host`, `core`), if `config` places one
+    /// there. A group created after the bootstrap uses the configuration's node ids (1, 2, ...
+    /// in replica order), the same on every host, whichever hosts joined later.
+    pub fn from_config(
+        config: &Configuration,
+        group: controller::GroupId,
+        host: u64,
+        core: u16,
+    ) -> Option<DataGroupSpec> {
+        let g = config.groups.get(&group)?;
+        let mine = g
+            .replicas
+            .iter()
+            .find(|r| r.slot.host == host && r.slot.core == core)?;
+        let mut voters: Vec<NodeId> = g.replicas.iter().map(|r| r.node_id).collect();
+        voters.sort_unstable();
+        Some(DataGroupSpec {
+            peer_id: group.checked_sub(1)?,
+            config_group: group,
+            node: mine.node_id,
+            voters,
+            hosts_by_node: g
+                .replicas
+                .iter()
+                .map(|r| (r.node_id, r.slot.host))
+                .collect(),
+        })
+    }
+}
+
+/// A data group replica opened from its storage, not yet running.
+struct OpenedGroup {
+    group: Rc<RefCell<Group>>,
+    storage: GroupStorage,
+    wal: Rc<tynamo_wal::Wal>,
+    snapshots: Rc<tynamo_wal::SnapshotStore>,
+}
+
+/// Opens (or, on an empty directory, creates with `spec.voters`) data group `spec` on `core`:
+/// its WAL, snapshot and state machine. A new replica holds no shard: the first configuration
+/// that names its group gives it its shards.
+async fn open_data_group(
+    cfg: &ServerConfig,
+    core: u16,
+    spec: &DataGroupSpec,
+) -> Result<OpenedGroup, String> {
+    let dir = cfg.data_dir.join(format!("group-{}", spec.peer_id));
+    let wal_opts = WalOptions {
+        segment_bytes: cfg.segment_bytes,
+        entry_bytes_max: super::config::ENTRY_BYTES_MAX,
+        ..WalOptions::default()
+    };
+    let kvc = kv_config(cfg);
+    let (storage, recovered) = GroupStorage::open(spec.peer_id, &dir, wal_opts, &spec.voters)
+        .await
+        .map_err(|e| format!("group {}: {e}", spec.peer_id))?;
+    let machine = match recovered.machine_snapshot() {
+        Some((index, data)) => KvMachine::restore(kvc.clone(), spec.config_group, data)
+            .map_err(|e| format!("snapshot {index} in {}: {e}", dir.display()))?,
+        None => KvMachine::new(
+            kv::StateMachine::new(kvc.clone(), []),
+            kvc,
+            spec.config_group,
+        ),
+    };
+    let seed = cfg.id.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        ^ u64::from(core)
+        ^ spec.peer_id.rotate_left(32)
+        ^ now_nanos();
+    let raw = RawNode::new(raft_config(cfg, spec.node), recovered.initial, seed)
+        .map_err(|e| format!("group {}: raft config: {e}", spec.peer_id))?;
+    let group = Rc::new(RefCell::new(Group::new(
+        spec.peer_id,
+        raw,
+        machine,
+        u64::from(cfg.election_ticks()),
+    )));
+    let (wal, snapshots) = (storage.wal.clone(), storage.snapshots.clone());
+    Ok(OpenedGroup {
+        group,
+        storage,
+        wal,
+        snapshots,
+    })
 }
 
 /// Every heartbeat: when this host knows a newer configuration, opens peer connections to the
@@ -1048,6 +1143,57 @@ fn send_messages(
             // A full outbox (or a host not connected yet) drops the frame: Raft retries from
             // its progress state.
             let _ = senders.send(host, frame);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::{Reply, StateMachine};
+    use crate::node::config::parse_initial_cluster;
+
+    fn bootstrap_config(cfg: &ServerConfig) -> Configuration {
+        let plan = ControlPlan::new(cfg);
+        let mut sm = StateMachine::new(plan.settings.clone()).unwrap();
+        let mut index = 1;
+        while let Some(c) = plan.next_bootstrap(sm.latest()).cloned() {
+            assert!(index < 10, "bootstrap does not converge");
+            index += 1;
+            let reply = sm.apply(index, &c.encode());
+            assert!(matches!(reply, Some(Reply::Ok { .. })), "{reply:?}");
+        }
+        sm.latest().clone()
+    }
+
+    #[test]
+    fn a_configuration_groups_replica_spec_agrees_with_the_bootstrap_on_ids_and_hosts() {
+        let map = "5=10.0.0.5:7101,9=10.0.0.9:7101,2=10.0.0.2:7101";
+        let hosts = parse_initial_cluster(map).unwrap();
+        for me in [2, 5, 9] {
+            let cfg = ServerConfig::new(me, "/tmp/unused".into(), hosts.clone(), 2);
+            let config = bootstrap_config(&cfg);
+            for core in 0..2 {
+                let boot = DataGroupSpec::bootstrap(&cfg, core);
+                let from = DataGroupSpec::from_config(&config, boot.config_group, me, core)
+                    .unwrap_or_else(|| panic!("host {me} core {core}: no replica in {config:?}"));
+                // Same group ids, storage and member hosts; the bootstrap keeps host ids as
+                // node ids (its logs say so), a configuration numbers nodes 1, 2, 3.
+                assert_eq!(from.peer_id, boot.peer_id);
+                assert_eq!(from.config_group, boot.config_group);
+                let member_hosts = |s: &DataGroupSpec| {
+                    let mut h: Vec<u64> = s.hosts_by_node.values().copied().collect();
+                    h.sort_unstable();
+                    h
+                };
+                assert_eq!(member_hosts(&from), member_hosts(&boot));
+                assert_eq!(from.voters, vec![1, 2, 3]);
+                assert_eq!(from.hosts_by_node.get(&from.node), Some(&me));
+                assert_eq!(boot.hosts_by_node.get(&boot.node), Some(&me));
+            }
+            // No replica on a core the host does not have, nor for a group that does not exist.
+            assert!(DataGroupSpec::from_config(&config, 1, me, 7).is_none());
+            assert!(DataGroupSpec::from_config(&config, 99, me, 0).is_none());
         }
     }
 }
