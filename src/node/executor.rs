@@ -434,6 +434,13 @@ impl CoreGroups {
         self.groups.borrow().keys().copied().collect()
     }
 
+    /// One tick for every group of the core.
+    fn tick_due(&self) {
+        for g in self.groups.borrow().values() {
+            g.borrow_mut().tick_due();
+        }
+    }
+
     /// Hands `m` to group `id`'s replica on this core; false (and counted) if it runs none.
     fn deliver(&self, id: GroupId, m: Message) -> bool {
         match self.groups.borrow().get(&id) {
@@ -661,13 +668,8 @@ async fn run_core(
         .ok_or_else(|| err("this host is not in the cluster map".into()))?;
     let spec = DataGroupSpec::bootstrap(&cfg, core);
     let hosts_by_node = spec.hosts_by_node.clone();
-    let OpenedGroup {
-        group,
-        storage,
-        wal,
-        snapshots,
-    } = open_data_group(&cfg, core, &spec).await.map_err(err)?;
-    let wake = group.borrow().wake.clone();
+    let opened = open_data_group(&cfg, core, &spec).await.map_err(err)?;
+    let (group, wal) = (opened.group.clone(), opened.wal.clone());
     let controller = match (core, plan.node_of_host(cfg.id)) {
         (0, Some(node)) => Some(open_controller(&cfg, &plan, node).await?),
         _ => None,
@@ -685,6 +687,7 @@ async fn run_core(
     let bad_frames = Rc::new(Cell::new(0));
     let groups = Rc::new(CoreGroups::default());
     groups.insert(group.clone());
+    let ctx_groups = groups.clone();
     let sink = Rc::new(GroupSink {
         groups: groups.clone(),
         controller: controller.as_ref().map(|c| c.group.clone()),
@@ -741,19 +744,15 @@ async fn run_core(
     }
     glommio::spawn_local(super::server::accept_loop(client_listener, ctx)).detach();
 
-    // Persister.
-    let persist_wake = Rc::new(Signal::default());
-    let persister =
-        glommio::spawn_local(persist_loop(group.clone(), storage, persist_wake.clone()));
-
-    // Ticker (one for the core's groups: a tick wakes each).
+    // Ticker (one for the core's groups: a tick wakes each, including groups registered
+    // after start).
     let tick = Duration::from_millis(cfg.tick_ms);
-    let g2 = group.clone();
+    let tick_groups = ctx_groups.clone();
     let c2 = controller.as_ref().map(|c| c.group.clone());
     glommio::spawn_local(async move {
         loop {
             glommio::timer::sleep(tick).await;
-            g2.borrow_mut().tick_due();
+            tick_groups.tick_due();
             if let Some(c) = &c2 {
                 c.borrow_mut().tick_due();
             }
@@ -772,23 +771,15 @@ async fn run_core(
     // The group loops; the core stops only on a fatal error of a replica or its storage.
     let view2 = view.clone();
     let g = usize::from(core);
-    let looper = group_loop(
-        group.clone(),
-        wake,
-        persist_wake,
+    let data = run_data_group(
+        opened,
         senders.clone(),
         move |node| hosts_by_node.get(&node).copied(),
         move |gr: &Group| {
             view2.publish(g, gr);
             view2.publish_shards(g, &gr.machine().shards);
         },
-        snapshots,
-        wal,
     );
-    let data = futures_lite::future::or(looper, async {
-        let e = persister.await;
-        format!("storage failed: {e}")
-    });
     let why = match controller {
         Some(c) => {
             let control = c.run(senders, view, plan, cfg.heartbeat_ms);
@@ -913,6 +904,42 @@ async fn open_data_group(
         wal,
         snapshots,
     })
+}
+
+/// Runs an opened data group: its persister and its loop (`host_of` maps its node ids to
+/// hosts, `publish` runs after each turn). Returns why it stopped: a fatal error of the replica
+/// or of its storage.
+async fn run_data_group(
+    opened: OpenedGroup,
+    senders: Rc<PeerSenders>,
+    host_of: impl Fn(NodeId) -> Option<u64>,
+    publish: impl Fn(&Group),
+) -> String {
+    let OpenedGroup {
+        group,
+        storage,
+        wal,
+        snapshots,
+    } = opened;
+    let wake = group.borrow().wake.clone();
+    let persist_wake = Rc::new(Signal::default());
+    let persister =
+        glommio::spawn_local(persist_loop(group.clone(), storage, persist_wake.clone()));
+    let looper = group_loop(
+        group,
+        wake,
+        persist_wake,
+        senders,
+        host_of,
+        publish,
+        snapshots,
+        wal,
+    );
+    futures_lite::future::or(looper, async {
+        let e = persister.await;
+        format!("storage failed: {e}")
+    })
+    .await
 }
 
 /// Every heartbeat: when this host knows a newer configuration, opens peer connections to the
