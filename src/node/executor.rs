@@ -22,6 +22,14 @@
 //! host): 100 ticks/s per core plus 10 heartbeats/s per group. With the controller group on
 //! core 0 of each host: 3.6% (one run, same conditions).
 //!
+//! Groups and peers of a core: `CoreGroups` holds the core's data groups by peer group id and
+//! routes every peer message by the group id it carries; `PeerSenders` holds the core's
+//! outbound connections by host and opens one on demand to a host a configuration names
+//! (hosts that joined after start). A data group replica is a `DataGroupSpec` (ids, node id,
+//! members and their hosts), opened by `open_data_group` and run by `run_data_group`. Today
+//! only the static map's group `core` is opened, at start: creating the groups a configuration
+//! places on this core (Join) and removing those it drops (Leave) are not done yet.
+//!
 //! Cross-core: the `HostView` below (relaxed atomics each core publishes after a turn: its
 //! group's leader, term, indexes; read for `-MOVED`, `CLUSTER SLOTS` and `INFO`), and bounded
 //! glommio channels (`CoreMsg`) that carry requests which reached the wrong core of the right
@@ -1191,6 +1199,21 @@ mod tests {
             assert!(matches!(reply, Some(Reply::Ok { .. })), "{reply:?}");
         }
         sm.latest().clone()
+    }
+
+    #[test]
+    fn a_configuration_hosts_peer_address_is_its_core_0_peer_address() {
+        let host = |addr: &str| controller::Host {
+            cores: 2,
+            addr: addr.into(),
+        };
+        assert_eq!(
+            host_peer_addr(&host("127.0.0.1:7141/127.0.0.1:7041")),
+            Some("127.0.0.1:7141".parse().unwrap())
+        );
+        // The controller stores what `ctl join` parsed; anything else is refused, not guessed.
+        assert_eq!(host_peer_addr(&host("127.0.0.1:7141")), None);
+        assert_eq!(host_peer_addr(&host("nowhere/127.0.0.1:7041")), None);
     }
 
     #[test]
