@@ -22,6 +22,14 @@
 //! host): 100 ticks/s per core plus 10 heartbeats/s per group. With the controller group on
 //! core 0 of each host: 3.6% (one run, same conditions).
 //!
+//! Groups and peers of a core: `CoreGroups` holds the core's data groups by peer group id and
+//! routes every peer message by the group id it carries; `PeerSenders` holds the core's
+//! outbound connections by host and opens one on demand to a host a configuration names
+//! (hosts that joined after start). A data group replica is a `DataGroupSpec` (ids, node id,
+//! members and their hosts), opened by `open_data_group` and run by `run_data_group`. Today
+//! only the static map's group `core` is opened, at start: creating the groups a configuration
+//! places on this core (Join) and removing those it drops (Leave) are not done yet.
+//!
 //! Cross-core: the `HostView` below (relaxed atomics each core publishes after a turn: its
 //! group's leader, term, indexes; read for `-MOVED`, `CLUSTER SLOTS` and `INFO`), and bounded
 //! glommio channels (`CoreMsg`) that carry requests which reached the wrong core of the right
@@ -281,7 +289,11 @@ pub const FORWARD_CHANNEL_CAPACITY: usize = 4096;
 pub struct CoreCtx {
     pub cfg: Arc<ServerConfig>,
     pub core: u16,
+    /// The data group this core was started with (the bootstrap's group `core`); client
+    /// requests and the migration driver use it.
     pub group: Rc<RefCell<Group>>,
+    /// Every data group this core runs, by group id (peer routing, INFO).
+    pub groups: Rc<CoreGroups>,
     pub view: Arc<HostView>,
     pub wal: Rc<tynamo_wal::Wal>,
     pub transport_stats: Rc<TransportStats>,
@@ -390,11 +402,147 @@ struct CoreChannels {
     receivers: Vec<(u16, SharedReceiver<CoreMsg>)>,
 }
 
-/// Delivers a core's peer frames to its groups: the data group, and on core 0 of a controller
-/// host the controller group.
+/// The data groups one core runs, keyed by their peer group id: where peer frames are routed.
+///
+/// Today a core runs one data group fixed at start (the bootstrap's group `core`); the registry
+/// is keyed by group id so that groups a configuration creates on this core (Join) can be added
+/// and those it no longer lists removed (Leave) while the core runs, without touching routing.
+/// Messages for a group this core does not run (not created yet, or already removed) are
+/// dropped and counted: Raft retries them from its progress state.
+#[derive(Default)]
+pub struct CoreGroups {
+    groups: RefCell<BTreeMap<GroupId, Rc<RefCell<Group>>>>,
+    /// Messages that named a data group this core does not run.
+    pub messages_unrouted: Cell<u64>,
+}
+
+impl CoreGroups {
+    /// Registers `group` under its id. A group id is registered at most once at a time: two
+    /// replicas of one group on one core would both answer for the same Raft node.
+    pub fn insert(&self, group: Rc<RefCell<Group>>) {
+        let id = group.borrow().id;
+        let before = self.groups.borrow_mut().insert(id, group);
+        assert!(
+            before.is_none(),
+            "data group {id} registered twice on one core"
+        );
+    }
+
+    /// Unregisters group `id` (its replica stopped); returns it if it was registered.
+    pub fn remove(&self, id: GroupId) -> Option<Rc<RefCell<Group>>> {
+        self.groups.borrow_mut().remove(&id)
+    }
+
+    pub fn get(&self, id: GroupId) -> Option<Rc<RefCell<Group>>> {
+        self.groups.borrow().get(&id).cloned()
+    }
+
+    /// The ids of the groups this core runs, ascending.
+    pub fn ids(&self) -> Vec<GroupId> {
+        self.groups.borrow().keys().copied().collect()
+    }
+
+    /// One tick for every group of the core.
+    fn tick_due(&self) {
+        for g in self.groups.borrow().values() {
+            g.borrow_mut().tick_due();
+        }
+    }
+
+    /// Hands `m` to group `id`'s replica on this core; false (and counted) if it runs none.
+    fn deliver(&self, id: GroupId, m: Message) -> bool {
+        match self.groups.borrow().get(&id) {
+            Some(g) => {
+                g.borrow_mut().deliver(m);
+                true
+            }
+            None => {
+                self.messages_unrouted.set(self.messages_unrouted.get() + 1);
+                false
+            }
+        }
+    }
+}
+
+/// The outbound peer connections of one core, by host id: core c of this host talks to core c
+/// of every other host.
+///
+/// The hosts of the static map get a connection at start; a host that joined later is only in
+/// the controller's configurations, so its connection is opened on demand from the
+/// configuration's host entry (`peer/client`, core 0's addresses; core c uses port + c) the
+/// first time a configuration names it ([`PeerSenders::open_config_hosts`]).
+pub struct PeerSenders {
+    me: CoreId,
+    tcfg: Rc<TransportConfig>,
+    stats: Rc<TransportStats>,
+    senders: RefCell<HashMap<u64, PeerSender>>,
+}
+
+impl PeerSenders {
+    fn new(me: CoreId, tcfg: Rc<TransportConfig>, stats: Rc<TransportStats>) -> PeerSenders {
+        PeerSenders {
+            me,
+            tcfg,
+            stats,
+            senders: RefCell::new(HashMap::new()),
+        }
+    }
+
+    /// Opens a connection to core `self.me.core` of `host` at `core0_peer` (that host's core 0
+    /// peer address), unless one is open already (the first address a host is known by wins:
+    /// a host keeps its address for life).
+    fn open(&self, host: u64, core0_peer: SocketAddr) {
+        if host == self.me.host || self.senders.borrow().contains_key(&host) {
+            return;
+        }
+        let core = self.me.core;
+        let to = CoreId { host, core };
+        let Some(port) = core0_peer.port().checked_add(core) else {
+            eprintln!("tynamo: core {core}: host {host}'s peer port {core0_peer} + core overflows");
+            return;
+        };
+        let addr = SocketAddr::new(core0_peer.ip(), port);
+        let sender = PeerSender::spawn(self.me, to, addr, self.tcfg.clone(), self.stats.clone());
+        self.senders.borrow_mut().insert(host, sender);
+    }
+
+    /// Opens connections to the hosts of `config` this core has none to yet (hosts that joined
+    /// after start). A host entry whose address does not parse is skipped and said once per
+    /// call: the controller only stores addresses `tynamo ctl join` parsed, so it is a bug.
+    pub fn open_config_hosts(&self, config: &Configuration) {
+        for (&host, h) in &config.hosts {
+            if host == self.me.host || self.senders.borrow().contains_key(&host) {
+                continue;
+            }
+            match host_peer_addr(h) {
+                Some(peer) => self.open(host, peer),
+                None => eprintln!(
+                    "tynamo: core {}: configuration {} host {host}: no peer address in {:?}",
+                    self.me.core, config.num, h.addr
+                ),
+            }
+        }
+    }
+
+    /// Queues `frame` for `host`; false when there is no connection to it or its outbox is full.
+    fn send(&self, host: u64, frame: &[u8]) -> bool {
+        self.senders
+            .borrow()
+            .get(&host)
+            .is_some_and(|s| s.send(frame))
+    }
+}
+
+/// The peer address (core 0) of a configuration host, from its `peer/client` text.
+pub fn host_peer_addr(host: &controller::Host) -> Option<SocketAddr> {
+    let (peer, _) = host.addr.split_once('/')?;
+    peer.parse().ok()
+}
+
+/// Delivers a core's peer frames to its groups by the group id each message carries: the data
+/// groups of the core (`CoreGroups`), and on core 0 of a controller host the controller group.
 struct GroupSink {
-    group_id: GroupId,
-    group: Rc<RefCell<Group>>,
+    groups: Rc<CoreGroups>,
     controller: Option<Rc<RefCell<Group<ControllerMachine>>>>,
     opts: VerifierOptions,
     bad_frames: Rc<Cell<u64>>,
@@ -405,12 +553,11 @@ impl FrameSink for GroupSink {
         match decode_batch(&frame, &self.opts) {
             Ok(messages) => {
                 for (group, m) in messages {
-                    if group == self.group_id {
-                        self.group.borrow_mut().deliver(m);
-                    } else if let (CONTROLLER_GROUP_ID, Some(c)) = (group, &self.controller) {
-                        c.borrow_mut().deliver(m);
-                    } else {
-                        self.group.borrow_mut().stats.messages_dropped += 1;
+                    match (group, &self.controller) {
+                        (CONTROLLER_GROUP_ID, Some(c)) => c.borrow_mut().deliver(m),
+                        _ => {
+                            self.groups.deliver(group, m);
+                        }
                     }
                 }
             }
@@ -527,36 +674,10 @@ async fn run_core(
         .me()
         .cloned()
         .ok_or_else(|| err("this host is not in the cluster map".into()))?;
-    let group_id = GroupId::from(core);
-    let dir = cfg.data_dir.join(format!("group-{core}"));
-    let wal_opts = WalOptions {
-        segment_bytes: cfg.segment_bytes,
-        entry_bytes_max: super::config::ENTRY_BYTES_MAX,
-        ..WalOptions::default()
-    };
-    let kvc = kv_config(&cfg);
-    let (storage, recovered) = GroupStorage::open(group_id, &dir, wal_opts, &cfg.voters())
-        .await
-        .map_err(|e| err(e.to_string()))?;
-    let config_group = super::migrate::group_of_core(core);
-    // A new replica holds no shard: the first configuration that names its group creates them.
-    let machine = match recovered.machine_snapshot() {
-        Some((index, data)) => KvMachine::restore(kvc.clone(), config_group, data)
-            .map_err(|e| err(format!("snapshot {index} in {}: {e}", dir.display())))?,
-        None => KvMachine::new(kv::StateMachine::new(kvc.clone(), []), kvc, config_group),
-    };
-    let seed = cfg.id.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(core) ^ now_nanos();
-    let raw = RawNode::new(raft_config(&cfg, cfg.id), recovered.initial, seed)
-        .map_err(|e| err(format!("raft config: {e}")))?;
-    let group = Rc::new(RefCell::new(Group::new(
-        group_id,
-        raw,
-        machine,
-        u64::from(cfg.election_ticks()),
-    )));
-    let wake = group.borrow().wake.clone();
-    let wal = storage.wal.clone();
-    let snapshots = storage.snapshots.clone();
+    let spec = DataGroupSpec::bootstrap(&cfg, core);
+    let hosts_by_node = spec.hosts_by_node.clone();
+    let opened = open_data_group(&cfg, core, &spec).await.map_err(err)?;
+    let (group, wal) = (opened.group.clone(), opened.wal.clone());
     let controller = match (core, plan.node_of_host(cfg.id)) {
         (0, Some(node)) => Some(open_controller(&cfg, &plan, node).await?),
         _ => None,
@@ -572,23 +693,20 @@ async fn run_core(
     let peer_addr = SocketAddr::new(me.peer.ip(), me.peer.port() + core);
     let listener = bind_exclusive(peer_addr).map_err(|e| err(e.to_string()))?;
     let bad_frames = Rc::new(Cell::new(0));
+    let groups = Rc::new(CoreGroups::default());
+    groups.insert(group.clone());
+    let ctx_groups = groups.clone();
     let sink = Rc::new(GroupSink {
-        group_id,
-        group: group.clone(),
+        groups: groups.clone(),
         controller: controller.as_ref().map(|c| c.group.clone()),
         opts: verifier_options(tcfg.frame_bytes_max),
         bad_frames: bad_frames.clone(),
     });
     spawn_listener(listener, me_core, tcfg.clone(), tstats.clone(), sink);
-    let mut senders: HashMap<u64, PeerSender> = HashMap::new();
+    let senders = Rc::new(PeerSenders::new(me_core, tcfg.clone(), tstats.clone()));
     // Core 0's connections also carry the controller's messages to the other controller hosts.
     for h in cfg.hosts.iter().filter(|h| h.id != cfg.id) {
-        let to = CoreId { host: h.id, core };
-        let addr = SocketAddr::new(h.peer.ip(), h.peer.port() + core);
-        senders.insert(
-            h.id,
-            PeerSender::spawn(me_core, to, addr, tcfg.clone(), tstats.clone()),
-        );
+        senders.open(h.id, h.peer);
     }
 
     // Clients.
@@ -598,6 +716,7 @@ async fn run_core(
         cfg: cfg.clone(),
         core,
         group: group.clone(),
+        groups,
         view: view.clone(),
         wal: wal.clone(),
         transport_stats: tstats,
@@ -633,19 +752,15 @@ async fn run_core(
     }
     glommio::spawn_local(super::server::accept_loop(client_listener, ctx)).detach();
 
-    // Persister.
-    let persist_wake = Rc::new(Signal::default());
-    let persister =
-        glommio::spawn_local(persist_loop(group.clone(), storage, persist_wake.clone()));
-
-    // Ticker (one for the core's groups: a tick wakes each).
+    // Ticker (one for the core's groups: a tick wakes each, including groups registered
+    // after start).
     let tick = Duration::from_millis(cfg.tick_ms);
-    let g2 = group.clone();
+    let tick_groups = ctx_groups.clone();
     let c2 = controller.as_ref().map(|c| c.group.clone());
     glommio::spawn_local(async move {
         loop {
             glommio::timer::sleep(tick).await;
-            g2.borrow_mut().tick_due();
+            tick_groups.tick_due();
             if let Some(c) = &c2 {
                 c.borrow_mut().tick_due();
             }
@@ -653,27 +768,26 @@ async fn run_core(
     })
     .detach();
 
+    // Connections to hosts that joined after start, once a configuration names them.
+    glommio::spawn_local(open_joined_hosts(
+        senders.clone(),
+        view.clone(),
+        cfg.heartbeat_ms,
+    ))
+    .detach();
+
     // The group loops; the core stops only on a fatal error of a replica or its storage.
-    let senders = Rc::new(senders);
     let view2 = view.clone();
     let g = usize::from(core);
-    let looper = group_loop(
-        group.clone(),
-        wake,
-        persist_wake,
+    let data = run_data_group(
+        opened,
         senders.clone(),
-        Some,
+        move |node| hosts_by_node.get(&node).copied(),
         move |gr: &Group| {
             view2.publish(g, gr);
             view2.publish_shards(g, &gr.machine().shards);
         },
-        snapshots,
-        wal,
     );
-    let data = futures_lite::future::or(looper, async {
-        let e = persister.await;
-        format!("storage failed: {e}")
-    });
     let why = match controller {
         Some(c) => {
             let control = c.run(senders, view, plan, cfg.heartbeat_ms);
@@ -682,6 +796,177 @@ async fn run_core(
         None => data.await,
     };
     Err(err(why))
+}
+
+/// What one data group replica on a core is: its ids, its Raft node id and members, and which
+/// host runs each member (peer messages go to core `core` of that host).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DataGroupSpec {
+    /// The group id its peer frames carry; its storage is `group-{peer_id}` in the data dir.
+    pub peer_id: GroupId,
+    /// The group's id in the controller's configurations (`peer_id + 1`).
+    pub config_group: controller::GroupId,
+    /// This replica's Raft node id.
+    pub node: NodeId,
+    /// The members a fresh replica bootstraps with (ascending).
+    pub voters: Vec<NodeId>,
+    /// Raft node id -> host id, for every member.
+    pub hosts_by_node: BTreeMap<NodeId, u64>,
+}
+
+impl DataGroupSpec {
+    /// The static map's group on `core`: a replica on every host, whose Raft node id is its
+    /// host id (what every log written so far uses, so it must stay so).
+    pub fn bootstrap(cfg: &ServerConfig, core: u16) -> DataGroupSpec {
+        let voters = cfg.voters();
+        DataGroupSpec {
+            peer_id: GroupId::from(core),
+            config_group: super::migrate::group_of_core(core),
+            node: cfg.id,
+            hosts_by_node: voters.iter().map(|&h| (h, h)).collect(),
+            voters,
+        }
+    }
+
+    /// Configuration group `group`'s replica on (`host`, `core`), if `config` places one
+    /// there. A group created after the bootstrap uses the configuration's node ids (1, 2, ...
+    /// in replica order), the same on every host, whichever hosts joined later.
+    pub fn from_config(
+        config: &Configuration,
+        group: controller::GroupId,
+        host: u64,
+        core: u16,
+    ) -> Option<DataGroupSpec> {
+        let g = config.groups.get(&group)?;
+        let mine = g
+            .replicas
+            .iter()
+            .find(|r| r.slot.host == host && r.slot.core == core)?;
+        let mut voters: Vec<NodeId> = g.replicas.iter().map(|r| r.node_id).collect();
+        voters.sort_unstable();
+        Some(DataGroupSpec {
+            peer_id: group.checked_sub(1)?,
+            config_group: group,
+            node: mine.node_id,
+            voters,
+            hosts_by_node: g
+                .replicas
+                .iter()
+                .map(|r| (r.node_id, r.slot.host))
+                .collect(),
+        })
+    }
+}
+
+/// A data group replica opened from its storage, not yet running.
+struct OpenedGroup {
+    group: Rc<RefCell<Group>>,
+    storage: GroupStorage,
+    wal: Rc<tynamo_wal::Wal>,
+    snapshots: Rc<tynamo_wal::SnapshotStore>,
+}
+
+/// Opens (or, on an empty directory, creates with `spec.voters`) data group `spec` on `core`:
+/// its WAL, snapshot and state machine. A new replica holds no shard: the first configuration
+/// that names its group gives it its shards.
+async fn open_data_group(
+    cfg: &ServerConfig,
+    core: u16,
+    spec: &DataGroupSpec,
+) -> Result<OpenedGroup, String> {
+    let dir = cfg.data_dir.join(format!("group-{}", spec.peer_id));
+    let wal_opts = WalOptions {
+        segment_bytes: cfg.segment_bytes,
+        entry_bytes_max: super::config::ENTRY_BYTES_MAX,
+        ..WalOptions::default()
+    };
+    let kvc = kv_config(cfg);
+    let (storage, recovered) = GroupStorage::open(spec.peer_id, &dir, wal_opts, &spec.voters)
+        .await
+        .map_err(|e| format!("group {}: {e}", spec.peer_id))?;
+    let machine = match recovered.machine_snapshot() {
+        Some((index, data)) => KvMachine::restore(kvc.clone(), spec.config_group, data)
+            .map_err(|e| format!("snapshot {index} in {}: {e}", dir.display()))?,
+        None => KvMachine::new(
+            kv::StateMachine::new(kvc.clone(), []),
+            kvc,
+            spec.config_group,
+        ),
+    };
+    let seed = cfg.id.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        ^ u64::from(core)
+        ^ spec.peer_id.rotate_left(32)
+        ^ now_nanos();
+    let raw = RawNode::new(raft_config(cfg, spec.node), recovered.initial, seed)
+        .map_err(|e| format!("group {}: raft config: {e}", spec.peer_id))?;
+    let group = Rc::new(RefCell::new(Group::new(
+        spec.peer_id,
+        raw,
+        machine,
+        u64::from(cfg.election_ticks()),
+    )));
+    let (wal, snapshots) = (storage.wal.clone(), storage.snapshots.clone());
+    Ok(OpenedGroup {
+        group,
+        storage,
+        wal,
+        snapshots,
+    })
+}
+
+/// Runs an opened data group: its persister and its loop (`host_of` maps its node ids to
+/// hosts, `publish` runs after each turn). Returns why it stopped: a fatal error of the replica
+/// or of its storage.
+async fn run_data_group(
+    opened: OpenedGroup,
+    senders: Rc<PeerSenders>,
+    host_of: impl Fn(NodeId) -> Option<u64>,
+    publish: impl Fn(&Group),
+) -> String {
+    let OpenedGroup {
+        group,
+        storage,
+        wal,
+        snapshots,
+    } = opened;
+    let wake = group.borrow().wake.clone();
+    let persist_wake = Rc::new(Signal::default());
+    let persister =
+        glommio::spawn_local(persist_loop(group.clone(), storage, persist_wake.clone()));
+    let looper = group_loop(
+        group,
+        wake,
+        persist_wake,
+        senders,
+        host_of,
+        publish,
+        snapshots,
+        wal,
+    );
+    futures_lite::future::or(looper, async {
+        let e = persister.await;
+        format!("storage failed: {e}")
+    })
+    .await
+}
+
+/// Every heartbeat: when this host knows a newer configuration, opens peer connections to the
+/// hosts it names that this core has none to (a few map lookups per configuration change; an
+/// unchanged number costs one atomic load).
+async fn open_joined_hosts(senders: Rc<PeerSenders>, view: Arc<HostView>, period_ms: u64) {
+    let every = Duration::from_millis(period_ms.max(1));
+    let mut seen = 0;
+    loop {
+        glommio::timer::sleep(every).await;
+        let num = view.controller.config_num.load(Ordering::Relaxed);
+        if num == seen {
+            continue;
+        }
+        if let Some(config) = view.latest_config() {
+            senders.open_config_hosts(&config);
+            seen = config.num;
+        }
+    }
 }
 
 /// The controller replica of this host, opened but not yet running.
@@ -736,7 +1021,7 @@ impl ControllerReplica {
     /// Runs the controller's loop, persister and bootstrap proposer; returns why it stopped.
     async fn run(
         self,
-        senders: Rc<HashMap<u64, PeerSender>>,
+        senders: Rc<PeerSenders>,
         view: Arc<HostView>,
         plan: Arc<ControlPlan>,
         retry_ms: u64,
@@ -811,7 +1096,7 @@ async fn group_loop<M: Machine + 'static>(
     group: Rc<RefCell<Group<M>>>,
     wake: Rc<Signal>,
     persist_wake: Rc<Signal>,
-    senders: Rc<HashMap<u64, PeerSender>>,
+    senders: Rc<PeerSenders>,
     host_of: impl Fn(NodeId) -> Option<u64>,
     publish: impl Fn(&Group<M>),
     snapshots: Rc<tynamo_wal::SnapshotStore>,
@@ -865,7 +1150,7 @@ fn send_messages(
     fbb: &mut FlatBufferBuilder<'static>,
     group: GroupId,
     messages: &mut [Message],
-    senders: &HashMap<u64, PeerSender>,
+    senders: &PeerSenders,
     host_of: &impl Fn(NodeId) -> Option<u64>,
 ) {
     if messages.is_empty() {
@@ -888,10 +1173,77 @@ fn send_messages(
             refs.push((group, &messages[at]));
             at += 1;
         }
-        if let Some(sender) = host_of(to).and_then(|host| senders.get(&host)) {
+        if let Some(host) = host_of(to) {
             let frame = encode_batch(fbb, &refs);
-            // A full outbox drops the frame: Raft retries from its progress state.
-            let _ = sender.send(frame);
+            // A full outbox (or a host not connected yet) drops the frame: Raft retries from
+            // its progress state.
+            let _ = senders.send(host, frame);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::{Reply, StateMachine};
+    use crate::node::config::parse_initial_cluster;
+
+    fn bootstrap_config(cfg: &ServerConfig) -> Configuration {
+        let plan = ControlPlan::new(cfg);
+        let mut sm = StateMachine::new(plan.settings.clone()).unwrap();
+        let mut index = 1;
+        while let Some(c) = plan.next_bootstrap(sm.latest()).cloned() {
+            assert!(index < 10, "bootstrap does not converge");
+            index += 1;
+            let reply = sm.apply(index, &c.encode());
+            assert!(matches!(reply, Some(Reply::Ok { .. })), "{reply:?}");
+        }
+        sm.latest().clone()
+    }
+
+    #[test]
+    fn a_configuration_hosts_peer_address_is_its_core_0_peer_address() {
+        let host = |addr: &str| controller::Host {
+            cores: 2,
+            addr: addr.into(),
+        };
+        assert_eq!(
+            host_peer_addr(&host("127.0.0.1:7141/127.0.0.1:7041")),
+            Some("127.0.0.1:7141".parse().unwrap())
+        );
+        // The controller stores what `ctl join` parsed; anything else is refused, not guessed.
+        assert_eq!(host_peer_addr(&host("127.0.0.1:7141")), None);
+        assert_eq!(host_peer_addr(&host("nowhere/127.0.0.1:7041")), None);
+    }
+
+    #[test]
+    fn a_configuration_groups_replica_spec_agrees_with_the_bootstrap_on_ids_and_hosts() {
+        let map = "5=10.0.0.5:7101,9=10.0.0.9:7101,2=10.0.0.2:7101";
+        let hosts = parse_initial_cluster(map).unwrap();
+        for me in [2, 5, 9] {
+            let cfg = ServerConfig::new(me, "/tmp/unused".into(), hosts.clone(), 2);
+            let config = bootstrap_config(&cfg);
+            for core in 0..2 {
+                let boot = DataGroupSpec::bootstrap(&cfg, core);
+                let from = DataGroupSpec::from_config(&config, boot.config_group, me, core)
+                    .unwrap_or_else(|| panic!("host {me} core {core}: no replica in {config:?}"));
+                // Same group ids, storage and member hosts; the bootstrap keeps host ids as
+                // node ids (its logs say so), a configuration numbers nodes 1, 2, 3.
+                assert_eq!(from.peer_id, boot.peer_id);
+                assert_eq!(from.config_group, boot.config_group);
+                let member_hosts = |s: &DataGroupSpec| {
+                    let mut h: Vec<u64> = s.hosts_by_node.values().copied().collect();
+                    h.sort_unstable();
+                    h
+                };
+                assert_eq!(member_hosts(&from), member_hosts(&boot));
+                assert_eq!(from.voters, vec![1, 2, 3]);
+                assert_eq!(from.hosts_by_node.get(&from.node), Some(&me));
+                assert_eq!(boot.hosts_by_node.get(&boot.node), Some(&me));
+            }
+            // No replica on a core the host does not have, nor for a group that does not exist.
+            assert!(DataGroupSpec::from_config(&config, 1, me, 7).is_none());
+            assert!(DataGroupSpec::from_config(&config, 99, me, 0).is_none());
         }
     }
 }

@@ -903,7 +903,8 @@ fn info_text(ctx: &CoreCtx) -> String {
          persisted_index:{}\r\nsnapshot_index:{}\r\nlast_index:{}\r\nlog_entries:{}\r\nwal_first_index:{}\r\n\
          wal_last_index:{}\r\nwal_size_bytes:{}\r\nwal_fdatasyncs:{}\r\nwal_bytes_written:{}\r\nproposals:{}\r\ncommands_proposed:{}\r\n\
          entries_applied:{}\r\nreads_served:{}\r\nsnapshots_taken:{}\r\nsnapshots_installed:{}\r\npersist_rounds:{}\r\n\
-         peer_frames_sent:{}\r\npeer_frames_received:{}\r\npeer_frames_bad:{}\r\nconnected_clients:{}\r\n\r\n",
+         peer_frames_sent:{}\r\npeer_frames_received:{}\r\npeer_frames_bad:{}\r\npeer_messages_unrouted:{}\r\n\
+         core_groups:{}\r\nconnected_clients:{}\r\n\r\n",
         g.id,
         s.role,
         s.term,
@@ -929,6 +930,13 @@ fn info_text(ctx: &CoreCtx) -> String {
         ctx.transport_stats.frames_sent.get(),
         ctx.transport_stats.frames_received.get(),
         ctx.bad_peer_frames.get(),
+        ctx.groups.messages_unrouted.get(),
+        ctx.groups
+            .ids()
+            .iter()
+            .map(|id| id.to_string())
+            .collect::<Vec<_>>()
+            .join(","),
         ctx.connections.get(),
     );
     let ctl = &ctx.view.controller;
