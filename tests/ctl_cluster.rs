@@ -46,7 +46,9 @@ impl Drop for Cluster {
 fn free_base() -> u16 {
     let pid = u32::from(std::process::id() as u16);
     for n in 0..200u32 {
-        let base = 30_000 + ((pid * 13 + n * 317) % 300) as u16 * 100;
+        // Below the kernel's ephemeral range (32768 and up here): an outgoing connection of any
+        // process may take an ephemeral port, and with it a listener port we meant to bind.
+        let base = 20_000 + ((pid * 13 + n * 317) % 120) as u16 * 100;
         let free = (0..3u16)
             .flat_map(|h| (0..2u16).map(move |c| (h, c)))
             .all(|(h, c)| {

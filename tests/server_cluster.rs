@@ -54,7 +54,9 @@ fn free_base(hosts: u16, cores: u16) -> u16 {
     let pid = u64::from(std::process::id());
     for _ in 0..200 {
         let n = NEXT_BASE.fetch_add(1, Ordering::SeqCst);
-        let base = 20_000 + ((pid * 7 + n * 211) % 400) as u16 * 100;
+        // Below the kernel's ephemeral range (32768 and up here): an outgoing connection of any
+        // process may take an ephemeral port, and with it a listener port we meant to bind.
+        let base = 20_000 + ((pid * 7 + n * 211) % 120) as u16 * 100;
         let mut all = Vec::new();
         for h in 0..hosts {
             for c in 0..cores {
