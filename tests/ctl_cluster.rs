@@ -6,7 +6,7 @@
 //! Run: `cargo test --test ctl_cluster -- --nocapture`
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -14,12 +14,8 @@ use bytes::BytesMut;
 use serde_json::Value;
 use tynamo::resp::frame::{decode, Frame, Limits};
 
-/// The tests share the machine's two CPUs with three servers each: one at a time.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn lock() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
+mod common;
+use common::{free_base, lock};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 /// Poll interval while waiting for a condition (the condition decides, not the interval).
@@ -42,30 +38,9 @@ impl Drop for Cluster {
     }
 }
 
-/// A base port whose client (base + 10 h + c) and peer (base + 100 + 10 h + c) ports are free.
-fn free_base() -> u16 {
-    let pid = u32::from(std::process::id() as u16);
-    for n in 0..200u32 {
-        // Below the kernel's ephemeral range (32768 and up here): an outgoing connection of any
-        // process may take an ephemeral port, and with it a listener port we meant to bind.
-        let base = 20_000 + ((pid * 13 + n * 317) % 120) as u16 * 100;
-        let free = (0..3u16)
-            .flat_map(|h| (0..2u16).map(move |c| (h, c)))
-            .all(|(h, c)| {
-                [base + 10 * h + c, base + 100 + 10 * h + c]
-                    .iter()
-                    .all(|&p| TcpListener::bind(("127.0.0.1", p)).is_ok())
-            });
-        if free {
-            return base;
-        }
-    }
-    panic!("no free port range found");
-}
-
 impl Cluster {
     fn start(extra: &[&str]) -> Cluster {
-        let base = free_base();
+        let base = free_base(3, 2);
         let map = (0..3u16)
             .map(|h| {
                 format!(

@@ -15,7 +15,7 @@
 //! Run: `cargo test --test migration_cluster -- --nocapture`
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
@@ -26,11 +26,8 @@ use serde_json::Value;
 use tynamo::resp::frame::{decode, Frame, Limits};
 use tynamo::shard::{key_slot, slot_shard};
 
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn lock() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
+mod common;
+use common::{free_base, lock};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 /// Poll interval while waiting for a condition (the condition decides, not the interval).
@@ -56,28 +53,9 @@ impl Drop for Cluster {
     }
 }
 
-/// A base port whose client (base + 10 h + c) and peer (base + 100 + 10 h + c) ports are free.
-fn free_base() -> u16 {
-    let pid = u32::from(std::process::id() as u16);
-    for n in 0..200u32 {
-        let base = 20_000 + ((pid * 7 + n * 311) % 90) as u16 * 100;
-        let free = (0..HOSTS)
-            .flat_map(|h| (0..CORES).map(move |c| (h, c)))
-            .all(|(h, c)| {
-                [base + 10 * h + c, base + 100 + 10 * h + c]
-                    .iter()
-                    .all(|&p| TcpListener::bind(("127.0.0.1", p)).is_ok())
-            });
-        if free {
-            return base;
-        }
-    }
-    panic!("no free port range found");
-}
-
 impl Cluster {
     fn start() -> Cluster {
-        let base = free_base();
+        let base = free_base(HOSTS, CORES);
         let map = (0..HOSTS)
             .map(|h| {
                 format!(

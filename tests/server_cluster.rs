@@ -7,25 +7,21 @@
 //! Run: `cargo test --test server_cluster -- --nocapture`
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tynamo::resp::frame::{decode, Frame, Limits};
 
-static SERIAL: Mutex<()> = Mutex::new(());
-static NEXT_BASE: AtomicU64 = AtomicU64::new(0);
+mod common;
+use common::{free_base, lock};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 /// Poll interval while waiting for a condition (not a synchronisation: the condition decides).
 const POLL: Duration = Duration::from_millis(20);
-
-fn lock() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 struct Host {
     id: u64,
@@ -40,35 +36,6 @@ struct Cluster {
     cores: u16,
     extra: Vec<String>,
     map: String,
-}
-
-fn ports_free(ports: &[u16]) -> bool {
-    ports
-        .iter()
-        .all(|&p| TcpListener::bind(("127.0.0.1", p)).is_ok())
-}
-
-/// A base port such that client ports base + 10 h + c and peer ports base + 100 + 10 h + c are
-/// free for every host h and core c.
-fn free_base(hosts: u16, cores: u16) -> u16 {
-    let pid = u64::from(std::process::id());
-    for _ in 0..200 {
-        let n = NEXT_BASE.fetch_add(1, Ordering::SeqCst);
-        // Below the kernel's ephemeral range (32768 and up here): an outgoing connection of any
-        // process may take an ephemeral port, and with it a listener port we meant to bind.
-        let base = 20_000 + ((pid * 7 + n * 211) % 120) as u16 * 100;
-        let mut all = Vec::new();
-        for h in 0..hosts {
-            for c in 0..cores {
-                all.push(base + 10 * h + c);
-                all.push(base + 100 + 10 * h + c);
-            }
-        }
-        if ports_free(&all) {
-            return base;
-        }
-    }
-    panic!("no free port range found");
 }
 
 impl Cluster {

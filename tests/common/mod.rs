@@ -1,0 +1,46 @@
+//! Shared by the real-process cluster tests (server, ctl, migration): one test at a time per
+//! binary, and a block of free loopback ports for a cluster.
+
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+static NEXT_BASE: AtomicU64 = AtomicU64::new(0);
+
+/// Serialises the cluster tests of one binary: each starts several multi-threaded servers, and
+/// running them side by side on 2 CPUs would only make elections slower.
+pub fn lock() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A base port such that client ports base + 10 h + c and peer ports base + 100 + 10 h + c are
+/// free for every host h < `hosts` and core c < `cores`.
+///
+/// The blocks lie in 20000..32100, below the kernel's ephemeral range (32768 and up here): an
+/// outgoing connection of any process may hold an ephemeral port, and with it a listener port a
+/// test meant to bind. The start is spread by pid so that test binaries run side by side rarely
+/// probe the same block; a block is still only free until someone binds it, which the servers
+/// report with the address and the other user named.
+pub fn free_base(hosts: u16, cores: u16) -> u16 {
+    assert!(
+        hosts <= 10 && cores <= 10,
+        "a block has 10 hosts x 10 cores"
+    );
+    let pid = u64::from(std::process::id());
+    for _ in 0..200 {
+        let n = NEXT_BASE.fetch_add(1, Ordering::SeqCst);
+        let base = 20_000 + ((pid * 7 + n * 211) % 120) as u16 * 100;
+        let free = (0..hosts)
+            .flat_map(|h| (0..cores).map(move |c| (h, c)))
+            .all(|(h, c)| {
+                [base + 10 * h + c, base + 100 + 10 * h + c]
+                    .iter()
+                    .all(|&p| TcpListener::bind(("127.0.0.1", p)).is_ok())
+            });
+        if free {
+            return base;
+        }
+    }
+    panic!("no free port block found in 20000..32100");
+}
