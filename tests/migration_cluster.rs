@@ -14,20 +14,18 @@
 //!
 //! Run: `cargo test --test migration_cluster -- --nocapture`
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
 use serde_json::Value;
-use tynamo::resp::frame::{decode, Frame, Limits};
+use tynamo::resp::frame::Frame;
 use tynamo::shard::{key_slot, slot_shard};
 
 mod common;
-use common::{free_base, lock};
+use common::{free_base, lock, try_call};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 /// Poll interval while waiting for a condition (the condition decides, not the interval).
@@ -244,30 +242,6 @@ fn info_field(info: &str, name: &str) -> u64 {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0)
-}
-
-/// One RESP request on a fresh connection.
-fn try_call(addr: &str, args: &[&str]) -> std::io::Result<Frame> {
-    let addr: SocketAddr = addr.parse().map_err(std::io::Error::other)?;
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut out = format!("*{}\r\n", args.len());
-    for a in args {
-        out.push_str(&format!("${}\r\n{a}\r\n", a.len()));
-    }
-    s.write_all(out.as_bytes())?;
-    let mut buf = BytesMut::new();
-    let mut chunk = [0u8; 16 << 10];
-    loop {
-        if let Some(f) = decode(&mut buf, &Limits::DEFAULT).map_err(std::io::Error::other)? {
-            return Ok(f);
-        }
-        let n = s.read(&mut chunk)?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
 }
 
 /// The tynamo-bench binary next to the server's (built here if missing: it is another

@@ -367,6 +367,19 @@ fn redis_cli_and_redis_benchmark_work_against_a_three_host_cluster() {
     }
 }
 
+/// Waits until a writer thread has counted `n` acknowledged writes (fails after DEADLINE).
+fn wait_for_acked(acked: &AtomicU64, n: u64) {
+    let start = Instant::now();
+    while acked.load(Ordering::SeqCst) < n {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "writes stalled at {}",
+            acked.load(Ordering::SeqCst)
+        );
+        std::thread::sleep(POLL);
+    }
+}
+
 #[test]
 fn killing_a_leader_during_writes_pauses_them_and_loses_no_acknowledged_write() {
     let _l = lock();
@@ -396,17 +409,7 @@ fn killing_a_leader_during_writes_pauses_them_and_loses_no_acknowledged_write() 
             gaps.into_iter().max().unwrap_or_default()
         })
     };
-    let wait_acked = |n: u64| {
-        let start = Instant::now();
-        while acked.load(Ordering::SeqCst) < n {
-            assert!(
-                start.elapsed() < DEADLINE,
-                "writes stalled at {}",
-                acked.load(Ordering::SeqCst)
-            );
-            std::thread::sleep(POLL);
-        }
-    };
+    let wait_acked = |n: u64| wait_for_acked(&acked, n);
     wait_acked(100);
     c.kill(leader);
     let at_kill = acked.load(Ordering::SeqCst);
@@ -1117,17 +1120,7 @@ fn the_client_library_rides_out_a_killed_leader_without_an_error() {
             })
             .unwrap()
     };
-    let wait_acked = |n: u64| {
-        let start = Instant::now();
-        while acked.load(Ordering::SeqCst) < n {
-            assert!(
-                start.elapsed() < DEADLINE,
-                "writes stalled at {}",
-                acked.load(Ordering::SeqCst)
-            );
-            std::thread::sleep(POLL);
-        }
-    };
+    let wait_acked = |n: u64| wait_for_acked(&acked, n);
     wait_acked(50);
     c.kill(leader);
     let at_kill = acked.load(Ordering::SeqCst);

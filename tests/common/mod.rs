@@ -1,9 +1,14 @@
 //! Shared by the real-process cluster tests (server, ctl, migration): one test at a time per
 //! binary, and a block of free loopback ports for a cluster.
 
-use std::net::TcpListener;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tynamo::resp::frame::{decode, Frame, Limits};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 static NEXT_BASE: AtomicU64 = AtomicU64::new(0);
@@ -43,4 +48,30 @@ pub fn free_base(hosts: u16, cores: u16) -> u16 {
         }
     }
     panic!("no free port block found in 20000..32100");
+}
+
+// Not every test binary that includes this module sends raw requests.
+#[allow(dead_code)]
+/// One RESP request on a fresh connection.
+pub fn try_call(addr: &str, args: &[&str]) -> std::io::Result<Frame> {
+    let addr: SocketAddr = addr.parse().map_err(std::io::Error::other)?;
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut out = format!("*{}\r\n", args.len());
+    for a in args {
+        out.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    }
+    s.write_all(out.as_bytes())?;
+    let mut buf = BytesMut::new();
+    let mut chunk = [0u8; 16 << 10];
+    loop {
+        if let Some(f) = decode(&mut buf, &Limits::DEFAULT).map_err(std::io::Error::other)? {
+            return Ok(f);
+        }
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
 }
