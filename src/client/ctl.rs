@@ -199,14 +199,7 @@ pub fn config_table(c: &Value) -> String {
         cell(&c["replication"]),
         replicas(&c["controller"])
     );
-    let hosts: Vec<Vec<String>> = c["hosts"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|h| vec![cell(&h["id"]), cell(&h["cores"]), cell(&h["addr"])])
-        .collect();
-    out.push('\n');
-    table(&mut out, &["HOST", "CORES", "PEER/CLIENT"], &hosts);
+    hosts_table(&mut out, c);
     let groups: Vec<Vec<String>> = c["groups"]
         .as_array()
         .into_iter()
@@ -236,6 +229,18 @@ pub fn config_table(c: &Value) -> String {
     out
 }
 
+/// The hosts of a configuration document, as a table after a blank line.
+fn hosts_table(out: &mut String, c: &Value) {
+    let hosts: Vec<Vec<String>> = c["hosts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|h| vec![cell(&h["id"]), cell(&h["cores"]), cell(&h["addr"])])
+        .collect();
+    out.push('\n');
+    table(out, &["HOST", "CORES", "PEER/CLIENT"], &hosts);
+}
+
 /// A STATUS reply as tables.
 pub fn status_table(s: &Value) -> String {
     let c = &s["config"];
@@ -250,14 +255,7 @@ pub fn status_table(s: &Value) -> String {
         cell(&ctl["commit"]),
         cell(&ctl["applied"]),
     );
-    let hosts: Vec<Vec<String>> = c["hosts"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|h| vec![cell(&h["id"]), cell(&h["cores"]), cell(&h["addr"])])
-        .collect();
-    out.push('\n');
-    table(&mut out, &["HOST", "CORES", "PEER/CLIENT"], &hosts);
+    hosts_table(&mut out, c);
     let groups: Vec<Vec<String>> = s["groups"]
         .as_array()
         .into_iter()
