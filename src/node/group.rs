@@ -356,13 +356,25 @@ impl<M: Machine> Group<M> {
         self.propose_raw();
         self.propose_writes();
         self.start_reads();
+        self.drain_ready();
+        self.check_role();
+        self.serve_reads();
+        if self.reads_waiting.is_empty() && !self.reads.is_empty() {
+            // The read round in flight was confirmed in this turn: start the reads queued
+            // behind it now rather than a turn later.
+            self.start_reads();
+            self.drain_ready();
+            self.check_role();
+            self.serve_reads();
+        }
+        self.maybe_snapshot();
+    }
+
+    fn drain_ready(&mut self) {
         while self.raw.has_ready() && self.fatal.is_none() {
             let rd = self.raw.ready();
             self.handle_ready(rd);
         }
-        self.check_role();
-        self.serve_reads();
-        self.maybe_snapshot();
     }
 
     fn propose_raw(&mut self) {
@@ -437,8 +449,15 @@ impl<M: Machine> Group<M> {
         }
     }
 
+    /// Registers every queued read under one ReadIndex, unless a read round is still waiting
+    /// for its quorum: then the reads wait for that round to end and share the next one. A read
+    /// can only use a round that starts after it arrived, so one in flight is of no use to it;
+    /// sending a round per loop turn instead costs every follower a wake-up, a receive and a
+    /// send per turn (under load, the reads of a turn or two: a few each), whereas one round
+    /// at a time carries every read that arrived while the previous one was out. A lease read
+    /// is answered within the turn, so leases never wait here.
     fn start_reads(&mut self) {
-        if self.reads.is_empty() {
+        if self.reads.is_empty() || !self.reads_waiting.is_empty() {
             return;
         }
         let reads = std::mem::take(&mut self.reads);
@@ -868,6 +887,76 @@ mod tests {
         for g in &gs {
             assert_eq!(g.kv().state_hash(), gs[l].kv().state_hash());
         }
+    }
+
+    /// Delivers every queued message once (one network hop) and runs the receivers' turns.
+    fn hop(groups: &mut [Group]) -> usize {
+        let mut msgs = Vec::new();
+        for g in groups.iter_mut() {
+            msgs.append(&mut g.outbox);
+        }
+        let n = msgs.len();
+        for m in msgs {
+            groups[(m.to - 1) as usize].deliver(m);
+        }
+        for g in groups.iter_mut() {
+            g.turn();
+            let done: Vec<_> = g
+                .jobs
+                .drain(..)
+                .map(|j| (j.mark, j.persisted_messages))
+                .collect();
+            if !done.is_empty() {
+                g.persisted(done);
+            }
+        }
+        n
+    }
+
+    fn heartbeats(g: &Group) -> usize {
+        g.outbox
+            .iter()
+            .filter(|m| matches!(m.body, crate::raft::MessageBody::Heartbeat { .. }))
+            .count()
+    }
+
+    #[test]
+    fn reads_arriving_during_a_read_round_share_the_next_round() {
+        let mut gs = cluster(kv::Config::default());
+        let l = tick_until_leader(&mut gs, &no_cut, 0);
+        let w = gs[l].submit_write(put("k", "v"));
+        pump(&mut gs, &no_cut);
+        assert_eq!(take(&w), Some(GroupReply::Done(Outcome::Ok)));
+        let get = || Op::Get {
+            key: Bytes::from_static(b"k"),
+        };
+        let value = Some(GroupReply::Done(Outcome::Value(Some(Bytes::from_static(
+            b"v",
+        )))));
+        let a = gs[l].submit_read(get());
+        gs[l].turn();
+        assert_eq!(heartbeats(&gs[l]), 2, "a round to both followers");
+        // Two more reads while that round is out: no round of their own yet.
+        let round_a = std::mem::take(&mut gs[l].outbox);
+        let (b, c) = (gs[l].submit_read(get()), gs[l].submit_read(get()));
+        gs[l].turn();
+        assert_eq!(
+            heartbeats(&gs[l]),
+            0,
+            "no second round while one is in flight"
+        );
+        assert_eq!(take(&b), None);
+        gs[l].outbox = round_a;
+        // Heartbeats out, acks back: the first read is served, and the two queued ones
+        // started one round together in the same turn.
+        hop(&mut gs);
+        hop(&mut gs);
+        assert_eq!(take(&a), value);
+        assert_eq!((take(&b), take(&c)), (None, None));
+        assert_eq!(heartbeats(&gs[l]), 2, "one round for both queued reads");
+        hop(&mut gs);
+        hop(&mut gs);
+        assert_eq!((take(&b), take(&c)), (value.clone(), value));
     }
 
     #[test]
