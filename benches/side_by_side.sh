@@ -12,14 +12,23 @@
 # - the raw fdatasync latency of this machine (4 KiB O_DIRECT write + fdatasync into a
 #   preallocated file in the same file system as the data, as the WAL benchmark's raw loop);
 # - a table: ops/s, p50 and p99 for each, the ratio TynamoDB/Redis, the issue's targets met or
-#   missed, and as the last line `RESULT key=value ...`.
+#   missed, and as the last line `RESULT key=value ...`;
+# - the CPU each side spent per operation: the servers' (utime + stime of the three tynamo
+#   processes, or of redis-server, from /proc) and the load generator's (its rusage), so a ratio
+#   can be read as "where the time goes", not only as a throughput.
 #
 # Targets (reported, never enforced: the machine is shared): write at 256 connections >= 0.5x
 # Redis; write at 1 connection p50 <= 2x the raw fdatasync p50; workload C at 256 connections
 # >= 0.7x Redis GET; p99 at 256 connections < 10 ms for every workload.
 #
+# Cores per host: CORES=auto (the default) gives each host 2 cores when the machine has a CPU
+# for each of the 3 x 2 executors and one for the load generator (7 CPUs), else 1: on the
+# 2-CPU development machine six executors and the load generator share two CPUs, and every
+# hand-off between oversubscribed executors is a context switch (measured there: 1 core per
+# host spends 22.8 us of server CPU per write where 2 cores spend 40). The table says which.
+#
 # Environment: DURATION (10s per cell), CONNS, WORKLOADS, KEYS (10000), VALUE_SIZE (256),
-# CORES (2 per host), BASE (TynamoDB client port of host 1, 23001), REDIS_PORT (23379),
+# CORES (auto, or 1 or 2 per host), BASE (TynamoDB client port of host 1, 23001), REDIS_PORT (23379),
 # SKIP_BUILD=1, SERVER_ARGS (extra `tynamo server` flags), OUT (target/side-by-side), PERF=1 and
 # PERF_CONNS (a CPU profile of the leader, see below; needs perf: apt-get install linux-perf).
 set -euo pipefail
@@ -30,7 +39,15 @@ CONNS=${CONNS:-"1 16 256"}
 WORKLOADS=${WORKLOADS:-"write a c"}
 KEYS=${KEYS:-10000}
 VALUE_SIZE=${VALUE_SIZE:-256}
-CORES=${CORES:-2}
+CORES=${CORES:-auto}
+CORES_WHY="set by CORES"
+if [ "$CORES" = auto ]; then
+  if [ "$(nproc)" -ge 7 ]; then
+    CORES=2 CORES_WHY="auto: $(nproc) CPUs >= 3 hosts x 2 cores + 1 for the load generator"
+  else
+    CORES=1 CORES_WHY="auto: $(nproc) CPUs < 3 hosts x 2 cores + 1 for the load generator"
+  fi
+fi
 BASE=${BASE:-23001}
 REDIS_PORT=${REDIS_PORT:-23379}
 SERVER_ARGS=${SERVER_ARGS:-}
@@ -154,14 +171,40 @@ if [ "$ready" != 1 ]; then
   exit 2
 fi
 
-bench() { # target args... -> the RESULT line
-  "$BIN/tynamo-bench" "$@" --value-size "$VALUE_SIZE" --keys "$KEYS" --threads 1 \
+# Runs a command and writes the CPU microseconds it used (user + system, from its rusage) to
+# $WORK/child.cpu; exits with its status.
+with_rusage() {
+  if ! command -v python3 > /dev/null; then
+    echo 0 > "$WORK/child.cpu" # no figure (the table then shows 0.0)
+    "$@"
+    return
+  fi
+  python3 -c '
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, ru = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write("%d\n" % int((ru.ru_utime + ru.ru_stime) * 1e6))
+sys.exit(os.waitstatus_to_exitcode(status))
+' "$WORK/child.cpu" "$@"
+}
+bench() { # target args... -> the RESULT line (and the load generator's CPU in $WORK/child.cpu)
+  with_rusage "$BIN/tynamo-bench" "$@" --value-size "$VALUE_SIZE" --keys "$KEYS" --threads 1 \
     > "$WORK/bench.out" 2> "$WORK/bench.err" || {
     say "tynamo-bench $* failed:"
     tail -n 20 "$WORK/bench.err" >&2
     exit 2
   }
   tail -n 1 "$WORK/bench.out"
+}
+cpu_us() { # pids... -> their utime + stime so far, in microseconds
+  local ticks=0 p
+  for p in "$@"; do
+    ticks=$((ticks + $(awk '{ print $14 + $15 }' "/proc/$p/stat" 2> /dev/null || echo 0)))
+  done
+  echo $((ticks * 1000000 / $(getconf CLK_TCK)))
 }
 field() { # RESULT line, key -> value
   tr ' ' '\n' <<< "$1" | sed -n "s/^$2=//p"
@@ -210,7 +253,12 @@ declare -A DIED
 for w in $WORKLOADS; do
   for c in $CONNS; do
     for sys in tynamo redis; do
-      if [ "$sys" = tynamo ]; then target=("${TYNAMO[@]}"); else target=("${REDIS[@]}"); fi
+      if [ "$sys" = tynamo ]; then
+        target=("${TYNAMO[@]}") servers=("${PIDS[@]:0:HOSTS}")
+      else
+        target=("${REDIS[@]}") servers=("${PIDS[HOSTS]}")
+      fi
+      cpu_before=$(cpu_us "${servers[@]}")
       say "$sys workload $w, $c connections, $DURATION"
       profiling=""
       if [ -n "$PERF" ] && [ "$sys" = tynamo ] && [ "$c" = "$PERF_CONNS" ]; then
@@ -219,6 +267,7 @@ for w in $WORKLOADS; do
       fi
       line=$(bench "${target[@]}" --workload "$w" --connections "$c" --duration "$DURATION" \
         --json "$OUT/$sys-$w-c$c.json")
+      cpu_after=$(cpu_us "${servers[@]}")
       if [ -n "$profiling" ]; then wait "$profiling" || say "perf failed (see $OUT)"; fi
       # A host that died under load (a crash, the OOM killer) leaves a 2-host cluster that still
       # serves: the figures after it are not comparable, so say so in the table.
@@ -233,6 +282,12 @@ for w in $WORKLOADS; do
       R[$sys,$w,$c,p50]=$(field "$line" p50_us)
       R[$sys,$w,$c,p99]=$(field "$line" p99_us)
       R[$sys,$w,$c,errors]=$(field "$line" errors)
+      # CPU per operation (the connection setup is in it too: a fraction of a percent).
+      ops=$(field "$line" ops)
+      R[$sys,$w,$c,cpu]=$(awk -v d=$((cpu_after - cpu_before)) -v n="$ops" \
+        'BEGIN { if (n > 0) printf "%.1f", d / n; else print "n/a" }')
+      R[$sys,$w,$c,bcpu]=$(awk -v d="$(cat "$WORK/child.cpu")" -v n="$ops" \
+        'BEGIN { if (n > 0) printf "%.1f", d / n; else print "n/a" }')
     done
   done
 done
@@ -253,23 +308,32 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else
 ms() { awk -v u="$1" 'BEGIN { printf "%.3f", u / 1000 }'; }
 
 echo
-echo "TynamoDB (3 hosts x $CORES cores, loopback) vs Redis (appendonly yes, appendfsync always)"
+echo "TynamoDB (3 hosts x $CORES cores ($CORES_WHY), loopback) vs Redis (appendonly yes," \
+  "appendfsync always)"
 echo "value $VALUE_SIZE B, $KEYS keys, closed loop, $DURATION per cell, $(nproc) CPUs," \
   "load average $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "raw fdatasync (4 KiB O_DIRECT): before the runs $RAW_BEFORE, after $RAW_AFTER;" \
   "used: p50 $(ms "$RAW_P50") ms"
 echo
-printf '%-8s %5s | %10s %9s %9s | %10s %9s %9s | %7s %7s %7s\n' workload conns \
-  "tyn ops/s" "p50 ms" "p99 ms" "redis op/s" "p50 ms" "p99 ms" "ops x" "p50 x" "p99 x"
-result="RESULT fdatasync_p50_us=$RAW_P50 fdatasync_p99_us=$RAW_P99"
+echo "cpu: server CPU us per operation (the 3 tynamo processes together, or redis-server)" \
+  "+ the load generator's"
+printf '%-8s %5s | %10s %9s %9s %10s | %10s %9s %9s %10s | %7s %7s %7s\n' workload conns \
+  "tyn ops/s" "p50 ms" "p99 ms" "cpu us/op" "redis op/s" "p50 ms" "p99 ms" "cpu us/op" \
+  "ops x" "p50 x" "p99 x"
+result="RESULT cores_per_host=$CORES fdatasync_p50_us=$RAW_P50 fdatasync_p99_us=$RAW_P99"
 for w in $WORKLOADS; do
   for c in $CONNS; do
     t_ops=${R[tynamo,$w,$c,ops]} r_ops=${R[redis,$w,$c,ops]}
     t50=${R[tynamo,$w,$c,p50]} r50=${R[redis,$w,$c,p50]}
     t99=${R[tynamo,$w,$c,p99]} r99=${R[redis,$w,$c,p99]}
-    printf '%-8s %5s | %10.0f %9s %9s | %10.0f %9s %9s | %7s %7s %7s\n' "$w" "$c" \
-      "$t_ops" "$(ms "$t50")" "$(ms "$t99")" "$r_ops" "$(ms "$r50")" "$(ms "$r99")" \
+    printf '%-8s %5s | %10.0f %9s %9s %10s | %10.0f %9s %9s %10s | %7s %7s %7s\n' "$w" "$c" \
+      "$t_ops" "$(ms "$t50")" "$(ms "$t99")" "${R[tynamo,$w,$c,cpu]}+${R[tynamo,$w,$c,bcpu]}" \
+      "$r_ops" "$(ms "$r50")" "$(ms "$r99")" "${R[redis,$w,$c,cpu]}+${R[redis,$w,$c,bcpu]}" \
       "$(ratio "$t_ops" "$r_ops")" "$(ratio "$t50" "$r50")" "$(ratio "$t99" "$r99")"
+    result+=" tynamo_${w}_c${c}_server_cpu_us_per_op=${R[tynamo,$w,$c,cpu]}"
+    result+=" tynamo_${w}_c${c}_bench_cpu_us_per_op=${R[tynamo,$w,$c,bcpu]}"
+    result+=" redis_${w}_c${c}_server_cpu_us_per_op=${R[redis,$w,$c,cpu]}"
+    result+=" redis_${w}_c${c}_bench_cpu_us_per_op=${R[redis,$w,$c,bcpu]}"
     result+=" tynamo_${w}_c${c}_ops_per_s=${t_ops%.*} tynamo_${w}_c${c}_p50_us=$t50"
     result+=" tynamo_${w}_c${c}_p99_us=$t99 tynamo_${w}_c${c}_errors=${R[tynamo,$w,$c,errors]}"
     result+=" redis_${w}_c${c}_ops_per_s=${r_ops%.*} redis_${w}_c${c}_p50_us=$r50"
