@@ -33,7 +33,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use super::codec::Reader;
 use super::error::{DecodeError, KvError};
-use super::outcome::WriteResult;
+use super::outcome::{Outcome, WriteResult};
 
 /// Upper bound for `session_results_max` (also the decoder's bound on a session's entries).
 pub const SESSION_RESULTS_MAX_LIMIT: usize = 1024;
@@ -65,14 +65,73 @@ pub(crate) enum Dedup {
     Refuse(KvError),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub(crate) struct Sessions {
-    by_client: HashMap<u64, Session>,
-    /// (last_active_ms, client_id): expiry and eviction order, deterministic on every replica.
+    by_client: HashMap<u64, Filed>,
+    /// (activity time a session is filed under, client_id): expiry and eviction order,
+    /// deterministic on every replica. One entry per session, filed at or before its
+    /// `last_active_ms`: a write only moves `last_active_ms` (no re-filing per write), and
+    /// expiry and eviction re-file an entry they find behind its session's activity. The
+    /// first entry whose filed time is current is then the least recently active session
+    /// (ties by id), exactly as if every write had re-filed its session.
     by_activity: BTreeSet<(u64, u64)>,
     sessions_max: usize,
     session_ttl_ms: u64,
     session_results_max: usize,
+}
+
+/// A session and the activity time `by_activity` files it under (at most its
+/// `last_active_ms`).
+#[derive(Debug, Clone)]
+struct Filed {
+    session: Session,
+    filed_ms: u64,
+}
+
+/// Equal sessions, whatever times they happen to be filed under (a replica restored from a
+/// snapshot files every session at its activity, the replica that took it may lag).
+impl PartialEq for Sessions {
+    fn eq(&self, other: &Self) -> bool {
+        self.sessions_max == other.sessions_max
+            && self.session_ttl_ms == other.session_ttl_ms
+            && self.session_results_max == other.session_results_max
+            && self.by_client.len() == other.by_client.len()
+            && self.by_client.iter().all(|(id, f)| {
+                other
+                    .by_client
+                    .get(id)
+                    .is_some_and(|g| g.session == f.session)
+            })
+    }
+}
+
+impl Eq for Sessions {}
+
+/// What a session says about write `seq` of `client_id`.
+fn dedup(session: &Session, client_id: u64, seq: u64) -> Dedup {
+    if let Ok(i) = session.results.binary_search_by_key(&seq, |r| r.seq) {
+        return Dedup::Duplicate(session.results[i].result);
+    }
+    if seq < session.seq_floor {
+        return Dedup::Refuse(KvError::SequenceTooOld {
+            client_id,
+            seq,
+            seq_floor: session.seq_floor,
+        });
+    }
+    Dedup::Apply
+}
+
+/// Remembers the result of applied write `seq` (its dedup said `Apply`).
+fn remember(session: &mut Session, remembered: Remembered, results_max: usize) {
+    match session
+        .results
+        .binary_search_by_key(&remembered.seq, |r| r.seq)
+    {
+        Ok(_) => debug_assert!(false, "seq {} applied twice", remembered.seq),
+        Err(i) => session.results.insert(i, remembered),
+    }
+    trim_window(session, results_max);
 }
 
 impl Sessions {
@@ -120,48 +179,61 @@ impl Sessions {
     }
 
     pub(crate) fn close(&mut self, client_id: u64) {
-        if let Some(session) = self.by_client.remove(&client_id) {
-            let removed = self
-                .by_activity
-                .remove(&(session.last_active_ms, client_id));
+        if let Some(f) = self.by_client.remove(&client_id) {
+            let removed = self.by_activity.remove(&(f.filed_ms, client_id));
             debug_assert!(removed);
         }
     }
 
+    #[cfg(test)]
     pub(crate) fn check(&self, client_id: u64, seq: u64) -> Dedup {
-        let Some(session) = self.by_client.get(&client_id) else {
-            return Dedup::Refuse(KvError::SessionUnknown { client_id });
+        match self.by_client.get(&client_id) {
+            Some(f) => dedup(&f.session, client_id, seq),
+            None => Dedup::Refuse(KvError::SessionUnknown { client_id }),
+        }
+    }
+
+    /// Applies write `seq` of `client_id` exactly once, with one lookup of the session: a
+    /// retry of an applied write gets its remembered result and `write` is not called; a new
+    /// one runs `write` (which returns the shard it touched and its outcome) and its result is
+    /// remembered if it succeeded. Either way the session is active at `now_ms` (log time).
+    pub(crate) fn apply_write(
+        &mut self,
+        client_id: u64,
+        seq: u64,
+        now_ms: u64,
+        write: impl FnOnce() -> (u16, Outcome),
+    ) -> Outcome {
+        let results_max = self.session_results_max;
+        let Some(f) = self.by_client.get_mut(&client_id) else {
+            return Outcome::Err(KvError::SessionUnknown { client_id });
         };
-        if let Ok(i) = session.results.binary_search_by_key(&seq, |r| r.seq) {
-            return Dedup::Duplicate(session.results[i].result);
+        let session = &mut f.session;
+        match dedup(session, client_id, seq) {
+            Dedup::Apply => {}
+            Dedup::Duplicate(result) => {
+                session.last_active_ms = session.last_active_ms.max(now_ms);
+                return result.to_outcome();
+            }
+            Dedup::Refuse(error) => return Outcome::Err(error),
         }
-        if seq < session.seq_floor {
-            return Dedup::Refuse(KvError::SequenceTooOld {
-                client_id,
-                seq,
-                seq_floor: session.seq_floor,
-            });
+        let (shard, outcome) = write();
+        session.last_active_ms = session.last_active_ms.max(now_ms);
+        if let Some(result) = WriteResult::from_outcome(&outcome) {
+            remember(session, Remembered { seq, shard, result }, results_max);
         }
-        Dedup::Apply
+        outcome
     }
 
     /// Marks the session active at `now_ms` (log time, never decreasing).
     pub(crate) fn touch(&mut self, client_id: u64, now_ms: u64) {
-        let Some(session) = self.by_client.get_mut(&client_id) else {
-            return;
-        };
-        if session.last_active_ms >= now_ms {
-            return;
+        if let Some(f) = self.by_client.get_mut(&client_id) {
+            f.session.last_active_ms = f.session.last_active_ms.max(now_ms);
         }
-        let removed = self
-            .by_activity
-            .remove(&(session.last_active_ms, client_id));
-        debug_assert!(removed);
-        session.last_active_ms = now_ms;
-        self.by_activity.insert((now_ms, client_id));
     }
 
     /// Remembers the result of an applied write. The caller checked `Dedup::Apply` first.
+    #[cfg(test)]
     pub(crate) fn record(
         &mut self,
         client_id: u64,
@@ -172,54 +244,79 @@ impl Sessions {
     ) {
         self.touch(client_id, now_ms);
         let results_max = self.session_results_max;
-        let Some(session) = self.by_client.get_mut(&client_id) else {
+        let Some(f) = self.by_client.get_mut(&client_id) else {
             debug_assert!(false, "record for unknown session {client_id}");
             return;
         };
-        let remembered = Remembered { seq, shard, result };
-        match session.results.binary_search_by_key(&seq, |r| r.seq) {
-            Ok(_) => debug_assert!(false, "seq {seq} of {client_id} applied twice"),
-            Err(i) => session.results.insert(i, remembered),
-        }
-        trim_window(session, results_max);
+        remember(
+            &mut f.session,
+            Remembered { seq, shard, result },
+            results_max,
+        );
     }
 
     /// Drops sessions idle for longer than the TTL at log time `now_ms`.
     pub(crate) fn expire(&mut self, now_ms: u64) {
-        while let Some(&(last_active_ms, client_id)) = self.by_activity.first() {
-            if last_active_ms.saturating_add(self.session_ttl_ms) >= now_ms {
+        while let Some(&(filed_ms, client_id)) = self.by_activity.first() {
+            // Every session is filed at or before its activity, so when the earliest filed
+            // time is within the TTL, every session is.
+            if filed_ms.saturating_add(self.session_ttl_ms) >= now_ms {
                 break;
             }
             self.by_activity.pop_first();
-            self.by_client.remove(&client_id);
+            match self.by_client.get_mut(&client_id) {
+                Some(f) if f.session.last_active_ms > filed_ms => {
+                    // Active since it was filed: file it at its activity and look again.
+                    f.filed_ms = f.session.last_active_ms;
+                    self.by_activity.insert((f.filed_ms, client_id));
+                }
+                Some(_) => {
+                    self.by_client.remove(&client_id);
+                }
+                None => debug_assert!(false, "session {client_id} filed but not held"),
+            }
         }
     }
 
+    /// Evicts least recently active sessions (ties by id) until one more fits.
     fn make_room(&mut self) {
         while self.by_client.len() >= self.sessions_max {
-            let Some((_, client_id)) = self.by_activity.pop_first() else {
+            let Some((filed_ms, client_id)) = self.by_activity.pop_first() else {
                 break;
             };
-            self.by_client.remove(&client_id);
+            match self.by_client.get_mut(&client_id) {
+                Some(f) if f.session.last_active_ms > filed_ms => {
+                    f.filed_ms = f.session.last_active_ms;
+                    self.by_activity.insert((f.filed_ms, client_id));
+                }
+                Some(_) => {
+                    self.by_client.remove(&client_id);
+                }
+                None => debug_assert!(false, "session {client_id} filed but not held"),
+            }
         }
     }
 
     fn insert(&mut self, client_id: u64, session: Session) {
-        self.by_activity.insert((session.last_active_ms, client_id));
-        let previous = self.by_client.insert(client_id, session);
+        let filed_ms = session.last_active_ms;
+        self.by_activity.insert((filed_ms, client_id));
+        let previous = self
+            .by_client
+            .insert(client_id, Filed { session, filed_ms });
         debug_assert!(previous.is_none());
     }
 
-    /// Sessions in a deterministic order (activity, then id).
+    /// Sessions in a deterministic order (activity, then id). Sorted here, not read off
+    /// `by_activity` (whose filed times may lag): snapshots taken by replicas with the same
+    /// sessions must be byte for byte the same.
     pub(crate) fn iter(&self) -> impl Iterator<Item = (u64, &Session)> + '_ {
-        self.by_activity.iter().map(move |&(_, client_id)| {
-            (
-                client_id,
-                self.by_client
-                    .get(&client_id)
-                    .expect("by_activity and by_client hold the same ids"),
-            )
-        })
+        let mut all: Vec<(u64, &Session)> = self
+            .by_client
+            .iter()
+            .map(|(&client_id, f)| (client_id, &f.session))
+            .collect();
+        all.sort_unstable_by_key(|&(client_id, s)| (s.last_active_ms, client_id));
+        all.into_iter()
     }
 
     /// The session entries a shard's new owner needs for exactly-once: every session, with its
@@ -259,7 +356,7 @@ impl Sessions {
             self.insert(client_id, session);
             return;
         };
-        let mut merged = local.clone();
+        let mut merged = local.session.clone();
         self.close(client_id);
         merged.last_active_ms = merged.last_active_ms.max(incoming.last_active_ms);
         merged.seq_floor = merged.seq_floor.max(incoming.seq_floor);
@@ -381,6 +478,7 @@ pub(crate) fn session_bytes(client_id: u64, session: &Session) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     #[test]
     fn duplicates_return_the_remembered_result() {
@@ -434,6 +532,106 @@ mod tests {
         s.touch(1, 2);
         s.open(3, 3);
         assert!(s.contains(1) && s.contains(3) && !s.contains(2));
+    }
+
+    /// What the lazily filed sessions must be equivalent to: every activity re-files at once.
+    struct EagerModel {
+        max: usize,
+        ttl_ms: u64,
+        last_active: BTreeMap<u64, u64>,
+    }
+
+    impl EagerModel {
+        fn order(&self) -> Vec<(u64, u64)> {
+            let mut v: Vec<(u64, u64)> = self.last_active.iter().map(|(&c, &t)| (t, c)).collect();
+            v.sort_unstable();
+            v
+        }
+        fn open(&mut self, client: u64, now: u64) {
+            if let Some(t) = self.last_active.get_mut(&client) {
+                *t = (*t).max(now);
+                return;
+            }
+            while self.last_active.len() >= self.max {
+                let (_, oldest) = self.order()[0];
+                self.last_active.remove(&oldest);
+            }
+            self.last_active.insert(client, now);
+        }
+        fn touch(&mut self, client: u64, now: u64) {
+            if let Some(t) = self.last_active.get_mut(&client) {
+                *t = (*t).max(now);
+            }
+        }
+        fn expire(&mut self, now: u64) {
+            let ttl = self.ttl_ms;
+            self.last_active.retain(|_, t| t.saturating_add(ttl) >= now);
+        }
+    }
+
+    proptest::proptest! {
+        /// Opens (with eviction), writes, closes and expiry in any order: the sessions held,
+        /// their activity and the snapshot order equal the eagerly re-filed model's.
+        #[test]
+        fn lazily_filed_sessions_expire_and_evict_like_eagerly_filed_ones(
+            ops in proptest::collection::vec((0u8..4, 1u64..9, 0u64..4), 1..80),
+        ) {
+            let (max, ttl_ms) = (4, 6);
+            let mut s = Sessions::new(max, ttl_ms, 4);
+            let mut m = EagerModel { max, ttl_ms, last_active: BTreeMap::new() };
+            let (mut now, mut seq) = (0u64, 0u64);
+            for (kind, client, dt) in ops {
+                now += dt;
+                match kind {
+                    0 => {
+                        s.open(client, now);
+                        m.open(client, now);
+                    }
+                    1 => {
+                        seq += 1;
+                        let out = s.apply_write(client, seq, now, || (0, Outcome::Ok));
+                        let known = m.last_active.contains_key(&client);
+                        proptest::prop_assert_eq!(out == Outcome::Ok, known);
+                        m.touch(client, now);
+                    }
+                    2 => {
+                        s.close(client);
+                        m.last_active.remove(&client);
+                    }
+                    _ => {
+                        s.expire(now);
+                        m.expire(now);
+                    }
+                }
+                let got: Vec<(u64, u64)> =
+                    s.iter().map(|(c, sess)| (sess.last_active_ms, c)).collect();
+                proptest::prop_assert_eq!(&got, &m.order());
+                proptest::prop_assert_eq!(s.len(), m.last_active.len());
+            }
+        }
+    }
+
+    #[test]
+    fn a_write_is_applied_once_and_its_retry_answered_from_the_session() {
+        let mut s = Sessions::new(10, 1000, 4);
+        s.open(7, 0);
+        let mut runs = 0;
+        let mut write = |n: i64| {
+            runs += 1;
+            (3, Outcome::Int(n))
+        };
+        assert_eq!(s.apply_write(7, 1, 5, || write(1)), Outcome::Int(1));
+        assert_eq!(s.apply_write(7, 1, 6, || write(2)), Outcome::Int(1));
+        assert_eq!(runs, 1, "the retry ran nothing");
+        assert!(matches!(
+            s.apply_write(8, 1, 6, || (0, Outcome::Ok)),
+            Outcome::Err(KvError::SessionUnknown { client_id: 8 })
+        ));
+        // A failed write is not remembered: its retry runs again.
+        let failed = Outcome::Err(KvError::NotAnInteger);
+        assert_eq!(s.apply_write(7, 2, 7, || (0, failed.clone())), failed);
+        assert_eq!(s.apply_write(7, 2, 8, || (0, Outcome::Ok)), Outcome::Ok);
+        assert_eq!(s.iter().next().map(|(_, x)| x.last_active_ms), Some(8));
     }
 
     #[test]

@@ -28,8 +28,8 @@ use bytes::{Bytes, BytesMut};
 
 use super::command::{Command, Entry, Op, ShardAdmin, ShardState, MULTI_KEYS_MAX};
 use super::error::KvError;
-use super::outcome::{Outcome, WriteResult};
-use super::session::{Dedup, Sessions, SESSION_RESULTS_MAX_LIMIT};
+use super::outcome::Outcome;
+use super::session::{Sessions, SESSION_RESULTS_MAX_LIMIT};
 use crate::shard::{key_shard, SLOT_COUNT};
 
 /// Configuration of the state machine. Must be identical on every replica of a group.
@@ -382,137 +382,22 @@ impl StateMachine {
         }
         // Duplicates first: a retry of an applied write gets its original answer even if the
         // shard has since frozen or left.
-        if client_id != 0 {
-            match self.sessions.check(client_id, seq) {
-                Dedup::Apply => {}
-                Dedup::Duplicate(result) => {
-                    self.sessions.touch(client_id, now_ms);
-                    return result.to_outcome();
-                }
-                Dedup::Refuse(error) => return Outcome::Err(error),
-            }
-        }
-        let (shard, outcome) = match self.write_shard(&op) {
-            Ok(shard) => (shard, self.execute_write(shard, op, payload_bytes)),
+        let (config, shards) = (&self.config, &mut self.shards);
+        let write = move || match write_shard(config, shards, &op) {
+            Ok(shard) => (
+                shard,
+                execute_write(config, shards, shard, op, payload_bytes),
+            ),
             Err(error) => (0, Outcome::Err(error)),
         };
-        if client_id != 0 {
-            match WriteResult::from_outcome(&outcome) {
-                Some(result) => self.sessions.record(client_id, seq, shard, result, now_ms),
-                None => self.sessions.touch(client_id, now_ms),
-            }
+        if client_id == 0 {
+            return write().1;
         }
-        outcome
-    }
-
-    /// Checks limits and routing of a write; returns its shard. Nothing is changed on error.
-    fn write_shard(&self, op: &Op) -> Result<u16, KvError> {
-        let shard = self
-            .config
-            .check_op(op)?
-            .expect("session ops are handled before data writes");
-        self.check_shard(shard, ReadConsistency::Linearizable)?;
-        Ok(shard)
+        self.sessions.apply_write(client_id, seq, now_ms, write)
     }
 
     fn check_shard(&self, shard: u16, consistency: ReadConsistency) -> Result<(), KvError> {
-        let Some(held) = self.shards.get(&shard) else {
-            return Err(KvError::WrongShard { shard });
-        };
-        let allowed = match consistency {
-            ReadConsistency::Linearizable => held.state == ShardState::Serving,
-            // A frozen shard still has its data; an importing one has none yet.
-            ReadConsistency::Stale => held.state != ShardState::Importing,
-        };
-        if !allowed {
-            return Err(KvError::ShardNotServing {
-                shard,
-                state: held.state.name(),
-            });
-        }
-        Ok(())
-    }
-
-    fn execute_write(&mut self, shard: u16, op: Op, payload_bytes: usize) -> Outcome {
-        let keep = |field: Bytes| detach(field, payload_bytes);
-        let value_bytes_max = self.config.value_bytes_max as usize;
-        let data = &mut self
-            .shards
-            .get_mut(&shard)
-            .expect("write_shard checked the shard is held")
-            .data;
-        match op {
-            Op::Put { key, value } => {
-                data.insert(keep(key), keep(value));
-                Outcome::Ok
-            }
-            Op::Append { key, value } => {
-                let old = data.get(&key);
-                let length = old.map_or(0, |v| v.len()) + value.len();
-                if length > value_bytes_max {
-                    return Outcome::Err(KvError::ValueTooLarge {
-                        size_bytes: length as u64,
-                        size_bytes_max: value_bytes_max as u64,
-                    });
-                }
-                let new = match old {
-                    None => keep(value),
-                    Some(old) => {
-                        // One copy of the old value per append; an append-heavy key pays
-                        // O(size) per append, bounded by value_bytes_max.
-                        let mut joined = BytesMut::with_capacity(length);
-                        joined.extend_from_slice(old);
-                        joined.extend_from_slice(&value);
-                        joined.freeze()
-                    }
-                };
-                data.insert(keep(key), new);
-                Outcome::Int(length as i64)
-            }
-            Op::Delete { key } => Outcome::Int(i64::from(data.remove(&key).is_some())),
-            Op::Incr { key, delta } => {
-                let current = match data.get(&key) {
-                    None => 0,
-                    Some(v) => match parse_i64(v) {
-                        Some(n) => n,
-                        None => return Outcome::Err(KvError::NotAnInteger),
-                    },
-                };
-                let Some(new) = current.checked_add(delta) else {
-                    return Outcome::Err(KvError::IntegerOverflow);
-                };
-                data.insert(keep(key), Bytes::from(new.to_string()));
-                Outcome::Int(new)
-            }
-            Op::PutIfPresent { key, value } => match data.get_mut(&key) {
-                Some(current) => {
-                    *current = keep(value);
-                    Outcome::Bool(true)
-                }
-                None => Outcome::Bool(false),
-            },
-            Op::Cas { key, expected, new } => {
-                if data.get(&key) != expected.as_ref() {
-                    return Outcome::Bool(false);
-                }
-                match new {
-                    Some(value) => data.insert(keep(key), keep(value)),
-                    None => data.remove(&key),
-                };
-                Outcome::Bool(true)
-            }
-            Op::MPut { pairs } => {
-                for (key, value) in pairs {
-                    data.insert(keep(key), keep(value));
-                }
-                Outcome::Ok
-            }
-            Op::Get { .. }
-            | Op::Exists { .. }
-            | Op::MGet { .. }
-            | Op::OpenSession
-            | Op::CloseSession => unreachable!("not a data write"),
-        }
+        check_shard(&self.shards, shard, consistency)
     }
 
     /// Serves a read (Get, Exists, MGet) from the local state. For `Linearizable` the driver must
@@ -695,6 +580,142 @@ impl StateMachine {
             hash.write(&chunk);
         }
         hash.finish()
+    }
+}
+
+/// Checks limits and routing of a write; returns its shard. Nothing is changed on error.
+fn write_shard(
+    config: &Config,
+    shards: &BTreeMap<u16, ShardData>,
+    op: &Op,
+) -> Result<u16, KvError> {
+    let shard = config
+        .check_op(op)?
+        .expect("session ops are handled before data writes");
+    check_shard(shards, shard, ReadConsistency::Linearizable)?;
+    Ok(shard)
+}
+
+fn check_shard(
+    shards: &BTreeMap<u16, ShardData>,
+    shard: u16,
+    consistency: ReadConsistency,
+) -> Result<(), KvError> {
+    let Some(held) = shards.get(&shard) else {
+        return Err(KvError::WrongShard { shard });
+    };
+    let allowed = match consistency {
+        ReadConsistency::Linearizable => held.state == ShardState::Serving,
+        // A frozen shard still has its data; an importing one has none yet.
+        ReadConsistency::Stale => held.state != ShardState::Importing,
+    };
+    if !allowed {
+        return Err(KvError::ShardNotServing {
+            shard,
+            state: held.state.name(),
+        });
+    }
+    Ok(())
+}
+
+/// Stores `value` (as it is) under `key`. A key already present keeps the bytes it is stored
+/// with and only its value is replaced, so an update neither copies the key nor searches twice;
+/// a new key is detached from the entry payload (`payload_bytes`) first.
+fn put(data: &mut BTreeMap<Bytes, Bytes>, key: Bytes, value: Bytes, payload_bytes: usize) {
+    match data.get_mut(key.as_ref()) {
+        Some(current) => *current = value,
+        None => {
+            data.insert(detach(key, payload_bytes), value);
+        }
+    }
+}
+
+fn execute_write(
+    config: &Config,
+    shards: &mut BTreeMap<u16, ShardData>,
+    shard: u16,
+    op: Op,
+    payload_bytes: usize,
+) -> Outcome {
+    let keep = |field: Bytes| detach(field, payload_bytes);
+    let value_bytes_max = config.value_bytes_max as usize;
+    let data = &mut shards
+        .get_mut(&shard)
+        .expect("write_shard checked the shard is held")
+        .data;
+    match op {
+        Op::Put { key, value } => {
+            put(data, key, keep(value), payload_bytes);
+            Outcome::Ok
+        }
+        Op::Append { key, value } => {
+            let old = data.get(&key);
+            let length = old.map_or(0, |v| v.len()) + value.len();
+            if length > value_bytes_max {
+                return Outcome::Err(KvError::ValueTooLarge {
+                    size_bytes: length as u64,
+                    size_bytes_max: value_bytes_max as u64,
+                });
+            }
+            let new = match old {
+                None => keep(value),
+                Some(old) => {
+                    // One copy of the old value per append; an append-heavy key pays
+                    // O(size) per append, bounded by value_bytes_max.
+                    let mut joined = BytesMut::with_capacity(length);
+                    joined.extend_from_slice(old);
+                    joined.extend_from_slice(&value);
+                    joined.freeze()
+                }
+            };
+            put(data, key, new, payload_bytes);
+            Outcome::Int(length as i64)
+        }
+        Op::Delete { key } => Outcome::Int(i64::from(data.remove(&key).is_some())),
+        Op::Incr { key, delta } => {
+            let current = match data.get(&key) {
+                None => 0,
+                Some(v) => match parse_i64(v) {
+                    Some(n) => n,
+                    None => return Outcome::Err(KvError::NotAnInteger),
+                },
+            };
+            let Some(new) = current.checked_add(delta) else {
+                return Outcome::Err(KvError::IntegerOverflow);
+            };
+            put(data, key, Bytes::from(new.to_string()), payload_bytes);
+            Outcome::Int(new)
+        }
+        Op::PutIfPresent { key, value } => match data.get_mut(&key) {
+            Some(current) => {
+                *current = keep(value);
+                Outcome::Bool(true)
+            }
+            None => Outcome::Bool(false),
+        },
+        Op::Cas { key, expected, new } => {
+            if data.get(&key) != expected.as_ref() {
+                return Outcome::Bool(false);
+            }
+            match new {
+                Some(value) => put(data, key, keep(value), payload_bytes),
+                None => {
+                    data.remove(&key);
+                }
+            };
+            Outcome::Bool(true)
+        }
+        Op::MPut { pairs } => {
+            for (key, value) in pairs {
+                put(data, key, keep(value), payload_bytes);
+            }
+            Outcome::Ok
+        }
+        Op::Get { .. }
+        | Op::Exists { .. }
+        | Op::MGet { .. }
+        | Op::OpenSession
+        | Op::CloseSession => unreachable!("not a data write"),
     }
 }
 
