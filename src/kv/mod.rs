@@ -19,6 +19,7 @@
 mod codec;
 pub mod command;
 pub mod error;
+mod key;
 pub mod outcome;
 mod session;
 pub mod snapshot;

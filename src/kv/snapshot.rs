@@ -37,6 +37,7 @@ use thiserror::Error;
 use super::codec::{put_bytes, Reader};
 use super::command::{ShardState, FIELD_BYTES_MAX};
 use super::error::DecodeError;
+use super::key::Key;
 use super::session::{decode_session, encode_session, Session};
 use super::state_machine::{detach, Config, ConfigError, ShardData, StateMachine};
 use crate::shard::key_shard;
@@ -111,7 +112,7 @@ fn end_frame(out: &mut BytesMut, start: usize) {
 fn write_pairs<'a>(
     out: &mut BytesMut,
     shard: u16,
-    pairs: &mut std::iter::Peekable<btree_map::Iter<'a, Bytes, Bytes>>,
+    pairs: &mut std::iter::Peekable<btree_map::Iter<'a, Key, Bytes>>,
     chunk_bytes_target: usize,
 ) -> u32 {
     let start = begin_frame(out, KIND_PAIRS);
@@ -168,7 +169,7 @@ enum Stage<'a> {
     Header,
     Shards {
         shards: btree_map::Iter<'a, u16, ShardData>,
-        current: Option<(u16, std::iter::Peekable<btree_map::Iter<'a, Bytes, Bytes>>)>,
+        current: Option<(u16, std::iter::Peekable<btree_map::Iter<'a, Key, Bytes>>)>,
     },
     Sessions(std::iter::Peekable<Box<dyn Iterator<Item = (u64, &'a Session)> + 'a>>),
     End,
@@ -301,7 +302,7 @@ pub(crate) fn encode_shard_blob(sm: &StateMachine, shard: u16) -> Bytes {
 /// A decoded shard blob, checked and ready to install.
 pub(crate) struct ShardBlob {
     pub(crate) shard: u16,
-    pub(crate) data: BTreeMap<Bytes, Bytes>,
+    pub(crate) data: BTreeMap<Key, Bytes>,
     pub(crate) sessions: Vec<(u64, Session)>,
 }
 
@@ -591,9 +592,8 @@ impl Restorer {
                             "key at body offset {key_offset} belongs to shard {key_shard}, not {shard}"
                         )));
                     }
-                    let key = detach(key, body.len());
-                    self.last_key = Some(key.clone());
-                    data.insert(key, detach(value, body.len()));
+                    data.insert(Key::from(&key[..]), detach(value, body.len()));
+                    self.last_key = Some(key);
                 }
                 self.key_count += u64::from(count);
             }

@@ -28,6 +28,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::command::{Command, Entry, Op, ShardAdmin, ShardState, MULTI_KEYS_MAX};
 use super::error::KvError;
+use super::key::Key;
 use super::outcome::Outcome;
 use super::session::{Sessions, SESSION_RESULTS_MAX_LIMIT};
 use crate::shard::{key_shard, SLOT_COUNT};
@@ -214,7 +215,7 @@ pub enum ReadConsistency {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ShardData {
     pub(crate) state: ShardState,
-    pub(crate) data: BTreeMap<Bytes, Bytes>,
+    pub(crate) data: BTreeMap<Key, Bytes>,
 }
 
 /// The key-value state of one Raft group: the shards it holds, their data, the client sessions.
@@ -415,7 +416,7 @@ impl StateMachine {
             Op::Get { key } | Op::Exists { key } => {
                 let shard = self.config.check_op(op)?.expect("a data op has a shard");
                 self.check_shard(shard, consistency)?;
-                let value = self.shards.get(&shard).and_then(|s| s.data.get(key));
+                let value = self.shards.get(&shard).and_then(|s| s.data.get(&key[..]));
                 Ok(match op {
                     Op::Get { .. } => Outcome::Value(value.cloned()),
                     _ => Outcome::Int(i64::from(value.is_some())),
@@ -426,7 +427,7 @@ impl StateMachine {
                 self.check_shard(shard, consistency)?;
                 let data = &self.shards.get(&shard).expect("checked").data;
                 Ok(Outcome::Values(
-                    keys.iter().map(|k| data.get(k).cloned()).collect(),
+                    keys.iter().map(|k| data.get(&k[..]).cloned()).collect(),
                 ))
             }
             _ => Err(KvError::NotARead),
@@ -618,14 +619,13 @@ fn check_shard(
     Ok(())
 }
 
-/// Stores `value` (as it is) under `key`. A key already present keeps the bytes it is stored
-/// with and only its value is replaced, so an update neither copies the key nor searches twice;
-/// a new key is detached from the entry payload (`payload_bytes`) first.
-fn put(data: &mut BTreeMap<Bytes, Bytes>, key: Bytes, value: Bytes, payload_bytes: usize) {
-    match data.get_mut(key.as_ref()) {
+/// Stores `value` (as it is) under `key`. A key already present keeps its stored form and
+/// only its value is replaced, so an update neither copies the key nor searches twice.
+fn put(data: &mut BTreeMap<Key, Bytes>, key: &[u8], value: Bytes) {
+    match data.get_mut(key) {
         Some(current) => *current = value,
         None => {
-            data.insert(detach(key, payload_bytes), value);
+            data.insert(Key::from(key), value);
         }
     }
 }
@@ -645,11 +645,11 @@ fn execute_write(
         .data;
     match op {
         Op::Put { key, value } => {
-            put(data, key, keep(value), payload_bytes);
+            put(data, &key, keep(value));
             Outcome::Ok
         }
         Op::Append { key, value } => {
-            let old = data.get(&key);
+            let old = data.get(&key[..]);
             let length = old.map_or(0, |v| v.len()) + value.len();
             if length > value_bytes_max {
                 return Outcome::Err(KvError::ValueTooLarge {
@@ -668,12 +668,12 @@ fn execute_write(
                     joined.freeze()
                 }
             };
-            put(data, key, new, payload_bytes);
+            put(data, &key, new);
             Outcome::Int(length as i64)
         }
-        Op::Delete { key } => Outcome::Int(i64::from(data.remove(&key).is_some())),
+        Op::Delete { key } => Outcome::Int(i64::from(data.remove(&key[..]).is_some())),
         Op::Incr { key, delta } => {
-            let current = match data.get(&key) {
+            let current = match data.get(&key[..]) {
                 None => 0,
                 Some(v) => match parse_i64(v) {
                     Some(n) => n,
@@ -683,10 +683,10 @@ fn execute_write(
             let Some(new) = current.checked_add(delta) else {
                 return Outcome::Err(KvError::IntegerOverflow);
             };
-            put(data, key, Bytes::from(new.to_string()), payload_bytes);
+            put(data, &key, Bytes::from(new.to_string()));
             Outcome::Int(new)
         }
-        Op::PutIfPresent { key, value } => match data.get_mut(&key) {
+        Op::PutIfPresent { key, value } => match data.get_mut(&key[..]) {
             Some(current) => {
                 *current = keep(value);
                 Outcome::Bool(true)
@@ -694,20 +694,20 @@ fn execute_write(
             None => Outcome::Bool(false),
         },
         Op::Cas { key, expected, new } => {
-            if data.get(&key) != expected.as_ref() {
+            if data.get(&key[..]) != expected.as_ref() {
                 return Outcome::Bool(false);
             }
             match new {
-                Some(value) => put(data, key, keep(value), payload_bytes),
+                Some(value) => put(data, &key, keep(value)),
                 None => {
-                    data.remove(&key);
+                    data.remove(&key[..]);
                 }
             };
             Outcome::Bool(true)
         }
         Op::MPut { pairs } => {
             for (key, value) in pairs {
-                put(data, key, keep(value), payload_bytes);
+                put(data, &key, keep(value));
             }
             Outcome::Ok
         }
