@@ -193,11 +193,16 @@ async fn serve_connection(ctx: &CoreCtx, mut stream: TcpStream) {
                         slot,
                         group,
                     } => {
-                        let mut replies = Vec::with_capacity(slots.len());
-                        for s in &slots {
-                            replies.push(s.wait().await);
+                        if let [one] = &slots[..] {
+                            let reply = one.wait().await;
+                            put_reply(ctx, &mut conn, &mut wbuf, shape, (slot, group), [reply]);
+                        } else {
+                            let mut replies = Vec::with_capacity(slots.len());
+                            for s in &slots {
+                                replies.push(s.wait().await);
+                            }
+                            put_reply(ctx, &mut conn, &mut wbuf, shape, (slot, group), replies);
                         }
-                        put_reply(ctx, &mut conn, &mut wbuf, shape, (slot, group), replies);
                     }
                     Pending::Ctl { slot, render } => {
                         let reply = slot.wait().await;
@@ -329,11 +334,11 @@ fn handle(ctx: &CoreCtx, conn: &mut Conn, args: &[Bytes]) -> Pending {
     }
 }
 
-/// Builds the KV ops of a data command, with its reply shape and its keys.
-fn kv_ops(command: Command) -> Result<(Vec<Op>, Shape, Vec<Bytes>), String> {
+/// Builds the KV ops of a data command, with its reply shape.
+fn kv_ops(command: Command) -> Result<(Vec<Op>, Shape), String> {
     let unsupported = |what: &str| Err(format!("ERR {what} is not supported by TynamoDB"));
     Ok(match command {
-        Command::Get(key) => (vec![Op::Get { key: key.clone() }], Shape::Value, vec![key]),
+        Command::Get(key) => (vec![Op::Get { key }], Shape::Value),
         Command::Set(set) => {
             if set.expiry.is_some() {
                 return unsupported("SET with an expiry");
@@ -341,7 +346,6 @@ fn kv_ops(command: Command) -> Result<(Vec<Op>, Shape, Vec<Bytes>), String> {
             if set.get {
                 return unsupported("SET ... GET");
             }
-            let key = set.key.clone();
             match set.condition {
                 SetCondition::Always => (
                     vec![Op::Put {
@@ -349,7 +353,6 @@ fn kv_ops(command: Command) -> Result<(Vec<Op>, Shape, Vec<Bytes>), String> {
                         value: set.value,
                     }],
                     Shape::Ok,
-                    vec![key],
                 ),
                 SetCondition::IfAbsent => (
                     vec![Op::Cas {
@@ -358,7 +361,6 @@ fn kv_ops(command: Command) -> Result<(Vec<Op>, Shape, Vec<Bytes>), String> {
                         new: Some(set.value),
                     }],
                     Shape::OkIfSwapped,
-                    vec![key],
                 ),
                 SetCondition::IfPresent => (
                     vec![Op::PutIfPresent {
@@ -366,54 +368,65 @@ fn kv_ops(command: Command) -> Result<(Vec<Op>, Shape, Vec<Bytes>), String> {
                         value: set.value,
                     }],
                     Shape::OkIfSwapped,
-                    vec![key],
                 ),
             }
         }
-        Command::Append { key, value } => (
-            vec![Op::Append {
-                key: key.clone(),
-                value,
-            }],
-            Shape::Int,
-            vec![key],
-        ),
-        Command::Incr(key) => (
-            vec![Op::Incr {
-                key: key.clone(),
-                delta: 1,
-            }],
-            Shape::Int,
-            vec![key],
-        ),
+        Command::Append { key, value } => (vec![Op::Append { key, value }], Shape::Int),
+        Command::Incr(key) => (vec![Op::Incr { key, delta: 1 }], Shape::Int),
         Command::Del(keys) => (
-            keys.iter().map(|k| Op::Delete { key: k.clone() }).collect(),
+            keys.into_iter().map(|key| Op::Delete { key }).collect(),
             Shape::Sum,
-            keys,
         ),
         Command::Exists(keys) => (
-            keys.iter().map(|k| Op::Exists { key: k.clone() }).collect(),
+            keys.into_iter().map(|key| Op::Exists { key }).collect(),
             Shape::Sum,
-            keys,
         ),
-        Command::MGet(keys) => (vec![Op::MGet { keys: keys.clone() }], Shape::Values, keys),
-        Command::MSet(pairs) => {
-            let keys = pairs.iter().map(|(k, _)| k.clone()).collect();
-            (vec![Op::MPut { pairs }], Shape::Ok, keys)
-        }
+        Command::MGet(keys) => (vec![Op::MGet { keys }], Shape::Values),
+        Command::MSet(pairs) => (vec![Op::MPut { pairs }], Shape::Ok),
         _ => return Err("ERR command not available here".into()),
     })
 }
 
+/// The keys an op names, in order.
+fn op_keys(op: &Op) -> &[Bytes] {
+    match op {
+        Op::Get { key }
+        | Op::Exists { key }
+        | Op::Delete { key }
+        | Op::Incr { key, .. }
+        | Op::Put { key, .. }
+        | Op::Append { key, .. }
+        | Op::PutIfPresent { key, .. }
+        | Op::Cas { key, .. } => std::slice::from_ref(key),
+        Op::MGet { keys } => keys,
+        // MPut's keys are checked through `mput_keys` (pairs, not a key slice).
+        Op::MPut { .. } | Op::OpenSession | Op::CloseSession => &[],
+    }
+}
+
+/// Every key of `ops`, in order.
+fn all_keys(ops: &[Op]) -> impl Iterator<Item = &Bytes> {
+    ops.iter().flat_map(|op| {
+        let pairs: &[(Bytes, Bytes)] = match op {
+            Op::MPut { pairs } => pairs,
+            _ => &[],
+        };
+        op_keys(op).iter().chain(pairs.iter().map(|(k, _)| k))
+    })
+}
+
 fn kv_command(ctx: &CoreCtx, conn: &mut Conn, command: Command, seq: Option<u64>) -> Pending {
-    let (ops, shape, keys) = match kv_ops(command) {
+    let (ops, shape) = match kv_ops(command) {
         Ok(x) => x,
         Err(e) => return error(&e),
     };
-    let Some(first) = keys.first() else {
+    let Some(first) = all_keys(&ops).next() else {
         return error("ERR wrong number of arguments");
     };
-    if keys.len() > crate::kv::MULTI_KEYS_MAX as usize {
+    if all_keys(&ops)
+        .nth(crate::kv::MULTI_KEYS_MAX as usize)
+        .is_some()
+    {
         return error("ERR too many keys in one command");
     }
     let command_bytes: usize = ops.iter().map(op_bytes).sum();
@@ -423,11 +436,11 @@ fn kv_command(ctx: &CoreCtx, conn: &mut Conn, command: Command, seq: Option<u64>
             super::config::COMMAND_BYTES_MAX
         ));
     }
-    if keys.iter().any(|k| k.len() > KEY_BYTES_MAX) {
+    if all_keys(&ops).any(|k| k.len() > KEY_BYTES_MAX) {
         return error(&format!("ERR keys must be at most {KEY_BYTES_MAX} bytes"));
     }
     let slot = key_slot(first);
-    if keys.iter().any(|k| key_slot(k) != slot) {
+    if all_keys(&ops).skip(1).any(|k| key_slot(k) != slot) {
         return error("CROSSSLOT Keys in request don't hash to the same slot");
     }
     let cfg = &ctx.cfg;
@@ -492,7 +505,7 @@ fn kv_command(ctx: &CoreCtx, conn: &mut Conn, command: Command, seq: Option<u64>
     }
     let mut g = ctx.group.borrow_mut();
     if !is_write && conn.readonly {
-        let replies = ops
+        let replies: Vec<GroupReply> = ops
             .iter()
             .map(|op| GroupReply::Done(g.stale_read(op)))
             .collect();
@@ -652,22 +665,33 @@ fn kv_error_text(e: &KvError) -> String {
     }
 }
 
+/// Writes the reply of a command whose group replies are `replies`, one per op in op order.
+/// The first reply that is not a result decides (an error, a redirection, TRYAGAIN), as a
+/// failed op fails the command; otherwise `shape` says how the results make the reply.
 fn put_reply(
     ctx: &CoreCtx,
     conn: &mut Conn,
     out: &mut BytesMut,
     shape: Shape,
     (slot, group): (u16, u16),
-    replies: Vec<GroupReply>,
+    replies: impl IntoIterator<Item = GroupReply>,
 ) {
-    let mut outcomes = Vec::with_capacity(replies.len());
+    let mut first: Option<Outcome> = None;
+    let mut sum = 0i64;
     for r in replies {
         match r {
             GroupReply::Done(Outcome::Err(e)) => {
                 put_error(out, kv_error_text(&e).as_bytes());
                 return;
             }
-            GroupReply::Done(o) => outcomes.push(o),
+            GroupReply::Done(o) => {
+                if let Outcome::Int(n) = o {
+                    sum = sum.wrapping_add(n);
+                }
+                if first.is_none() {
+                    first = Some(o);
+                }
+            }
             GroupReply::NotLeader { leader } => {
                 // The session's opening may have been lost with this proposal: open it again
                 // with the next sequenced write to the group (as a new connection would).
@@ -687,31 +711,25 @@ fn put_reply(
     let protocol = conn.protocol;
     match shape {
         Shape::Ok => put_simple(out, b"OK"),
-        Shape::OkIfSwapped => match outcomes.first() {
+        Shape::OkIfSwapped => match first {
             Some(Outcome::Bool(true)) => put_simple(out, b"OK"),
             _ => put_null(out, protocol),
         },
-        Shape::Value => match outcomes.first() {
-            Some(Outcome::Value(Some(v))) => put_bulk(out, v),
+        Shape::Value => match first {
+            Some(Outcome::Value(Some(v))) => put_bulk(out, &v),
             _ => put_null(out, protocol),
         },
-        Shape::Int => match outcomes.first() {
-            Some(Outcome::Int(n)) => put_integer(out, *n),
+        Shape::Int => match first {
+            Some(Outcome::Int(n)) => put_integer(out, n),
             _ => put_error(out, b"ERR unexpected result"),
         },
-        Shape::Sum => {
-            let sum = outcomes
-                .iter()
-                .map(|o| if let Outcome::Int(n) = o { *n } else { 0 })
-                .sum();
-            put_integer(out, sum)
-        }
-        Shape::Values => match outcomes.first() {
+        Shape::Sum => put_integer(out, sum),
+        Shape::Values => match first {
             Some(Outcome::Values(vs)) => {
                 put_array_len(out, vs.len());
                 for v in vs {
                     match v {
-                        Some(v) => put_bulk(out, v),
+                        Some(v) => put_bulk(out, &v),
                         None => put_null(out, protocol),
                     }
                 }
