@@ -9,6 +9,14 @@
 //! `--data` is given; Ctrl-C stops them.
 
 use std::net::SocketAddr;
+
+/// mimalloc instead of glibc malloc: the hot path allocates and frees a few small buffers per
+/// request on every core (values stored and replaced, reply slots, decoded batches), and glibc's
+/// per-thread caches hold 7 chunks of a size before falling back to the arena (`_int_free`,
+/// `malloc_consolidate`, heap trimming with `mprotect`): 7.5% of a leader's and 10% of a
+/// follower's CPU under the write workload.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode};
