@@ -329,7 +329,10 @@ fn redis_cli_and_redis_benchmark_work_against_a_three_host_cluster() {
     assert_eq!(redis_cli(port, &["MGET", "{t}a", "{t}b", "{t}c"]), "1\n2"); // nil prints empty
     assert!(redis_cli(port, &["MSET", "a", "1", "b", "2"]).contains("CROSSSLOT"));
     // Several keys of one slot: one reply per command, the sum of the per-key results.
-    assert_eq!(redis_cli(port, &["EXISTS", "{t}a", "{t}b", "{t}c", "{t}a"]), "3");
+    assert_eq!(
+        redis_cli(port, &["EXISTS", "{t}a", "{t}b", "{t}c", "{t}a"]),
+        "3"
+    );
     assert_eq!(redis_cli(port, &["DEL", "{t}a", "{t}c", "{t}b"]), "2");
     assert_eq!(redis_cli(port, &["EXISTS", "{t}a", "{t}b"]), "0");
     assert!(redis_cli(port, &["DEL", "a", "b"]).contains("CROSSSLOT"));
