@@ -17,10 +17,12 @@
 //! the same contiguous blocks as the static map (`ServerConfig::shard_group`), so configuration
 //! 1 describes exactly what the data groups serve (`bootstrap_matches_the_static_map` checks it).
 //!
-//! Configuration group `k + 1` is the data group on core `k` of every host ([`core_of_group`]);
-//! data groups follow the configurations (`migrate`), so Move moves shards live between them.
-//! Groups are not yet created on joined hosts nor removed from leaving ones, so Join and Leave
-//! are refused unless the server runs with `--allow-reconfig`.
+//! Configuration group `k + 1` is the static map's data group on core `k` of every initial host
+//! ([`core_of_group`]). Data groups follow the configurations (`migrate`): Move moves a shard
+//! live between groups, Join creates groups on the new hosts' cores (`replica::walk`), Leave
+//! retires the groups with a replica on a leaving host, whose replicas are removed once their
+//! shards moved away. A host that joined later knows the controller from the configuration it
+//! joined with ([`ControlPlan::from_config`]).
 
 use std::net::SocketAddr;
 
@@ -100,6 +102,21 @@ impl ControlPlan {
         }
     }
 
+    /// The controller as a configuration describes it, for a host that is not in
+    /// `--initial-cluster` (it joined later, `node::join`): it runs no controller replica and
+    /// proposes nothing, it only asks the controller hosts.
+    pub fn from_config(config: &Configuration) -> ControlPlan {
+        ControlPlan {
+            hosts: config.controller.iter().map(|s| s.host).collect(),
+            settings: Settings {
+                shard_count: config.shard_count(),
+                replication: config.replication,
+                ..Settings::default()
+            },
+            bootstrap: Vec::new(),
+        }
+    }
+
     /// This host's controller node id, if it runs a controller replica.
     pub fn node_of_host(&self, host: u64) -> Option<u64> {
         self.hosts
@@ -141,7 +158,8 @@ pub fn host_client_addr(host: &controller::Host) -> Option<SocketAddr> {
     client.parse().ok()
 }
 
-/// The data group core serving configuration group `group` (the bootstrap correspondence).
+/// The core of the static map's group `group` (the bootstrap correspondence; groups created
+/// later run on whichever slots the configuration gives them).
 pub fn core_of_group(group: controller::GroupId) -> Option<u16> {
     u16::try_from(group.checked_sub(1)?).ok()
 }

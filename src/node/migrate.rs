@@ -2,24 +2,33 @@
 //! controller's configurations, one number at a time, as `shard::migration` describes (the
 //! simulator's `sim::shard::world` drives the same [`GroupShards`] through the same steps).
 //!
-//! The driver, one task per core, every `heartbeat_ms` while this replica leads its group:
-//! 0. (core 0 of a host without a controller replica) [`follow_controller`] keeps the host's
-//!    view of the latest configuration fresh from a controller host;
+//! (Core 0 of a host without a controller replica runs [`follow_controller`], which keeps the
+//! host's view of the latest configuration fresh from a controller host.)
+//!
+//! The driver, one task per group replica, every `heartbeat_ms`:
+//! 0. on any replica: once the replica's applied state says its group drained (retired, every
+//!    shard handed over), or its group is retired in the latest configuration and another
+//!    member's host says it removed its replica (`TYNAMO.MIGRATE GROUP`), the replica is
+//!    removed (`replica::remove`: tombstone, storage deleted); the rest only while it leads:
 //! 1. the configuration the group wants next (`next_config_wanted`, or for a group that has
-//!    none yet the one that created it) and the one before it, from this host's controller
-//!    replica (`HostView::configs`), else from a controller host with `TYNAMO.MIGRATE CONFIG`;
+//!    none yet the one that created it) and the one before it, from this host's view
+//!    (`HostView::configs`), else from a controller host with `TYNAMO.MIGRATE CONFIG`;
 //!    proposes `AcceptConfig` when `can_accept` says it applies;
 //! 2. each pull: asks a replica of the old owner (`TYNAMO.MIGRATE PULL`) and proposes `Install`;
 //! 3. each confirm: asks the old owner's leader (`TYNAMO.MIGRATE CONFIRM`, which makes it
 //!    propose `DeleteExported`) until it answers DONE, then proposes `ConfirmDone`.
+//!
+//! A host that removed its replica of a group answers for it from the tombstone, as the
+//! simulator's stopped groups do: a pull is GONE and a confirm DONE (the group deleted every
+//! shard it exported before it drained), so askers stop retrying.
 //!
 //! Every request is idempotent and every step is retried until the log says it is done (a
 //! duplicate entry applies as Stale and changes nothing), with a doubling backoff while a step
 //! fails, so a move survives either side's crash or leader change at any step.
 //!
 //! Group-to-group requests travel over the client port in RESP (one short-lived connection per
-//! request; a migration makes a few per shard), not over the peer transport: the peer transport
-//! joins core c only to core c of other hosts, and an old owner is usually on another core.
+//! request; a migration makes a few per shard), not over the peer transport: a request goes to
+//! whichever core of the old owner's hosts runs its replica, and is answered at once.
 //! A pull may be answered by any replica of the old owner that applied the configuration: the
 //! shard is frozen from `AcceptConfig` on, so every such replica holds the same final blob.
 //! The blob is bounded by one log entry (`ENTRY_BYTES_MAX`), since `Install` logs it whole.
@@ -29,7 +38,7 @@
 
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -42,10 +51,11 @@ use crate::shard::migration::{
     Confirm, ConfirmReply, GroupShards, MigrationEntry, Pull, PullReply,
 };
 
-use super::control::{core_of_group, host_client_addr};
+use super::codec::GroupId;
 use super::executor::CoreCtx;
 use super::group::GroupReply;
 use super::machine::migration_outcome_applied;
+use super::replica::{CoreGroup, DataGroupSpec};
 
 /// Longest wait for one group-to-group request (connect, send, answer).
 const REQUEST_TIMEOUT_MS: u64 = 5_000;
@@ -60,20 +70,36 @@ const READ_CHUNK_BYTES: usize = 64 << 10;
 /// A host without a controller replica asks for the latest configuration every this many
 /// heartbeats (a configuration change reaches its groups this much later).
 const FOLLOW_PERIOD_HEARTBEATS: u64 = 2;
+/// A replica of a group retired in the latest configuration asks the other members' hosts
+/// whether they removed theirs every this many driver rounds.
+const GONE_CHECK_ROUNDS: u64 = 10;
 
-/// The configuration group id of the data group on `core` (the inverse of `core_of_group`).
-pub fn group_of_core(core: u16) -> ControllerGroupId {
-    ControllerGroupId::from(core) + 1
-}
-
-/// Runs this core's migration driver forever.
-pub async fn drive(ctx: Rc<CoreCtx>) {
+/// Runs the migration driver of this core's replica of group `peer_id` until the replica is
+/// removed.
+pub async fn drive(ctx: Rc<CoreCtx>, peer_id: GroupId) {
     let period_ms = ctx.cfg.heartbeat_ms.max(1);
     let mut backoff_ms = period_ms;
     let mut last_error = String::new();
+    let mut rounds = 0u64;
     loop {
         glommio::timer::sleep(Duration::from_millis(backoff_ms)).await;
-        match step(&ctx).await {
+        let Some(entry) = ctx.groups.get(peer_id) else {
+            return;
+        };
+        let gid = entry.view.id();
+        rounds += 1;
+        if entry.group.borrow().machine().shards.is_drained() {
+            super::replica::remove(&ctx, peer_id, "drained: every shard it held moved away").await;
+            return;
+        }
+        if rounds % GONE_CHECK_ROUNDS == 0 && retired_in_latest(&ctx, &entry.view.spec) {
+            if let Some(host) = member_removed(&ctx, &entry.view.spec).await {
+                let why = format!("retired, and host {host} already removed its replica");
+                super::replica::remove(&ctx, peer_id, &why).await;
+                return;
+            }
+        }
+        match step(&ctx, &entry).await {
             Ok(_) => {
                 backoff_ms = period_ms;
                 last_error.clear();
@@ -82,8 +108,7 @@ pub async fn drive(ctx: Rc<CoreCtx>) {
                 // One line per new reason: a peer down for a minute must not flood the log.
                 if e != last_error {
                     eprintln!(
-                        "tynamo: group {} (core {}): migration step: {e}",
-                        group_of_core(ctx.core),
+                        "tynamo: group {gid} (core {}): migration step: {e}",
                         ctx.core
                     );
                     last_error = e;
@@ -92,6 +117,34 @@ pub async fn drive(ctx: Rc<CoreCtx>) {
             }
         }
     }
+}
+
+/// Whether the latest configuration this host knows retired `spec`'s group (it came after the
+/// group's creation and no longer lists it).
+fn retired_in_latest(ctx: &CoreCtx, spec: &DataGroupSpec) -> bool {
+    ctx.view
+        .latest_config()
+        .is_some_and(|c| c.num > spec.created_in && !c.groups.contains_key(&spec.config_group))
+}
+
+/// The first other member whose host says it removed its replica of the group (it saw the
+/// group drain, so this replica's data is no longer needed by anyone).
+async fn member_removed(ctx: &CoreCtx, spec: &DataGroupSpec) -> Option<u64> {
+    for (&node, &slot) in &spec.slots_by_node {
+        if node == spec.node {
+            continue;
+        }
+        let Some(addr) = ctx.slot_client_addr(slot) else {
+            continue;
+        };
+        let args = request_args(ctx, "GROUP", &[spec.config_group]);
+        if let Ok(Frame::Simple(s)) = request(addr, &args).await {
+            if &s[..] == b"GONE" {
+                return Some(slot.host);
+            }
+        }
+    }
+    None
 }
 
 /// On core 0 of a host without a controller replica: keeps this host's view of the latest
@@ -136,21 +189,21 @@ async fn fetch_latest(ctx: &CoreCtx) -> Result<Configuration, String> {
 }
 
 /// One round of the driver; Ok(true) when it proposed something.
-async fn step(ctx: &CoreCtx) -> Result<bool, String> {
+async fn step(ctx: &CoreCtx, entry: &CoreGroup) -> Result<bool, String> {
     let shards = {
-        let g = ctx.group.borrow();
+        let g = entry.group.borrow();
         if !g.is_leader() {
             return Ok(false);
         }
         g.machine().shards.clone()
     };
-    if let Some(num) = config_wanted(ctx, &shards) {
+    if let Some(num) = config_wanted(&entry.view.spec, &shards) {
         let previous = config(ctx, num - 1).await?;
         let next = config(ctx, num).await?;
         if let (Some(previous), Some(config)) = (previous, next) {
             if shards.can_accept(&previous, &config) {
                 propose(
-                    ctx,
+                    entry,
                     MigrationEntry::AcceptConfig { previous, config }.encode(),
                 )
                 .await?;
@@ -166,7 +219,7 @@ async fn step(ctx: &CoreCtx) -> Result<bool, String> {
                 shard: pull.shard,
                 blob,
             };
-            proposed |= propose(ctx, install.encode()).await?;
+            proposed |= propose(entry, install.encode()).await?;
         }
     }
     for confirm in shards.confirms() {
@@ -175,25 +228,26 @@ async fn step(ctx: &CoreCtx) -> Result<bool, String> {
                 config_num: confirm.config_num,
                 shard: confirm.shard,
             };
-            proposed |= propose(ctx, done.encode()).await?;
+            proposed |= propose(entry, done.encode()).await?;
         }
     }
     Ok(proposed)
 }
 
-/// The configuration this group should accept next, if it may move on.
-fn config_wanted(ctx: &CoreCtx, shards: &GroupShards) -> Option<u64> {
+/// The configuration this group should accept next, if it may move on: a new replica starts
+/// at the configuration that created its group (its spec says which, even once a later one
+/// retired the group).
+fn config_wanted(spec: &DataGroupSpec, shards: &GroupShards) -> Option<u64> {
     if shards.config().is_some() {
         return shards.next_config_wanted();
     }
-    // A new replica starts at the configuration that created its group.
-    let latest = ctx.view.latest_config()?;
-    latest.groups.get(&shards.group()).map(|g| g.created_in)
+    Some(spec.created_in)
 }
 
-/// Configuration `num`: from this host's controller replica, else from a controller host.
+/// Configuration `num`: from this host's view (its controller replica, or what it fetched),
+/// else from a controller host (then kept in the view for the other groups and cores).
 /// Ok(None) while nobody knows it yet.
-async fn config(ctx: &CoreCtx, num: u64) -> Result<Option<Configuration>, String> {
+pub(crate) async fn config(ctx: &CoreCtx, num: u64) -> Result<Option<Configuration>, String> {
     if let Some(c) = ctx.view.config(num) {
         return Ok(Some((*c).clone()));
     }
@@ -217,6 +271,7 @@ async fn config(ctx: &CoreCtx, num: u64) -> Result<Option<Configuration>, String
                         config.num
                     ));
                 }
+                ctx.view.keep(Arc::new(config.clone()));
                 return Ok(Some(config));
             }
             Ok(other) => last = format!("configuration {num} from {addr}: {}", describe(&other)),
@@ -227,8 +282,8 @@ async fn config(ctx: &CoreCtx, num: u64) -> Result<Option<Configuration>, String
 }
 
 /// Commits `payload` through this group's log; Ok(applied) once it applied.
-async fn propose(ctx: &CoreCtx, payload: Bytes) -> Result<bool, String> {
-    let slot = ctx.group.borrow_mut().submit_raw(payload);
+async fn propose(entry: &CoreGroup, payload: Bytes) -> Result<bool, String> {
+    let slot = entry.group.borrow_mut().submit_raw(payload);
     match slot.wait().await {
         GroupReply::Done(outcome) => Ok(migration_outcome_applied(&outcome)),
         GroupReply::NotLeader { leader } => Err(format!("no longer leader (leader {leader})")),
@@ -245,17 +300,14 @@ fn replica_addrs(
     let Some(g) = config.groups.get(&group) else {
         return Vec::new();
     };
-    // Data group node ids are host ids; this host knows the leader of every group that has a
-    // core here.
-    let leader_host = core_of_group(group)
-        .and_then(|core| ctx.view.leaders.get(usize::from(core)))
-        .map_or(0, |l| l.load(Ordering::Relaxed));
+    // This host knows the leader of every group that has a replica here.
+    let leader = ctx.view.group(group).and_then(|gv| gv.leader_slot());
     let mut slots: Vec<_> = g.replicas.iter().map(|r| r.slot).collect();
-    slots.sort_by_key(|s| s.host != leader_host);
+    slots.sort_by_key(|s| Some(*s) != leader);
     slots
         .into_iter()
         .filter_map(|s| {
-            let client = host_client_addr(config.hosts.get(&s.host)?)?;
+            let client = super::control::host_client_addr(config.hosts.get(&s.host)?)?;
             Some(SocketAddr::new(
                 client.ip(),
                 client.port().checked_add(s.core)?,
@@ -396,13 +448,18 @@ async fn request(addr: SocketAddr, args: &[Vec<u8>]) -> Result<Frame, String> {
 
 // ----- the serving side ----------------------------------------------------------------------
 
-/// `TYNAMO.MIGRATE <PULL|CONFIRM|CONFIG> <cluster-id> <numbers...>`, answered at once:
+/// `TYNAMO.MIGRATE <sub> <cluster-id> <numbers...>`, answered at once:
 /// - `PULL <group> <config-num> <shard>`: the frozen shard blob, `-NOTYET n`, or `+GONE`;
 /// - `CONFIRM <group> <config-num> <shard>`: `+DONE` once deleted, `+PENDING` when the leader
 ///   just proposed the delete, `-NOTYET n`, `-NOTLEADER`;
-/// - `CONFIG <num>`: configuration `num` (controller encoding) from this host's controller
-///   replica, or `-NOTYET`;
-/// - `LATEST`: the latest configuration this host's controller replica applied.
+/// - `CONFIG <num>`: configuration `num` (controller encoding) as this host knows it, or
+///   `-NOTYET`;
+/// - `LATEST`: the latest configuration this host knows (a joining host asks any host);
+/// - `GROUP <group>`: `+GONE` when this host removed its replica of the group (it drained),
+///   `+RUNNING` when it runs one, `+UNKNOWN` otherwise.
+///
+/// A pull or confirm for a group whose replica this host removed is answered from the
+/// tombstone: `+GONE` and `+DONE` (the group deleted every exported shard before it drained).
 pub fn handle(ctx: &CoreCtx, args: &[Bytes]) -> BytesMut {
     let mut out = BytesMut::new();
     if let Err(e) = serve(ctx, args, &mut out) {
@@ -412,18 +469,31 @@ pub fn handle(ctx: &CoreCtx, args: &[Bytes]) -> BytesMut {
     out
 }
 
-/// A `TYNAMO.MIGRATE` request, parsed and checked against this cluster and core.
+/// A `TYNAMO.MIGRATE` request, parsed and checked against this cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum MigrateRequest {
     Latest,
-    Config { num: u64 },
-    Pull { config_num: u64, shard: u16 },
-    Confirm { config_num: u64, shard: u16 },
+    Config {
+        num: u64,
+    },
+    Group {
+        group: ControllerGroupId,
+    },
+    Pull {
+        group: ControllerGroupId,
+        config_num: u64,
+        shard: u16,
+    },
+    Confirm {
+        group: ControllerGroupId,
+        config_num: u64,
+        shard: u16,
+    },
 }
 
 /// Parses `<sub> <cluster-id> <numbers...>`; every malformed or misdirected request is an error
 /// reply naming what is wrong.
-fn parse(args: &[Bytes], cluster_id_here: u64, group_here: u64) -> Result<MigrateRequest, String> {
+fn parse(args: &[Bytes], cluster_id_here: u64) -> Result<MigrateRequest, String> {
     let sub = args
         .first()
         .ok_or("ERR TYNAMO.MIGRATE wants a subcommand")?;
@@ -456,33 +526,56 @@ fn parse(args: &[Bytes], cluster_id_here: u64, group_here: u64) -> Result<Migrat
             _ => Err("ERR TYNAMO.MIGRATE CONFIG wants a number".into()),
         };
     }
+    if sub.eq_ignore_ascii_case(b"GROUP") {
+        return match rest {
+            [group] => Ok(MigrateRequest::Group { group: *group }),
+            _ => Err("ERR TYNAMO.MIGRATE GROUP wants a group".into()),
+        };
+    }
     let pull = sub.eq_ignore_ascii_case(b"PULL");
     if !pull && !sub.eq_ignore_ascii_case(b"CONFIRM") {
-        return Err("ERR TYNAMO.MIGRATE subcommands are PULL, CONFIRM, CONFIG and LATEST".into());
+        return Err(
+            "ERR TYNAMO.MIGRATE subcommands are PULL, CONFIRM, CONFIG, LATEST and GROUP".into(),
+        );
     }
     let [group, config_num, shard] = rest else {
         return Err("ERR TYNAMO.MIGRATE PULL|CONFIRM want group, configuration and shard".into());
     };
     let shard = u16::try_from(*shard).map_err(|_| format!("ERR shard {shard} out of range"))?;
-    if *group != group_here {
-        return Err(format!(
-            "ERR group {group} is not on this core (group {group_here})"
-        ));
-    }
-    let config_num = *config_num;
+    let (group, config_num) = (*group, *config_num);
     Ok(if pull {
-        MigrateRequest::Pull { config_num, shard }
+        MigrateRequest::Pull {
+            group,
+            config_num,
+            shard,
+        }
     } else {
-        MigrateRequest::Confirm { config_num, shard }
+        MigrateRequest::Confirm {
+            group,
+            config_num,
+            shard,
+        }
     })
 }
 
+/// This core's replica of `group`; Err(None) when this host removed its replica (answer from
+/// the tombstone), Err(Some(why)) when this core has none.
+fn local_replica(ctx: &CoreCtx, group: ControllerGroupId) -> Result<Rc<CoreGroup>, Option<String>> {
+    if let Some(entry) = ctx.groups.by_config(group) {
+        return Ok(entry);
+    }
+    if ctx.view.is_removed(group) {
+        return Err(None);
+    }
+    Err(Some(format!(
+        "ERR group {group} has no replica on core {} of host {}",
+        ctx.core, ctx.cfg.id
+    )))
+}
+
 fn serve(ctx: &CoreCtx, args: &[Bytes], out: &mut BytesMut) -> Result<(), String> {
-    match parse(args, ctx.cfg.cluster_id, group_of_core(ctx.core))? {
+    match parse(args, ctx.cfg.cluster_id)? {
         MigrateRequest::Latest => {
-            if !ctx.controller_local() {
-                return Err("NOCONTROLLER this host runs no controller replica".into());
-            }
             let config = ctx.view.latest_config().ok_or("NOTYET no configuration")?;
             let mut bytes = Vec::new();
             config.encode(&mut bytes);
@@ -494,8 +587,30 @@ fn serve(ctx: &CoreCtx, args: &[Bytes], out: &mut BytesMut) -> Result<(), String
             config.encode(&mut bytes);
             put_bulk(out, &bytes);
         }
-        MigrateRequest::Pull { config_num, shard } => {
-            let g = ctx.group.borrow();
+        MigrateRequest::Group { group } => {
+            let answer: &[u8] = if ctx.view.is_removed(group) {
+                b"GONE"
+            } else if ctx.view.group(group).is_some() {
+                b"RUNNING"
+            } else {
+                b"UNKNOWN"
+            };
+            put_simple(out, answer);
+        }
+        MigrateRequest::Pull {
+            group,
+            config_num,
+            shard,
+        } => {
+            let entry = match local_replica(ctx, group) {
+                Ok(e) => e,
+                Err(None) => {
+                    put_simple(out, b"GONE");
+                    return Ok(());
+                }
+                Err(Some(e)) => return Err(e),
+            };
+            let g = entry.group.borrow();
             let m = g.machine();
             match m.shards.handle_pull(&m.sm, shard, config_num) {
                 PullReply::Blob(blob) => put_bulk(out, &blob),
@@ -503,8 +618,20 @@ fn serve(ctx: &CoreCtx, args: &[Bytes], out: &mut BytesMut) -> Result<(), String
                 PullReply::Gone => put_simple(out, b"GONE"),
             }
         }
-        MigrateRequest::Confirm { config_num, shard } => {
-            let mut g = ctx.group.borrow_mut();
+        MigrateRequest::Confirm {
+            group,
+            config_num,
+            shard,
+        } => {
+            let entry = match local_replica(ctx, group) {
+                Ok(e) => e,
+                Err(None) => {
+                    put_simple(out, b"DONE");
+                    return Ok(());
+                }
+                Err(Some(e)) => return Err(e),
+            };
+            let mut g = entry.group.borrow_mut();
             if !g.is_leader() {
                 return Err("NOTLEADER".into());
             }
@@ -534,7 +661,7 @@ mod tests {
 
     #[test]
     fn requests_parse_and_misdirected_or_malformed_ones_are_refused() {
-        let p = |list: &[&str]| parse(&args(list), 7, 2);
+        let p = |list: &[&str]| parse(&args(list), 7);
         assert_eq!(p(&["LATEST", "7"]), Ok(MigrateRequest::Latest));
         assert_eq!(
             p(&["config", "7", "12"]),
@@ -543,16 +670,22 @@ mod tests {
         assert_eq!(
             p(&["PULL", "7", "2", "5", "63"]),
             Ok(MigrateRequest::Pull {
+                group: 2,
                 config_num: 5,
                 shard: 63
             })
         );
         assert_eq!(
-            p(&["Confirm", "7", "2", "5", "1"]),
+            p(&["Confirm", "7", "3", "5", "1"]),
             Ok(MigrateRequest::Confirm {
+                group: 3,
                 config_num: 5,
                 shard: 1
             })
+        );
+        assert_eq!(
+            p(&["group", "7", "12"]),
+            Ok(MigrateRequest::Group { group: 12 })
         );
         let refused = |list: &[&str], want: &str| {
             let e = p(list).unwrap_err();
@@ -561,10 +694,6 @@ mod tests {
         refused(&[], "wants a subcommand");
         refused(&["PULL"], "wants the cluster id");
         refused(&["PULL", "8", "2", "5", "1"], "for cluster 8, this is 7");
-        refused(
-            &["PULL", "7", "3", "5", "1"],
-            "group 3 is not on this core (group 2)",
-        );
         refused(
             &["PULL", "7", "2", "5", "70000"],
             "shard 70000 out of range",
@@ -577,13 +706,7 @@ mod tests {
         refused(&["PULL", "7", "2", "-1", "1"], "arguments are numbers");
         refused(&["CONFIG", "7"], "wants a number");
         refused(&["LATEST", "7", "1"], "takes no number");
+        refused(&["GROUP", "7"], "wants a group");
         refused(&["DELETE", "7", "2", "5", "1"], "subcommands are");
-    }
-
-    #[test]
-    fn cores_and_configuration_groups_correspond() {
-        for core in 0..64u16 {
-            assert_eq!(core_of_group(group_of_core(core)), Some(core));
-        }
     }
 }
