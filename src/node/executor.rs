@@ -501,22 +501,25 @@ impl CoreCtx {
         let mut moved_to = None;
         if let Some((group, route)) = self.groups.best_route(shard) {
             match route {
-                Route::Moved { group: to } => moved_to = Some(to),
+                Route::Moved { group: to } => {
+                    let num = group.group.borrow().machine().shards.config_num();
+                    moved_to = Some((to, num));
+                }
                 _ => return Target::Local(group),
             }
         }
+        // The owner in the newest configuration at hand: this host's view, or a local group's
+        // own (a group may have accepted a configuration this host's view has not caught up
+        // with yet: views of hosts without a controller replica are refreshed by polling).
         let latest = self.view.latest_config();
-        let owner = latest
-            .as_ref()
-            .and_then(|c| c.owner(shard))
-            .filter(|&g| g != controller::GROUP_NONE)
-            .or(moved_to)
-            .or_else(|| {
-                // No configuration yet: the static map (group k + 1 on core k).
-                latest
-                    .is_none()
-                    .then(|| ControllerGroupId::from(self.cfg.shard_group(shard)) + 1)
-            });
+        let assigned = |g: ControllerGroupId| (g != controller::GROUP_NONE).then_some(g);
+        let owner = match (latest.as_deref(), moved_to) {
+            (Some(c), Some((to, num))) if num > c.num => assigned(to),
+            (Some(c), _) => c.owner(shard).and_then(assigned),
+            (None, Some((to, _))) => assigned(to),
+            // No configuration yet: the static map (group k + 1 on core k).
+            (None, None) => Some(ControllerGroupId::from(self.cfg.shard_group(shard)) + 1),
+        };
         let Some(owner) = owner else {
             return Target::Remote(None);
         };

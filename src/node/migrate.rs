@@ -38,8 +38,7 @@
 
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
@@ -73,6 +72,9 @@ const FOLLOW_PERIOD_HEARTBEATS: u64 = 2;
 /// A replica of a group retired in the latest configuration asks the other members' hosts
 /// whether they removed theirs every this many driver rounds.
 const GONE_CHECK_ROUNDS: u64 = 10;
+/// Longest an old owner keeps serving a shard that configuration n gives to a group created in
+/// n, waiting for that group to accept n, before it accepts n anyway (see `new_owners_ready`).
+const NEW_OWNER_WAIT_MS_MAX: u64 = 10_000;
 
 /// Runs the migration driver of this core's replica of group `peer_id` until the replica is
 /// removed.
@@ -81,6 +83,7 @@ pub async fn drive(ctx: Rc<CoreCtx>, peer_id: GroupId) {
     let mut backoff_ms = period_ms;
     let mut last_error = String::new();
     let mut rounds = 0u64;
+    let mut waiting = None;
     loop {
         glommio::timer::sleep(Duration::from_millis(backoff_ms)).await;
         let Some(entry) = ctx.groups.get(peer_id) else {
@@ -99,7 +102,7 @@ pub async fn drive(ctx: Rc<CoreCtx>, peer_id: GroupId) {
                 return;
             }
         }
-        match step(&ctx, &entry).await {
+        match step(&ctx, &entry, &mut waiting).await {
             Ok(_) => {
                 backoff_ms = period_ms;
                 last_error.clear();
@@ -189,7 +192,12 @@ async fn fetch_latest(ctx: &CoreCtx) -> Result<Configuration, String> {
 }
 
 /// One round of the driver; Ok(true) when it proposed something.
-async fn step(ctx: &CoreCtx, entry: &CoreGroup) -> Result<bool, String> {
+/// `waiting`: since when this group waits for the new groups of configuration n (n, start).
+async fn step(
+    ctx: &CoreCtx,
+    entry: &CoreGroup,
+    waiting: &mut Option<(u64, Instant)>,
+) -> Result<bool, String> {
     let shards = {
         let g = entry.group.borrow();
         if !g.is_leader() {
@@ -202,6 +210,25 @@ async fn step(ctx: &CoreCtx, entry: &CoreGroup) -> Result<bool, String> {
         let next = config(ctx, num).await?;
         if let (Some(previous), Some(config)) = (previous, next) {
             if shards.can_accept(&previous, &config) {
+                let me = entry.view.id();
+                if shards.config().is_some() && !new_owners_ready(ctx, me, &previous, &config).await
+                {
+                    let since = match *waiting {
+                        Some((n, since)) if n == num => since,
+                        _ => {
+                            *waiting = Some((num, Instant::now()));
+                            return Ok(false);
+                        }
+                    };
+                    if since.elapsed() < Duration::from_millis(NEW_OWNER_WAIT_MS_MAX) {
+                        return Ok(false);
+                    }
+                    eprintln!(
+                        "tynamo: group {me}: the groups configuration {num} creates did not \
+                         accept it within {NEW_OWNER_WAIT_MS_MAX} ms; handing them shards anyway"
+                    );
+                }
+                *waiting = None;
                 propose(
                     entry,
                     MigrationEntry::AcceptConfig { previous, config }.encode(),
@@ -232,6 +259,62 @@ async fn step(ctx: &CoreCtx, entry: &CoreGroup) -> Result<bool, String> {
         }
     }
     Ok(proposed)
+}
+
+/// Whether every group that configuration `config` creates and gives shards of group `me` has
+/// accepted `config` (one of its replicas says so, `TYNAMO.MIGRATE READY`).
+///
+/// Why an old owner waits: accepting `config` freezes the shards it hands over until their new
+/// owner pulls them, and a group created by `config` first needs its replicas created, a leader
+/// elected (an election timeout) and `config` accepted before it can pull. Meanwhile the old
+/// owner keeps serving them under the previous configuration, so clients see the freeze of a
+/// pull and an install, not of a group's birth. Safety does not depend on it (the simulator
+/// accepts at once): a new owner that never gets ready costs at most `NEW_OWNER_WAIT_MS_MAX`.
+async fn new_owners_ready(
+    ctx: &CoreCtx,
+    me: ControllerGroupId,
+    previous: &Configuration,
+    config: &Configuration,
+) -> bool {
+    let mut created: Vec<ControllerGroupId> = previous
+        .shards
+        .iter()
+        .zip(&config.shards)
+        .filter(|&(&old, &new)| old == me && new != me)
+        .map(|(_, &new)| new)
+        .filter(|g| {
+            config
+                .groups
+                .get(g)
+                .is_some_and(|g| g.created_in == config.num)
+        })
+        .collect();
+    created.sort_unstable();
+    created.dedup();
+    for group in created {
+        let mut ready = false;
+        for r in config.groups.get(&group).map_or(&[][..], |g| &g.replicas) {
+            let Some(addr) = config
+                .hosts
+                .get(&r.slot.host)
+                .and_then(super::control::host_client_addr)
+                .and_then(|a| Some(SocketAddr::new(a.ip(), a.port().checked_add(r.slot.core)?)))
+            else {
+                continue;
+            };
+            let args = request_args(ctx, "READY", &[group, config.num]);
+            if let Ok(Frame::Simple(s)) = request(addr, &args).await {
+                if &s[..] == b"YES" {
+                    ready = true;
+                    break;
+                }
+            }
+        }
+        if !ready {
+            return false;
+        }
+    }
+    true
 }
 
 /// The configuration this group should accept next, if it may move on: a new replica starts
@@ -271,7 +354,11 @@ pub(crate) async fn config(ctx: &CoreCtx, num: u64) -> Result<Option<Configurati
                         config.num
                     ));
                 }
-                ctx.view.keep(Arc::new(config.clone()));
+                // Committed, so true for every host: it also moves this host's view of the
+                // latest configuration forward when it is newer (hosts without a controller
+                // replica otherwise learn it only at their next poll).
+                ctx.view.keep(std::sync::Arc::new(config.clone()));
+                ctx.view.publish_fetched(config.clone());
                 return Ok(Some(config));
             }
             Ok(other) => last = format!("configuration {num} from {addr}: {}", describe(&other)),
@@ -456,7 +543,9 @@ async fn request(addr: SocketAddr, args: &[Vec<u8>]) -> Result<Frame, String> {
 ///   `-NOTYET`;
 /// - `LATEST`: the latest configuration this host knows (a joining host asks any host);
 /// - `GROUP <group>`: `+GONE` when this host removed its replica of the group (it drained),
-///   `+RUNNING` when it runs one, `+UNKNOWN` otherwise.
+///   `+RUNNING` when it runs one, `+UNKNOWN` otherwise;
+/// - `READY <group> <num>`: `+YES` when this host's replica of the group has accepted
+///   configuration `num` or a later one (so the group has), `+NO` otherwise.
 ///
 /// A pull or confirm for a group whose replica this host removed is answered from the
 /// tombstone: `+GONE` and `+DONE` (the group deleted every exported shard before it drained).
@@ -478,6 +567,10 @@ enum MigrateRequest {
     },
     Group {
         group: ControllerGroupId,
+    },
+    Ready {
+        group: ControllerGroupId,
+        num: u64,
     },
     Pull {
         group: ControllerGroupId,
@@ -526,6 +619,15 @@ fn parse(args: &[Bytes], cluster_id_here: u64) -> Result<MigrateRequest, String>
             _ => Err("ERR TYNAMO.MIGRATE CONFIG wants a number".into()),
         };
     }
+    if sub.eq_ignore_ascii_case(b"READY") {
+        return match rest {
+            [group, num] => Ok(MigrateRequest::Ready {
+                group: *group,
+                num: *num,
+            }),
+            _ => Err("ERR TYNAMO.MIGRATE READY wants a group and a configuration".into()),
+        };
+    }
     if sub.eq_ignore_ascii_case(b"GROUP") {
         return match rest {
             [group] => Ok(MigrateRequest::Group { group: *group }),
@@ -535,7 +637,8 @@ fn parse(args: &[Bytes], cluster_id_here: u64) -> Result<MigrateRequest, String>
     let pull = sub.eq_ignore_ascii_case(b"PULL");
     if !pull && !sub.eq_ignore_ascii_case(b"CONFIRM") {
         return Err(
-            "ERR TYNAMO.MIGRATE subcommands are PULL, CONFIRM, CONFIG, LATEST and GROUP".into(),
+            "ERR TYNAMO.MIGRATE subcommands are PULL, CONFIRM, CONFIG, LATEST, GROUP and READY"
+                .into(),
         );
     }
     let [group, config_num, shard] = rest else {
@@ -596,6 +699,13 @@ fn serve(ctx: &CoreCtx, args: &[Bytes], out: &mut BytesMut) -> Result<(), String
                 b"UNKNOWN"
             };
             put_simple(out, answer);
+        }
+        MigrateRequest::Ready { group, num } => {
+            let accepted = ctx
+                .view
+                .group(group)
+                .is_some_and(|g| g.migration().config_num >= num);
+            put_simple(out, if accepted { b"YES" } else { b"NO" });
         }
         MigrateRequest::Pull {
             group,
@@ -687,6 +797,10 @@ mod tests {
             p(&["group", "7", "12"]),
             Ok(MigrateRequest::Group { group: 12 })
         );
+        assert_eq!(
+            p(&["READY", "7", "3", "9"]),
+            Ok(MigrateRequest::Ready { group: 3, num: 9 })
+        );
         let refused = |list: &[&str], want: &str| {
             let e = p(list).unwrap_err();
             assert!(e.contains(want), "{list:?}: {e}");
@@ -707,6 +821,7 @@ mod tests {
         refused(&["CONFIG", "7"], "wants a number");
         refused(&["LATEST", "7", "1"], "takes no number");
         refused(&["GROUP", "7"], "wants a group");
+        refused(&["READY", "7", "3"], "wants a group and a configuration");
         refused(&["DELETE", "7", "2", "5", "1"], "subcommands are");
     }
 }

@@ -111,6 +111,11 @@ struct Conn {
     /// core, forwarded to another core, or a core that led only after the session command was
     /// answered with MOVED). Opening an open session only refreshes it. A handful of groups.
     sessions_opened: Vec<ConfigGroupId>,
+    /// The previous command was `ASKING`: the client was sent here by a group that is handing
+    /// the key's shard over. Until the shard arrives this host may not know of the move yet
+    /// (its view of the configuration lags), and a MOVED back to the old owner would bounce
+    /// the client between the two: it gets TRYAGAIN instead. Cleared by the next command.
+    asking: bool,
     close: bool,
 }
 
@@ -165,6 +170,7 @@ async fn serve_connection(ctx: &CoreCtx, mut stream: TcpStream) {
         readonly: false,
         client_id: 0,
         sessions_opened: Vec::new(),
+        asking: false,
         close: false,
     };
     let mut rbuf = BytesMut::with_capacity(READ_CHUNK_BYTES);
@@ -308,7 +314,10 @@ fn handle(ctx: &CoreCtx, conn: &mut Conn, args: &[Bytes]) -> Pending {
             conn.readonly = false;
             now(|o| put_simple(o, b"OK"))
         }
-        Command::Asking => now(|o| put_simple(o, b"OK")),
+        Command::Asking => {
+            conn.asking = true;
+            now(|o| put_simple(o, b"OK"))
+        }
         Command::Quit => {
             conn.close = true;
             now(|o| put_simple(o, b"OK"))
@@ -430,6 +439,17 @@ fn kv_ops(command: Command) -> Result<(Vec<Op>, Shape, Vec<Bytes>), String> {
 }
 
 fn kv_command(ctx: &CoreCtx, conn: &mut Conn, command: Command, seq: Option<u64>) -> Pending {
+    let asking = std::mem::take(&mut conn.asking);
+    // After ASKING, "not here" means "not here yet" (see `Conn::asking`).
+    let moved = |slot: u16, addr: SocketAddr| {
+        if asking {
+            error(&format!(
+                "TRYAGAIN slot {slot} is on its way to the group that sent you here"
+            ))
+        } else {
+            now(|o| put_moved(o, slot, addr))
+        }
+    };
     let (ops, shape, keys) = match kv_ops(command) {
         Ok(x) => x,
         Err(e) => return error(&e),
@@ -516,13 +536,13 @@ fn kv_command(ctx: &CoreCtx, conn: &mut Conn, command: Command, seq: Option<u64>
             // this host's core of that group, which knows more.
             let to = leader.unwrap_or(Slot { host: cfg.id, core });
             return match ctx.slot_client_addr(to) {
-                Some(addr) => now(|o| put_moved(o, slot, addr)),
+                Some(addr) => moved(slot, addr),
                 None => tryagain(slot),
             };
         }
         Target::Remote(addr) => {
             return match addr {
-                Some(addr) => now(|o| put_moved(o, slot, addr)),
+                Some(addr) => moved(slot, addr),
                 None => tryagain(slot),
             }
         }
@@ -572,7 +592,7 @@ fn kv_command(ctx: &CoreCtx, conn: &mut Conn, command: Command, seq: Option<u64>
                 ));
             }
             return match ctx.group_addr(group, None) {
-                Some(addr) if group != own => now(|o| put_moved(o, slot, addr)),
+                Some(addr) if group != own => moved(slot, addr),
                 _ => error(&format!(
                     "TRYAGAIN shard {shard} (slot {slot}) has no owner in this group's configuration yet"
                 )),
