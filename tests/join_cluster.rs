@@ -529,32 +529,47 @@ fn a_joined_host_killed_and_restarted_from_its_data_directory_rejoins_its_group(
     });
     marks.push((bench.at(), "settled".into()));
     assert_eq!(replicas_of(&status, 1), vec![(1, 0), (2, 0)], "{status:#}");
-    // Host 4's replica caught up with its group: it applied what the leader committed.
-    let group2 = status["groups"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|g| g["id"] == 2)
-        .unwrap()
-        .clone();
-    let start = Instant::now();
-    loop {
-        let host4 = c.ctl_groups(4);
-        let applied = host4["replicas"][0]["applied"].as_u64().unwrap_or(0);
-        if applied >= group2["commit"].as_u64().unwrap() {
-            break;
-        }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "host 4 does not catch up: {host4} vs {group2}"
-        );
-        std::thread::sleep(POLL);
-    }
+    c.wait_caught_up(4, &status);
+    // Killed again once it holds its share of the data (and perhaps leads group 2): back from
+    // its data directory, it catches up with what the group committed meanwhile.
+    c.kill(4);
+    marks.push((bench.at(), "host 4 killed again".into()));
+    c.spawn(4, false);
+    let status = c.wait_settled(joined, |s| replicas_of(s, 4) == vec![(2, 0)]);
+    marks.push((bench.at(), "settled again".into()));
+    c.wait_caught_up(4, &status);
     let (ok, summary) = bench.finish(&marks);
     assert_bench_clean(ok, &summary, &c);
 }
 
 impl Cluster {
+    /// Waits until host `id`'s (only) replica applied what its group's leader had committed
+    /// when `status` was taken.
+    fn wait_caught_up(&self, id: u16, status: &Value) {
+        let host = self.ctl_groups(id);
+        let group = host["replicas"][0]["group"].clone();
+        let leader = status["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["id"] == group)
+            .unwrap_or_else(|| panic!("group {group} not in {status:#}"))
+            .clone();
+        let commit = leader["commit"].as_u64().unwrap();
+        let start = Instant::now();
+        loop {
+            let host = self.ctl_groups(id);
+            if host["replicas"][0]["applied"].as_u64().unwrap_or(0) >= commit {
+                return;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "host {id} does not catch up: {host} vs {leader}"
+            );
+            std::thread::sleep(POLL);
+        }
+    }
+
     /// `TYNAMO.CTL GROUPS` of host `id` (its replicas as it sees them).
     fn ctl_groups(&self, id: u16) -> Value {
         let start = Instant::now();

@@ -825,6 +825,29 @@ impl PeerSenders {
     }
 }
 
+/// How long a starting core retries a listening address that is still in use.
+const BIND_RETRY_MS_MAX: u64 = 5_000;
+
+/// Binds `addr` (refusing to share it, `bind_exclusive`), retrying for a few seconds while it
+/// is in use: a host restarted right after a SIGKILL finds its ports still held for a moment
+/// (io_uring releases the files of a dead process's pending requests asynchronously), and an
+/// operator's immediate restart must not fail on that. Another process that really holds the
+/// address is still refused, with the address named, once the time is up.
+async fn bind_retrying(addr: SocketAddr) -> Result<glommio::net::TcpListener, String> {
+    let start = std::time::Instant::now();
+    loop {
+        match bind_exclusive(addr) {
+            Ok(l) => return Ok(l),
+            Err(super::transport::TransportError::AddressInUse { .. })
+                if start.elapsed() < Duration::from_millis(BIND_RETRY_MS_MAX) =>
+            {
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
 /// The peer address (core 0) of a configuration host, from its `peer/client` text.
 pub fn host_peer_addr(host: &controller::Host) -> Option<SocketAddr> {
     let (peer, _) = host.addr.split_once('/')?;
@@ -1000,7 +1023,7 @@ async fn run_core(
     let tstats = Rc::new(TransportStats::default());
     let me_core = CoreId { host: cfg.id, core };
     let peer_addr = SocketAddr::new(me.peer.ip(), me.peer.port() + core);
-    let listener = bind_exclusive(peer_addr).map_err(|e| err(e.to_string()))?;
+    let listener = bind_retrying(peer_addr).await.map_err(err)?;
     let bad_frames = Rc::new(Cell::new(0));
     let groups = Rc::new(CoreGroups::default());
     let sink = Rc::new(GroupSink {
@@ -1026,7 +1049,7 @@ async fn run_core(
 
     // Clients.
     let client_addr = SocketAddr::new(me.client.ip(), me.client.port() + core);
-    let client_listener = bind_exclusive(client_addr).map_err(|e| err(e.to_string()))?;
+    let client_listener = bind_retrying(client_addr).await.map_err(err)?;
     let ctx = Rc::new(CoreCtx {
         cfg: cfg.clone(),
         core,
