@@ -252,7 +252,10 @@ fn ctl_status_and_query_answer_from_any_host_as_tables_and_json() {
     let out = c.ctl(&c.addr(1, 0), &["leave", "1"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("host 1") && err.contains("controller"), "{err}");
+    assert!(
+        err.contains("host 1") && err.contains("controller"),
+        "{err}"
+    );
     // A malformed host spec is refused before anything is sent.
     let out = c.ctl(&c.addr(1, 0), &["join", "4=nonsense"]);
     assert_eq!(out.status.code(), Some(2));

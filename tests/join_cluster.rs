@@ -403,7 +403,11 @@ fn dip_summary(timeline: &[(Duration, String)], marks: &[(Duration, String)]) ->
         if let Some(low) = window.iter().copied().min_by(f64::total_cmp) {
             out.push_str(&format!(
                 "\n  after {what:<40} lowest second {low:.0} ops/s ({:.0}% of before) over {} s",
-                if median > 0.0 { 100.0 * low / median } else { 0.0 },
+                if median > 0.0 {
+                    100.0 * low / median
+                } else {
+                    0.0
+                },
                 window.len()
             ));
         }
@@ -450,7 +454,11 @@ fn join_two_hosts_then_leave_one_under_verified_load_loses_nothing() {
     marks.push((bench.at(), "join settled".into()));
     assert_eq!(replicas_of(&status, 4), vec![(3, 0)], "{status:#}");
     assert_eq!(replicas_of(&status, 5), vec![(3, 0)], "{status:#}");
-    assert_eq!(replicas_of(&status, 1), vec![(1, 0), (2, 1), (3, 1)], "{status:#}");
+    assert_eq!(
+        replicas_of(&status, 1),
+        vec![(1, 0), (2, 1), (3, 1)],
+        "{status:#}"
+    );
     // Group 3's peer group id is 2: its directory on each of its hosts.
     for id in [1, 4, 5] {
         assert!(
@@ -483,11 +491,18 @@ fn join_two_hosts_then_leave_one_under_verified_load_loses_nothing() {
     // Host 4 still runs (a left host is stopped by the operator) and holds no replica; its
     // directory and group 3's on hosts 1 and 5 are deleted, tombstones remain.
     let host4 = c.ctl_groups(4);
-    assert_eq!(host4["replicas"].as_array().map(Vec::len), Some(0), "{host4}");
+    assert_eq!(
+        host4["replicas"].as_array().map(Vec::len),
+        Some(0),
+        "{host4}"
+    );
     assert_eq!(host4["removed"], serde_json::json!([3]), "{host4}");
     for id in [1, 4, 5] {
         let dirs = group_dirs(&c.data(id));
-        assert!(!dirs.contains(&"group-2".to_string()), "host {id}: {dirs:?}");
+        assert!(
+            !dirs.contains(&"group-2".to_string()),
+            "host {id}: {dirs:?}"
+        );
         assert!(c.data(id).join("group-2.removed").exists(), "host {id}");
     }
     assert_eq!(group_dirs(&c.data(4)), Vec::<String>::new());
@@ -515,7 +530,11 @@ fn a_joined_host_killed_and_restarted_from_its_data_directory_rejoins_its_group(
     // Killed as soon as its replica of group 2 exists, whatever step the move reached.
     let start = Instant::now();
     while !group_dirs(&c.data(4)).contains(&"group-1".to_string()) {
-        assert!(start.elapsed() < DEADLINE, "host 4 never created group 2's replica\n{}", c.logs());
+        assert!(
+            start.elapsed() < DEADLINE,
+            "host 4 never created group 2's replica\n{}",
+            c.logs()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     c.kill(4);
@@ -524,8 +543,7 @@ fn a_joined_host_killed_and_restarted_from_its_data_directory_rejoins_its_group(
     c.spawn(4, false);
     marks.push((bench.at(), "host 4 restarted without --join".into()));
     let status = c.wait_settled(joined, |s| {
-        shard_counts(s) == BTreeMap::from([(1, 32), (2, 32)])
-            && replicas_of(s, 4) == vec![(2, 0)]
+        shard_counts(s) == BTreeMap::from([(1, 32), (2, 32)]) && replicas_of(s, 4) == vec![(2, 0)]
     });
     marks.push((bench.at(), "settled".into()));
     assert_eq!(replicas_of(&status, 1), vec![(1, 0), (2, 0)], "{status:#}");
@@ -579,7 +597,10 @@ impl Cluster {
             {
                 return serde_json::from_slice(&b).unwrap();
             }
-            assert!(start.elapsed() < DEADLINE, "host {id} does not answer GROUPS");
+            assert!(
+                start.elapsed() < DEADLINE,
+                "host {id} does not answer GROUPS"
+            );
             std::thread::sleep(POLL);
         }
     }

@@ -273,7 +273,9 @@ fn server_config(a: ServerArgs) -> Result<ServerConfig, ConfigError> {
     let hosts = match &a.initial_cluster {
         Some(text) => parse_initial_cluster(text)?,
         None if a.join.is_some() => {
-            let peer = a.peer_addr.ok_or_else(|| missing("peer-addr (with --join)"))?;
+            let peer = a
+                .peer_addr
+                .ok_or_else(|| missing("peer-addr (with --join)"))?;
             let client = a
                 .client_addr
                 .ok_or_else(|| missing("client-addr (with --join)"))?;

@@ -144,14 +144,20 @@ pub fn status(cluster: &str, timeout: Duration) -> Result<Value, CtlError> {
         .collect();
     for (id, client) in addrs {
         let answer = client.as_deref().map(|addr| {
-            call(addr, &["GROUPS".to_string()], timeout.min(HOST_GROUPS_TIMEOUT))
-                .and_then(|f| json_reply(&f, addr))
+            call(
+                addr,
+                &["GROUPS".to_string()],
+                timeout.min(HOST_GROUPS_TIMEOUT),
+            )
+            .and_then(|f| json_reply(&f, addr))
         });
         hosts.push(match answer {
             Some(Ok(g)) => serde_json::json!({
                 "id": id, "reachable": true, "replicas": g["replicas"], "removed": g["removed"],
             }),
-            Some(Err(e)) => serde_json::json!({"id": id, "reachable": false, "error": e.to_string()}),
+            Some(Err(e)) => {
+                serde_json::json!({"id": id, "reachable": false, "error": e.to_string()})
+            }
             None => serde_json::json!({"id": id, "reachable": false, "error": "no client address"}),
         });
     }
@@ -205,7 +211,7 @@ pub fn merge_hosts(doc: &mut Value, hosts: Vec<Value>) {
                     }
                     settled &= r["role"] == "leader"
                         && r["config_num"] == num
-                        && r["in_flight"].as_array().is_none_or(Vec::is_empty);
+                        && r["in_flight"].as_array().map_or(true, Vec::is_empty);
                     add_transfers(r);
                 }
                 None => settled = false,
@@ -233,8 +239,10 @@ pub fn merge_hosts(doc: &mut Value, hosts: Vec<Value>) {
             let on: Vec<Value> = replicas
                 .iter()
                 .filter(|(_, r)| r["group"] == id)
-                .map(|(host, r)| serde_json::json!({"host": host, "core": r["core"], "role": r["role"],
-                    "applied": r["applied"], "shards": r["serving"]}))
+                .map(|(host, r)| {
+                    serde_json::json!({"host": host, "core": r["core"], "role": r["role"],
+                    "applied": r["applied"], "shards": r["serving"]})
+                })
                 .collect();
             serde_json::json!({"id": id, "replicas": on})
         })
@@ -555,17 +563,27 @@ mod tests {
                 "commit": term * 10, "applied": term * 10, "config_num": num, "leader_host": 2,
                 "leader_core": core, "serving": 4, "in_flight": in_flight})
         };
-        let host = |id: u64, replicas: Vec<Value>| {
-            serde_json::json!({"id": id, "reachable": true, "replicas": replicas, "removed": []})
-        };
+        let host = |id: u64, replicas: Vec<Value>| serde_json::json!({"id": id, "reachable": true, "replicas": replicas, "removed": []});
         // Group 1 led on host 2 (host 1's replica still thinks it leads at an older term);
         // group 3 is retiring from host 1 core 1 with shard 9 on its way to group 1.
         let mut doc = status();
         merge_hosts(
             &mut doc,
             vec![
-                host(1, vec![replica(1, 0, "leader", 3, 6, false), replica(3, 1, "leader", 2, 7, true)]),
-                host(2, vec![replica(1, 0, "leader", 4, 7, false), replica(2, 1, "leader", 2, 7, false)]),
+                host(
+                    1,
+                    vec![
+                        replica(1, 0, "leader", 3, 6, false),
+                        replica(3, 1, "leader", 2, 7, true),
+                    ],
+                ),
+                host(
+                    2,
+                    vec![
+                        replica(1, 0, "leader", 4, 7, false),
+                        replica(2, 1, "leader", 2, 7, false),
+                    ],
+                ),
             ],
         );
         assert_eq!(doc["groups"][0]["term"], 4, "{doc}");
@@ -575,7 +593,10 @@ mod tests {
         assert_eq!(doc["transfers"][0]["state"], "exporting");
         assert_eq!(doc["settled"], false);
         let text = status_table(&doc);
-        assert!(text.contains("retiring groups (handing their shards over): 3"), "{text}");
+        assert!(
+            text.contains("retiring groups (handing their shards over): 3"),
+            "{text}"
+        );
         assert!(text.contains("1@0:leader 3@1:leader"), "{text}");
         // Group 3 gone, every group's leader at configuration 7: settled.
         let mut doc = status();
@@ -583,7 +604,13 @@ mod tests {
             &mut doc,
             vec![
                 host(1, vec![replica(1, 0, "follower", 4, 7, false)]),
-                host(2, vec![replica(1, 0, "leader", 4, 7, false), replica(2, 1, "leader", 2, 7, false)]),
+                host(
+                    2,
+                    vec![
+                        replica(1, 0, "leader", 4, 7, false),
+                        replica(2, 1, "leader", 2, 7, false),
+                    ],
+                ),
             ],
         );
         assert_eq!(doc["settled"], true, "{doc}");
@@ -593,7 +620,13 @@ mod tests {
         merge_hosts(
             &mut doc,
             vec![
-                host(2, vec![replica(1, 0, "leader", 4, 7, false), replica(2, 1, "leader", 2, 7, false)]),
+                host(
+                    2,
+                    vec![
+                        replica(1, 0, "leader", 4, 7, false),
+                        replica(2, 1, "leader", 2, 7, false),
+                    ],
+                ),
                 serde_json::json!({"id": 5, "reachable": false, "error": "connection refused"}),
             ],
         );

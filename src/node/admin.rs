@@ -181,9 +181,7 @@ pub fn handle(ctx: &CoreCtx, args: &[Bytes]) -> CtlPending {
             return CtlPending::Now(out);
         }
         "GROUPS" => Err("ERR TYNAMO.CTL GROUPS takes no argument".into()),
-        "MOVE" | "JOIN" | "LEAVE" => {
-            parse_change(&sub, rest).map(|c| (Some(c), Render::Change, 0))
-        }
+        "MOVE" | "JOIN" | "LEAVE" => parse_change(&sub, rest).map(|c| (Some(c), Render::Change, 0)),
         other => Err(format!(
             "ERR TYNAMO.CTL: unknown subcommand {other} (QUERY, STATUS, GROUPS, JOIN, LEAVE, MOVE)"
         )),

@@ -727,7 +727,7 @@ impl CoreGroups {
             if route == Route::Serve {
                 return Some((entry.clone(), route));
             }
-            if best.as_ref().is_none_or(|(_, b)| rank(&route) < rank(b)) {
+            if best.as_ref().map_or(true, |(_, b)| rank(&route) < rank(b)) {
                 best = Some((entry, route));
             }
         }
@@ -797,7 +797,10 @@ impl PeerSenders {
             Some(h) if !self.cfg.joined => h.peer,
             _ => host_peer_addr(self.view.latest_config()?.hosts.get(&to.host)?)?,
         };
-        Some(SocketAddr::new(base.ip(), base.port().checked_add(to.core)?))
+        Some(SocketAddr::new(
+            base.ip(),
+            base.port().checked_add(to.core)?,
+        ))
     }
 
     /// Opens the connection to `to` now (it connects when there is something to send).
@@ -821,7 +824,12 @@ impl PeerSenders {
         if let Some(s) = self.senders.borrow().get(&to) {
             return s.send(frame);
         }
-        self.open(to) && self.senders.borrow().get(&to).is_some_and(|s| s.send(frame))
+        self.open(to)
+            && self
+                .senders
+                .borrow()
+                .get(&to)
+                .is_some_and(|s| s.send(frame))
     }
 }
 

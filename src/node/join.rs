@@ -57,7 +57,8 @@ pub fn prepare(cfg: &mut ServerConfig) -> Result<Option<Configuration>, NodeErro
                     cfg.data_dir.display()
                 )));
             }
-            decode_join_file(&bytes).map_err(|e| NodeError::Join(format!("{}: {e}", path.display())))?
+            decode_join_file(&bytes)
+                .map_err(|e| NodeError::Join(format!("{}: {e}", path.display())))?
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let Some(seed) = cfg.join.clone() else {
@@ -71,9 +72,8 @@ pub fn prepare(cfg: &mut ServerConfig) -> Result<Option<Configuration>, NodeErro
                 )));
             }
             let config = fetch_latest(&seed, cfg.cluster_id)?;
-            std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
-                NodeError::Join(format!("create {}: {e}", cfg.data_dir.display()))
-            })?;
+            std::fs::create_dir_all(&cfg.data_dir)
+                .map_err(|e| NodeError::Join(format!("create {}: {e}", cfg.data_dir.display())))?;
             write_durably(&path, &encode_join_file(&config)).map_err(NodeError::Join)?;
             config
         }
@@ -166,7 +166,8 @@ fn request_latest(seed: &str, cluster_id: u64) -> Result<Configuration, String> 
         .map_err(|e| format!("connect {addr}: {e}"))?;
     let io = |e: std::io::Error| format!("{addr}: {e}");
     s.set_read_timeout(Some(SEED_REQUEST_TIMEOUT)).map_err(io)?;
-    s.set_write_timeout(Some(SEED_REQUEST_TIMEOUT)).map_err(io)?;
+    s.set_write_timeout(Some(SEED_REQUEST_TIMEOUT))
+        .map_err(io)?;
     let id = cluster_id.to_string();
     let mut out = BytesMut::new();
     put_request(&mut out, &[b"TYNAMO.MIGRATE", b"LATEST", id.as_bytes()]);
@@ -193,9 +194,10 @@ fn request_latest(seed: &str, cluster_id: u64) -> Result<Configuration, String> 
         }
         other => Err(format!(
             "{addr} answered {}",
-            other
-                .as_error()
-                .map_or_else(|| format!("{other:?}"), |e| String::from_utf8_lossy(e).into_owned())
+            other.as_error().map_or_else(
+                || format!("{other:?}"),
+                |e| String::from_utf8_lossy(e).into_owned()
+            )
         )),
     }
 }
@@ -254,11 +256,15 @@ mod tests {
         let got = prepare(&mut cfg).unwrap().unwrap();
         assert_eq!(got.num, config.num);
         assert!(cfg.joined && !cfg.initial_host());
-        assert_eq!(cfg.shard_count, config.shard_count(), "the cluster's shard count");
+        assert_eq!(
+            cfg.shard_count,
+            config.shard_count(),
+            "the cluster's shard count"
+        );
         // With --initial-cluster: refused, naming why.
         let mut wrong = joiner(dir.path(), None);
-        wrong.hosts = parse_initial_cluster("4=127.0.0.1:7131/127.0.0.1:7031,1=127.0.0.1:7101")
-            .unwrap();
+        wrong.hosts =
+            parse_initial_cluster("4=127.0.0.1:7131/127.0.0.1:7031,1=127.0.0.1:7101").unwrap();
         let e = prepare(&mut wrong).unwrap_err().to_string();
         assert!(e.contains("without --initial-cluster"), "{e}");
         // A host the cluster knows at another address: refused.
@@ -271,7 +277,9 @@ mod tests {
             },
         );
         std::fs::write(dir.path().join(JOIN_FILE), encode_join_file(&joined)).unwrap();
-        let e = prepare(&mut joiner(dir.path(), None)).unwrap_err().to_string();
+        let e = prepare(&mut joiner(dir.path(), None))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("knows host 4 at 127.0.0.1:9999"), "{e}");
         // --join on an initial host's data directory: refused before asking anyone.
         let initial = tempfile::tempdir().unwrap();
@@ -279,7 +287,10 @@ mod tests {
         let e = prepare(&mut joiner(initial.path(), Some("127.0.0.1:1")))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("holds the data of a host of --initial-cluster"), "{e}");
+        assert!(
+            e.contains("holds the data of a host of --initial-cluster"),
+            "{e}"
+        );
         // Neither: an initial host.
         let empty = tempfile::tempdir().unwrap();
         let mut cfg = joiner(empty.path(), None);

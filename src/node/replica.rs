@@ -199,7 +199,9 @@ impl DataGroupSpec {
             ));
         }
         if slots_by_node.get(&node).map(|s| s.core) != Some(core) {
-            return Err(format!("node {node} on core {core} is not one of the members"));
+            return Err(format!(
+                "node {node} on core {core} is not one of the members"
+            ));
         }
         Ok(DataGroupSpec {
             peer_id,
@@ -264,7 +266,11 @@ pub(crate) fn frame_record(magic: [u8; 4], payload: &[u8]) -> Vec<u8> {
     out
 }
 
-pub(crate) fn unframe_record(magic: [u8; 4], bytes: &[u8], payload_max: usize) -> Result<&[u8], String> {
+pub(crate) fn unframe_record(
+    magic: [u8; 4],
+    bytes: &[u8],
+    payload_max: usize,
+) -> Result<&[u8], String> {
     if bytes.len() < 13 || bytes[..4] != magic {
         return Err(format!(
             "not a {} record ({} bytes)",
@@ -440,7 +446,8 @@ pub fn scan(data_dir: &Path) -> Result<DiskGroups, String> {
                 continue;
             };
             let path = entry.path();
-            let bytes = std::fs::read(&path).map_err(|e| format!("read {}: {e}", path.display()))?;
+            let bytes =
+                std::fs::read(&path).map_err(|e| format!("read {}: {e}", path.display()))?;
             let p = unframe_record(TOMBSTONE_MAGIC, &bytes, 8)
                 .map_err(|e| format!("{}: {e}", path.display()))?;
             let group: [u8; 8] = p
@@ -559,7 +566,11 @@ async fn open_data_group(
 /// host view), its loop and persister in one task, its migration driver in another. A fatal
 /// error of the replica or its storage stops the core (`CoreCtx::fatal`).
 pub async fn start(ctx: &Rc<CoreCtx>, spec: DataGroupSpec) -> Result<(), String> {
-    assert_eq!(spec.core, ctx.core, "replica {spec:?} started on core {}", ctx.core);
+    assert_eq!(
+        spec.core, ctx.core,
+        "replica {spec:?} started on core {}",
+        ctx.core
+    );
     let (group, storage) = open_data_group(&ctx.cfg, &spec).await?;
     let view = Arc::new(GroupView::new(spec.clone()));
     let wal = storage.wal.clone();
@@ -891,7 +902,9 @@ mod tests {
         assert_eq!(spec.created_in, joined.num);
         // Running, or removed earlier: nothing to create.
         assert!(groups_to_create(&joined, 4, 0, false, &|g| g == 3, &none).is_empty());
-        assert!(groups_to_create(&joined, 4, 0, false, &|_| false, &BTreeSet::from([3])).is_empty());
+        assert!(
+            groups_to_create(&joined, 4, 0, false, &|_| false, &BTreeSet::from([3])).is_empty()
+        );
         // Leave of host 4 retires group 3 (a replica on host 4): nothing is placed on host 4 any
         // more, and no new group takes its place (8 cores, replication 3: two groups).
         let left = apply(&mut sm, Op::Leave { hosts: vec![4] });
@@ -917,7 +930,10 @@ mod tests {
         let boot = DataGroupSpec::bootstrap(&cfg, 1);
         assert_eq!(DataGroupSpec::decode(&boot.encode()), Ok(boot));
         for len in 0..bytes.len() {
-            assert!(DataGroupSpec::decode(&bytes[..len]).is_err(), "prefix {len}");
+            assert!(
+                DataGroupSpec::decode(&bytes[..len]).is_err(),
+                "prefix {len}"
+            );
         }
         for i in 0..bytes.len() {
             let mut bad = bytes.clone();
@@ -958,7 +974,11 @@ mod tests {
             .iter()
             .map(|s| s.config_group)
             .collect();
-        assert_eq!(starts, vec![2, 3], "core 1 runs group 2 (static map) and group 3");
+        assert_eq!(
+            starts,
+            vec![2, 3],
+            "core 1 runs group 2 (static map) and group 3"
+        );
         assert_eq!(walk_start_for_test(data), None);
         write_walked(data, 1, 41).unwrap();
         assert_eq!(read_walked(data, 1), Ok(Some(41)));

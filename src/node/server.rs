@@ -282,12 +282,12 @@ fn handle(ctx: &CoreCtx, conn: &mut Conn, args: &[Bytes]) -> Pending {
             if let Some(p) = p {
                 conn.protocol = p;
             }
-            let leads = ctx.groups.all().iter().any(|e| e.group.borrow().is_leader());
-            let role = if leads {
-                "master"
-            } else {
-                "replica"
-            };
+            let leads = ctx
+                .groups
+                .all()
+                .iter()
+                .any(|e| e.group.borrow().is_leader());
+            let role = if leads { "master" } else { "replica" };
             let hello = ServerHello {
                 version: env!("CARGO_PKG_VERSION"),
                 connection_id: conn.id,
@@ -627,7 +627,14 @@ fn kv_command(ctx: &CoreCtx, conn: &mut Conn, command: Command, seq: Option<u64>
 
 /// The first slot of a group's shards, for redirections that are about the group, not a key.
 fn group_first_slot(ctx: &CoreCtx, entry: &CoreGroup) -> u16 {
-    let held = entry.group.borrow().machine().shards.shards().next().map(|(s, _)| s);
+    let held = entry
+        .group
+        .borrow()
+        .machine()
+        .shards
+        .shards()
+        .next()
+        .map(|(s, _)| s);
     let shard = held.or_else(|| {
         let config = ctx.view.latest_config()?;
         config.shards_of(entry.view.id()).first().copied()
@@ -768,7 +775,11 @@ pub fn topology(ctx: &CoreCtx) -> Topology {
         Some(config) if !config.groups.is_empty() => {
             topology_from_config(&config, &leader_of, epoch)
         }
-        _ => topology_static(&ctx.cfg, &|core| leader_of(ConfigGroupId::from(core) + 1), epoch),
+        _ => topology_static(
+            &ctx.cfg,
+            &|core| leader_of(ConfigGroupId::from(core) + 1),
+            epoch,
+        ),
     }
 }
 
