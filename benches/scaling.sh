@@ -11,11 +11,15 @@
 # the profile to show), and a `RESULT` last line. The target is >= 1.7x where the machine has
 # the CPUs for it: 3 hosts x 2 cores plus the load generator want about 7 CPUs.
 #
-# Not measured yet: the same with a Join that doubles the groups (the server does not create
-# groups on joined hosts yet); the RESULT line says `join=not-run`.
+# The Join row: 3 hosts x 1 core (one group) measured, then 3 more hosts of 1 core started with
+# `--join` and added with `tynamo ctl join` (six cores: two groups, the new one on the joined
+# hosts, half the shards moved to it), measured again once `tynamo ctl status` says the shards
+# settled; `join_write_ratio` and `join_c_ratio` are after/before.
 #
 # Environment: DURATION (10s), CONNECTIONS (64), KEYS (10000), VALUE_SIZE (100), THREADS (1),
-# OUT (target/scaling), SKIP_BUILD=1 to use target/release as it is.
+# OUT (target/scaling), SKIP_BUILD=1 to use target/release as it is, JOIN_BASE (7401: client
+# port of host 1 of the Join row's cluster; host h uses +10(h-1), peers +100), JOIN=0 to skip
+# the Join row.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -75,10 +79,4 @@ for cores in 1 2; do
   run "$cores" c --load
 done
 
-ratio() {
-  awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "nan" }'
-}
-WRITE_RATIO=$(ratio "${OPS[write-2core]}" "${OPS[write-1core]}")
-C_RATIO=$(ratio "${OPS[c-2core]}" "${OPS[c-1core]}")
-echo "scaling: write 2-core/1-core = ${WRITE_RATIO}x, C 2-core/1-core = ${C_RATIO}x (target >= 1.7x with enough CPUs)"
-echo "RESULT cpus=$(nproc) write_1core_ops_per_s=${OPS[write-1core]} write_2core_ops_per_s=${OPS[write-2core]} write_ratio=${WRITE_RATIO} c_1core_ops_per_s=${OPS[c-1core]} c_2core_ops_per_s=${OPS[c-2core]} c_ratio=${C_RATIO} cpu_busy_pct_write_2core=${CPU[write-2core]} cpu_busy_pct_c_2core=${CPU[c-2core]} join=not-run"
+
