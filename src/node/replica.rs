@@ -379,13 +379,16 @@ pub fn write_walked(data_dir: &Path, core: u16, num: u64) -> Result<(), String> 
     )
 }
 
-/// Records durably that this host removed its replica of `spec`'s group, then deletes the
-/// replica's directory. Returns the bytes the directory held.
-pub fn remove_replica_files(data_dir: &Path, spec: &DataGroupSpec) -> Result<u64, String> {
+/// Records durably that this host removed its replica of `spec`'s group (its tombstone).
+pub fn write_tombstone(data_dir: &Path, spec: &DataGroupSpec) -> Result<(), String> {
     write_durably(
         &tombstone_path(data_dir, spec.peer_id),
         &frame_record(TOMBSTONE_MAGIC, &spec.config_group.to_le_bytes()),
-    )?;
+    )
+}
+
+/// Deletes a removed replica's directory; returns the bytes it held.
+pub fn delete_replica_dir(data_dir: &Path, spec: &DataGroupSpec) -> Result<u64, String> {
     let dir = spec.dir(data_dir);
     let bytes = dir_bytes(&dir);
     match std::fs::remove_dir_all(&dir) {
@@ -395,6 +398,12 @@ pub fn remove_replica_files(data_dir: &Path, spec: &DataGroupSpec) -> Result<u64
     }
     sync_dir(data_dir)?;
     Ok(bytes)
+}
+
+/// [`write_tombstone`], then [`delete_replica_dir`].
+pub fn remove_replica_files(data_dir: &Path, spec: &DataGroupSpec) -> Result<u64, String> {
+    write_tombstone(data_dir, spec)?;
+    delete_replica_dir(data_dir, spec)
 }
 
 /// Bytes of the files under `dir` (its segments are preallocated: the disk it holds).
@@ -635,24 +644,31 @@ pub async fn remove(ctx: &Rc<CoreCtx>, peer_id: GroupId, why: &str) {
         .group
         .borrow_mut()
         .shut_down(&format!("group {} left this host", spec.config_group));
-    match remove_replica_files(&ctx.cfg.data_dir, &spec) {
-        Ok(bytes) => {
-            ctx.view.mark_removed(spec.config_group);
-            eprintln!(
-                "tynamo: core {}: removed replica {} of group {} ({why}); {bytes} bytes of \
-                 storage deleted",
-                ctx.core, spec.node, spec.config_group
-            );
-        }
-        Err(e) => {
-            // The replica is stopped either way; a directory that cannot be deleted is a
-            // disk problem the operator must see, and the core stops rather than guess.
-            *ctx.fatal.borrow_mut() = Some(format!(
-                "removing group {}'s replica: {e}",
-                spec.config_group
-            ));
-            ctx.fatal_wake.notify();
-        }
+    if let Err(e) = write_tombstone(&ctx.cfg.data_dir, &spec) {
+        // Without a durable tombstone a restart would reopen the replica as if nothing
+        // happened (harmless: it drains again), but this host could not answer for the group:
+        // a disk problem the operator must see, so the core stops rather than guess.
+        *ctx.fatal.borrow_mut() = Some(format!(
+            "removing group {}'s replica: {e}",
+            spec.config_group
+        ));
+        ctx.fatal_wake.notify();
+        return;
+    }
+    ctx.view.mark_removed(spec.config_group);
+    match delete_replica_dir(&ctx.cfg.data_dir, &spec) {
+        Ok(bytes) => eprintln!(
+            "tynamo: core {}: removed replica {} of group {} ({why}); {bytes} bytes of storage \
+             deleted",
+            ctx.core, spec.node, spec.config_group
+        ),
+        // The tombstone is durable: the next start finishes the deletion (`scan`). A snapshot
+        // save of the stopped replica still in flight may have raced the deletion.
+        Err(e) => eprintln!(
+            "tynamo: core {}: removed replica {} of group {} ({why}), but its storage is not \
+             deleted yet: {e}",
+            ctx.core, spec.node, spec.config_group
+        ),
     }
 }
 
