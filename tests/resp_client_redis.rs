@@ -563,9 +563,7 @@ fn a_moved_answer_outlives_a_refreshed_map_that_still_names_the_old_node() {
             exactly_once: false,
             ..ClientOptions::default()
         };
-        let mut client = ClusterClient::connect_cluster(&[a], options)
-            .await
-            .unwrap();
+        let mut client = ClusterClient::connect_cluster(&[a], options).await.unwrap();
         let first = client.call(&[b"GET", b"foo"]).await.unwrap();
         // The slot stays with `b` for the next request: no second redirect.
         let second = client.call(&[b"GET", b"foo"]).await.unwrap();

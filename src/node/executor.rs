@@ -99,6 +99,10 @@ pub struct HostView {
     /// Groups whose replica this host removed (their tombstones): a host asked about one of
     /// them answers GONE (pull, removal question) or DONE (confirm).
     removed: Mutex<BTreeSet<ControllerGroupId>>,
+    /// The leader of each group without a replica here, as its leaders announce it
+    /// (`TYNAMO.MIGRATE LEADER`): (term, slot), the highest term kept. Only a routing hint for
+    /// `-MOVED` and `CLUSTER SLOTS`: a stale one costs a client one more redirect.
+    leader_hints: Mutex<HashMap<ControllerGroupId, (u64, Slot)>>,
     /// The controller replica of this host (core 0), if it runs one.
     pub controller: ControllerView,
     /// The latest configuration the controller replica of this host applied (or, on a host
@@ -242,6 +246,7 @@ impl HostView {
         HostView {
             groups: Mutex::new(BTreeMap::new()),
             removed: Mutex::new(BTreeSet::new()),
+            leader_hints: Mutex::new(HashMap::new()),
             controller: ControllerView::default(),
             config: Mutex::new(None),
             configs: Mutex::new(BTreeMap::new()),
@@ -287,6 +292,25 @@ impl HostView {
     pub fn mark_removed(&self, id: ControllerGroupId) {
         if let Ok(mut r) = self.removed.lock() {
             r.insert(id);
+        }
+    }
+
+    /// Records that `slot` leads group `group` in `term` (announced by that leader).
+    pub fn hint_leader(&self, group: ControllerGroupId, term: u64, slot: Slot) {
+        if let Ok(mut hints) = self.leader_hints.lock() {
+            let hint = hints.entry(group).or_insert((term, slot));
+            if term >= hint.0 {
+                *hint = (term, slot);
+            }
+        }
+    }
+
+    /// The leader of group `group` as this host knows it: from its replica here, else from the
+    /// group's announcements.
+    pub fn leader_of(&self, group: ControllerGroupId) -> Option<Slot> {
+        match self.group(group) {
+            Some(g) => g.leader_slot(),
+            None => self.leader_hints.lock().ok()?.get(&group).map(|h| h.1),
         }
     }
 
@@ -541,8 +565,9 @@ impl CoreCtx {
     }
 
     /// A client address for configuration group `group`: its leader's when this host has a
-    /// replica that knows it, else this host's replica (which knows more), else the first
-    /// replica the latest configuration lists (it redirects to its leader).
+    /// replica that knows it, else this host's replica (which knows more), else the announced
+    /// leader if it is one of the group's replicas, else the first replica the latest
+    /// configuration lists (it redirects to its leader).
     pub fn group_addr(
         &self,
         group: ControllerGroupId,
@@ -563,7 +588,12 @@ impl CoreCtx {
                 &owned
             }
         };
-        let slot = config.groups.get(&group)?.replicas.first()?.slot;
+        let replicas = &config.groups.get(&group)?.replicas;
+        let hint = self
+            .view
+            .leader_of(group)
+            .filter(|h| replicas.iter().any(|r| r.slot == *h));
+        let slot = hint.or(replicas.first().map(|r| r.slot))?;
         self.slot_client_addr(slot)
     }
 
@@ -1383,5 +1413,31 @@ mod tests {
         // The controller stores what `ctl join` parsed; anything else is refused, not guessed.
         assert_eq!(host_peer_addr(&host("127.0.0.1:7141")), None);
         assert_eq!(host_peer_addr(&host("nowhere/127.0.0.1:7041")), None);
+    }
+
+    #[test]
+    fn a_leader_hint_keeps_the_highest_term_and_a_local_replica_knows_better() {
+        let view = HostView::new();
+        let slot = |host, core| Slot { host, core };
+        assert_eq!(view.leader_of(3), None);
+        view.hint_leader(3, 5, slot(4, 0));
+        view.hint_leader(3, 4, slot(5, 0)); // a late announcement of an older term
+        assert_eq!(view.leader_of(3), Some(slot(4, 0)));
+        view.hint_leader(3, 6, slot(1, 1));
+        assert_eq!(view.leader_of(3), Some(slot(1, 1)));
+        // A replica here: Raft's own knowledge, not the hint (none yet: no turn ran).
+        let map = "1=127.0.0.1:7101,2=127.0.0.1:7111,3=127.0.0.1:7121";
+        let cfg = ServerConfig::new(
+            1,
+            "/tmp/unused".into(),
+            super::super::config::parse_initial_cluster(map).unwrap(),
+            1,
+        );
+        let mut spec = DataGroupSpec::bootstrap(&cfg, 0);
+        spec.config_group = 3;
+        view.register(Arc::new(GroupView::new(spec)));
+        assert_eq!(view.leader_of(3), None);
+        view.unregister(3);
+        assert_eq!(view.leader_of(3), Some(slot(1, 1)));
     }
 }

@@ -44,7 +44,7 @@ use bytes::{Bytes, BytesMut};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 
-use crate::controller::{Configuration, GroupId as ControllerGroupId};
+use crate::controller::{Configuration, GroupId as ControllerGroupId, Slot};
 use crate::resp::frame::{decode, put_bulk, put_error, put_request, put_simple, Frame, Limits};
 use crate::shard::migration::{
     Confirm, ConfirmReply, GroupShards, MigrationEntry, Pull, PullReply,
@@ -72,6 +72,9 @@ const FOLLOW_PERIOD_HEARTBEATS: u64 = 2;
 /// A replica of a group retired in the latest configuration asks the other members' hosts
 /// whether they removed theirs every this many driver rounds.
 const GONE_CHECK_ROUNDS: u64 = 10;
+/// A leader announces itself to the hosts without a replica of its group at least every this
+/// many driver rounds (and at once when it becomes leader).
+const ANNOUNCE_ROUNDS: u64 = 20;
 /// Longest an old owner keeps serving a shard that configuration n gives to a group created in
 /// n, waiting for that group to accept n, before it accepts n anyway (see `new_owners_ready`).
 const NEW_OWNER_WAIT_MS_MAX: u64 = 10_000;
@@ -84,6 +87,8 @@ pub async fn drive(ctx: Rc<CoreCtx>, peer_id: GroupId) {
     let mut last_error = String::new();
     let mut rounds = 0u64;
     let mut waiting = None;
+    let mut announced = (0u64, 0u64); // (term, round)
+    let announcing = Rc::new(std::cell::Cell::new(false));
     loop {
         glommio::timer::sleep(Duration::from_millis(backoff_ms)).await;
         let Some(entry) = ctx.groups.get(peer_id) else {
@@ -102,6 +107,20 @@ pub async fn drive(ctx: Rc<CoreCtx>, peer_id: GroupId) {
                 return;
             }
         }
+        let term = entry.view.term.load(std::sync::atomic::Ordering::Relaxed);
+        if entry.view.is_leader()
+            && !announcing.get()
+            && (term != announced.0 || rounds >= announced.1 + ANNOUNCE_ROUNDS)
+        {
+            announced = (term, rounds);
+            announcing.set(true);
+            let (ctx2, flag, spec) = (ctx.clone(), announcing.clone(), entry.view.spec.clone());
+            glommio::spawn_local(async move {
+                announce_leader(&ctx2, &spec, term).await;
+                flag.set(false);
+            })
+            .detach();
+        }
         match step(&ctx, &entry, &mut waiting).await {
             Ok(_) => {
                 backoff_ms = period_ms;
@@ -119,6 +138,35 @@ pub async fn drive(ctx: Rc<CoreCtx>, peer_id: GroupId) {
                 backoff_ms = (backoff_ms * 2).min(BACKOFF_MS_MAX);
             }
         }
+    }
+}
+
+/// Tells every host of the latest configuration without a replica of the group that this
+/// replica leads it in `term` (`TYNAMO.MIGRATE LEADER`), so their `-MOVED` and `CLUSTER SLOTS`
+/// point at it: the hosts with a replica know it from Raft, the others would otherwise send
+/// clients to a follower first. A few requests per group every couple of seconds.
+async fn announce_leader(ctx: &CoreCtx, spec: &DataGroupSpec, term: u64) {
+    let Some(config) = ctx.view.latest_config() else {
+        return;
+    };
+    let Some(me) = spec.slot_of(spec.node) else {
+        return;
+    };
+    let members: Vec<u64> = spec.slots_by_node.values().map(|s| s.host).collect();
+    for (&host, h) in &config.hosts {
+        if members.contains(&host) {
+            continue;
+        }
+        let Some(addr) = super::control::host_client_addr(h) else {
+            continue;
+        };
+        let args = request_args(
+            ctx,
+            "LEADER",
+            &[spec.config_group, term, me.host, u64::from(me.core)],
+        );
+        // Best effort: a host that misses it hears it again at the next announcement.
+        let _ = request(addr, &args).await;
     }
 }
 
@@ -545,7 +593,9 @@ async fn request(addr: SocketAddr, args: &[Vec<u8>]) -> Result<Frame, String> {
 /// - `GROUP <group>`: `+GONE` when this host removed its replica of the group (it drained),
 ///   `+RUNNING` when it runs one, `+UNKNOWN` otherwise;
 /// - `READY <group> <num>`: `+YES` when this host's replica of the group has accepted
-///   configuration `num` or a later one (so the group has), `+NO` otherwise.
+///   configuration `num` or a later one (so the group has), `+NO` otherwise;
+/// - `LEADER <group> <term> <host> <core>`: the group's leader announces itself (`+OK`), for
+///   the routing of a host without a replica of the group.
 ///
 /// A pull or confirm for a group whose replica this host removed is answered from the
 /// tombstone: `+GONE` and `+DONE` (the group deleted every exported shard before it drained).
@@ -571,6 +621,11 @@ enum MigrateRequest {
     Ready {
         group: ControllerGroupId,
         num: u64,
+    },
+    Leader {
+        group: ControllerGroupId,
+        term: u64,
+        slot: Slot,
     },
     Pull {
         group: ControllerGroupId,
@@ -619,6 +674,20 @@ fn parse(args: &[Bytes], cluster_id_here: u64) -> Result<MigrateRequest, String>
             _ => Err("ERR TYNAMO.MIGRATE CONFIG wants a number".into()),
         };
     }
+    if sub.eq_ignore_ascii_case(b"LEADER") {
+        return match rest {
+            [group, term, host, core] => Ok(MigrateRequest::Leader {
+                group: *group,
+                term: *term,
+                slot: Slot {
+                    host: *host,
+                    core: u16::try_from(*core)
+                        .map_err(|_| format!("ERR core {core} out of range"))?,
+                },
+            }),
+            _ => Err("ERR TYNAMO.MIGRATE LEADER wants a group, a term, a host and a core".into()),
+        };
+    }
     if sub.eq_ignore_ascii_case(b"READY") {
         return match rest {
             [group, num] => Ok(MigrateRequest::Ready {
@@ -637,7 +706,8 @@ fn parse(args: &[Bytes], cluster_id_here: u64) -> Result<MigrateRequest, String>
     let pull = sub.eq_ignore_ascii_case(b"PULL");
     if !pull && !sub.eq_ignore_ascii_case(b"CONFIRM") {
         return Err(
-            "ERR TYNAMO.MIGRATE subcommands are PULL, CONFIRM, CONFIG, LATEST, GROUP and READY"
+            "ERR TYNAMO.MIGRATE subcommands are PULL, CONFIRM, CONFIG, LATEST, GROUP, READY and \
+             LEADER"
                 .into(),
         );
     }
@@ -699,6 +769,10 @@ fn serve(ctx: &CoreCtx, args: &[Bytes], out: &mut BytesMut) -> Result<(), String
                 b"UNKNOWN"
             };
             put_simple(out, answer);
+        }
+        MigrateRequest::Leader { group, term, slot } => {
+            ctx.view.hint_leader(group, term, slot);
+            put_simple(out, b"OK");
         }
         MigrateRequest::Ready { group, num } => {
             let accepted = ctx
@@ -801,6 +875,14 @@ mod tests {
             p(&["READY", "7", "3", "9"]),
             Ok(MigrateRequest::Ready { group: 3, num: 9 })
         );
+        assert_eq!(
+            p(&["LEADER", "7", "3", "4", "5", "1"]),
+            Ok(MigrateRequest::Leader {
+                group: 3,
+                term: 4,
+                slot: Slot { host: 5, core: 1 }
+            })
+        );
         let refused = |list: &[&str], want: &str| {
             let e = p(list).unwrap_err();
             assert!(e.contains(want), "{list:?}: {e}");
@@ -822,6 +904,11 @@ mod tests {
         refused(&["LATEST", "7", "1"], "takes no number");
         refused(&["GROUP", "7"], "wants a group");
         refused(&["READY", "7", "3"], "wants a group and a configuration");
+        refused(&["LEADER", "7", "3", "4", "5"], "a host and a core");
+        refused(
+            &["LEADER", "7", "3", "4", "5", "70000"],
+            "core 70000 out of range",
+        );
         refused(&["DELETE", "7", "2", "5", "1"], "subcommands are");
     }
 }

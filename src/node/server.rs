@@ -764,12 +764,8 @@ fn put_reply(
 /// (or before the bootstrap configuration is applied), from the static map it equals.
 pub fn topology(ctx: &CoreCtx) -> Topology {
     let view = &ctx.view;
-    // The leader's host of every group with a replica here (0: unknown or no replica here).
-    let leader_of = |group: ConfigGroupId| {
-        view.group(group)
-            .and_then(|g| g.leader_slot())
-            .map_or(0, |s| s.host)
-    };
+    // The leader's host of every group, as this host knows it (0: unknown).
+    let leader_of = |group: ConfigGroupId| view.leader_of(group).map_or(0, |s| s.host);
     let epoch = view.epoch();
     match view.latest_config() {
         Some(config) if !config.groups.is_empty() => {
