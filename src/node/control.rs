@@ -267,6 +267,26 @@ mod tests {
     }
 
     #[test]
+    fn a_joined_host_knows_the_controller_from_a_configuration_as_the_initial_hosts_do() {
+        let map = "5=10.0.0.5:7101,9=10.0.0.9:7101,2=10.0.0.2:7101,4=10.0.0.4:7101";
+        let cfg = ServerConfig::new(5, "/tmp/x".into(), parse_initial_cluster(map).unwrap(), 2);
+        let plan = ControlPlan::new(&cfg);
+        let sm = apply_bootstrap(&plan);
+        let joined = ControlPlan::from_config(sm.latest());
+        assert_eq!(joined.hosts, plan.hosts);
+        for node in 1..=3 {
+            assert_eq!(joined.host_of_node(node), plan.host_of_node(node));
+        }
+        assert_eq!(joined.settings.shard_count, plan.settings.shard_count);
+        assert_eq!(joined.settings.replication, plan.settings.replication);
+        // It proposes nothing, and runs no controller replica whatever its id.
+        assert!(joined
+            .next_bootstrap(&Configuration::initial(64, 4))
+            .is_none());
+        assert_eq!(joined.node_of_host(7), None);
+    }
+
+    #[test]
     fn a_repeated_bootstrap_command_changes_nothing() {
         let hosts = parse_initial_cluster("1=127.0.0.1:7101,2=127.0.0.1:7111").unwrap();
         let plan = ControlPlan::new(&ServerConfig::new(1, "/tmp/x".into(), hosts, 2));

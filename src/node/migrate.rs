@@ -170,12 +170,15 @@ async fn announce_leader(ctx: &CoreCtx, spec: &DataGroupSpec, term: u64) {
     }
 }
 
-/// Whether the latest configuration this host knows retired `spec`'s group (it came after the
-/// group's creation and no longer lists it).
+/// Whether the latest configuration this host knows retired `spec`'s group.
 fn retired_in_latest(ctx: &CoreCtx, spec: &DataGroupSpec) -> bool {
-    ctx.view
-        .latest_config()
-        .is_some_and(|c| c.num > spec.created_in && !c.groups.contains_key(&spec.config_group))
+    ctx.view.latest_config().is_some_and(|c| retires(&c, spec))
+}
+
+/// Whether `config` retired `spec`'s group: it came after the group's creation and no longer
+/// lists it.
+fn retires(config: &Configuration, spec: &DataGroupSpec) -> bool {
+    config.num > spec.created_in && !config.groups.contains_key(&spec.config_group)
 }
 
 /// The first other member whose host says it removed its replica of the group (it saw the
@@ -324,21 +327,7 @@ async fn new_owners_ready(
     previous: &Configuration,
     config: &Configuration,
 ) -> bool {
-    let mut created: Vec<ControllerGroupId> = previous
-        .shards
-        .iter()
-        .zip(&config.shards)
-        .filter(|&(&old, &new)| old == me && new != me)
-        .map(|(_, &new)| new)
-        .filter(|g| {
-            config
-                .groups
-                .get(g)
-                .is_some_and(|g| g.created_in == config.num)
-        })
-        .collect();
-    created.sort_unstable();
-    created.dedup();
+    let created = created_taking_from(me, previous, config);
     for group in created {
         let mut ready = false;
         for r in config.groups.get(&group).map_or(&[][..], |g| &g.replicas) {
@@ -363,6 +352,30 @@ async fn new_owners_ready(
         }
     }
     true
+}
+
+/// The groups `config` creates that take shards from group `me` (ascending).
+fn created_taking_from(
+    me: ControllerGroupId,
+    previous: &Configuration,
+    config: &Configuration,
+) -> Vec<ControllerGroupId> {
+    let mut created: Vec<ControllerGroupId> = previous
+        .shards
+        .iter()
+        .zip(&config.shards)
+        .filter(|&(&old, &new)| old == me && new != me)
+        .map(|(_, &new)| new)
+        .filter(|g| {
+            config
+                .groups
+                .get(g)
+                .is_some_and(|g| g.created_in == config.num)
+        })
+        .collect();
+    created.sort_unstable();
+    created.dedup();
+    created
 }
 
 /// The configuration this group should accept next, if it may move on: a new replica starts
@@ -841,6 +854,64 @@ mod tests {
         list.iter()
             .map(|a| Bytes::copy_from_slice(a.as_bytes()))
             .collect()
+    }
+
+    /// The bootstrap of 3 hosts x 2 cores (groups 1 and 2), then Join of hosts 4 and 5 with
+    /// 2 cores each (group 3), then Leave of host 4 (group 3 retired): configurations 2, 3, 4.
+    fn join_then_leave() -> Vec<Configuration> {
+        use crate::controller::{Command, HostSpec, Op, StateMachine};
+        use crate::node::config::{parse_initial_cluster, ServerConfig};
+        use crate::node::control::ControlPlan;
+        let map = "1=127.0.0.1:7101,2=127.0.0.1:7111,3=127.0.0.1:7121";
+        let cfg = ServerConfig::new(1, "/x".into(), parse_initial_cluster(map).unwrap(), 2);
+        let plan = ControlPlan::new(&cfg);
+        let mut sm = StateMachine::new(plan.settings.clone()).unwrap();
+        let mut commands = plan.bootstrap.clone();
+        let host = |id: u64| HostSpec {
+            id,
+            cores: 2,
+            addr: format!("127.0.0.1:{}/127.0.0.1:{}", 7100 + id, 7000 + id),
+        };
+        for op in [
+            Op::Join {
+                hosts: vec![host(4), host(5)],
+            },
+            Op::Leave { hosts: vec![4] },
+        ] {
+            commands.push(Command {
+                client_id: 0,
+                seq: 0,
+                op,
+            });
+        }
+        for (i, c) in commands.iter().enumerate() {
+            sm.apply(i as u64 + 1, &c.encode());
+        }
+        (2..=4).map(|n| sm.query(n).unwrap().clone()).collect()
+    }
+
+    #[test]
+    fn an_old_owner_waits_only_for_the_groups_its_configuration_creates() {
+        let c = join_then_leave();
+        let (boot, joined, left) = (&c[0], &c[1], &c[2]);
+        // The Join creates group 3, which takes shards from groups 1 and 2.
+        assert_eq!(created_taking_from(1, boot, joined), vec![3]);
+        assert_eq!(created_taking_from(2, boot, joined), vec![3]);
+        assert!(created_taking_from(3, boot, joined).is_empty());
+        // The Leave gives group 3's shards to groups 1 and 2, which exist: nobody waits.
+        for g in 1..=3 {
+            assert!(created_taking_from(g, joined, left).is_empty(), "group {g}");
+        }
+        // Group 3 is retired by the Leave, not by the Join that created it; groups 1 and 2 never.
+        let spec3 = DataGroupSpec::from_config(joined, 3, 4, 0).unwrap();
+        assert!(!retires(joined, &spec3));
+        assert!(retires(left, &spec3));
+        let spec1 = DataGroupSpec::from_config(joined, 1, 1, 0).unwrap();
+        assert!(!retires(joined, &spec1) && !retires(left, &spec1));
+        // A new replica of group 3 starts at the configuration that created it, even after
+        // the configuration that retired it.
+        let fresh = GroupShards::new(3);
+        assert_eq!(config_wanted(&spec3, &fresh), Some(joined.num));
     }
 
     #[test]
