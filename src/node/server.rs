@@ -255,6 +255,8 @@ fn error(text: &str) -> Pending {
 }
 
 fn handle(ctx: &CoreCtx, conn: &mut Conn, args: &[Bytes]) -> Pending {
+    // ASKING applies to the command right after it, whatever that is.
+    let asking = std::mem::take(&mut conn.asking);
     if args
         .first()
         .is_some_and(|name| name.eq_ignore_ascii_case(b"TYNAMO.CTL"))
@@ -358,7 +360,7 @@ fn handle(ctx: &CoreCtx, conn: &mut Conn, args: &[Bytes]) -> Pending {
                 group: gid,
             }
         }
-        command => kv_command(ctx, conn, command, request.sequence.map(|s| s.seq)),
+        command => kv_command(ctx, conn, command, request.sequence.map(|s| s.seq), asking),
     }
 }
 
@@ -438,8 +440,13 @@ fn kv_ops(command: Command) -> Result<(Vec<Op>, Shape, Vec<Bytes>), String> {
     })
 }
 
-fn kv_command(ctx: &CoreCtx, conn: &mut Conn, command: Command, seq: Option<u64>) -> Pending {
-    let asking = std::mem::take(&mut conn.asking);
+fn kv_command(
+    ctx: &CoreCtx,
+    conn: &mut Conn,
+    command: Command,
+    seq: Option<u64>,
+    asking: bool,
+) -> Pending {
     // After ASKING, "not here" means "not here yet" (see `Conn::asking`).
     let moved = |slot: u16, addr: SocketAddr| {
         if asking {
