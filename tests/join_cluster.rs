@@ -475,21 +475,33 @@ fn join_two_hosts_then_leave_one_under_verified_load_loses_nothing() {
     assert_eq!(left, joined + 1);
     let status = c.wait_settled(left, |s| {
         shard_counts(s) == BTreeMap::from([(1, 32), (2, 32)])
+            && replicas_of(s, 4).is_empty()
             && replicas_of(s, 5).is_empty()
             && replicas_of(s, 1) == vec![(1, 0), (2, 1)]
     });
     marks.push((bench.at(), "leave settled".into()));
     assert!(status["retiring"].as_array().unwrap().is_empty());
     assert!(
-        !status["hosts"]
+        !status["config"]["hosts"]
             .as_array()
             .unwrap()
             .iter()
             .any(|h| h["id"] == 4),
         "host 4 is no longer in the configuration: {status:#}"
     );
-    // Host 4 still runs (a left host is stopped by the operator) and holds no replica; its
-    // directory and group 3's on hosts 1 and 5 are deleted, tombstones remain.
+    // Host 4 still runs (a left host is stopped by the operator), status still asks it, and
+    // it holds no replica; its directory and group 3's on hosts 1 and 5 are deleted,
+    // tombstones remain.
+    let left4: Vec<&Value> = status["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["id"] == 4)
+        .collect();
+    assert!(
+        left4.len() == 1 && left4[0]["left"] == true && left4[0]["reachable"] == true,
+        "{status:#}"
+    );
     let host4 = c.ctl_groups(4);
     assert_eq!(
         host4["replicas"].as_array().map(Vec::len),

@@ -130,19 +130,24 @@ pub fn status(cluster: &str, timeout: Duration) -> Result<Value, CtlError> {
     let reply = call(cluster, &["STATUS".to_string()], timeout)?;
     let mut doc = json_reply(&reply, cluster)?;
     let mut hosts = Vec::new();
-    let addrs: Vec<(Value, Option<String>)> = doc["config"]["hosts"]
+    let listed = doc["config"]["hosts"]
         .as_array()
-        .into_iter()
-        .flatten()
-        .map(|h| {
-            let client = h["addr"]
-                .as_str()
-                .and_then(|a| a.split_once('/'))
-                .map(|(_, c)| c.to_string());
-            (h["id"].clone(), client)
-        })
-        .collect();
-    for (id, client) in addrs {
+        .cloned()
+        .unwrap_or_default();
+    let departed = doc["departed_hosts"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let addrs = listed
+        .iter()
+        .map(|h| (h, false))
+        .chain(departed.iter().map(|h| (h, true)));
+    for (h, left) in addrs {
+        let id = h["id"].clone();
+        let client = h["addr"]
+            .as_str()
+            .and_then(|a| a.split_once('/'))
+            .map(|(_, c)| c.to_string());
         let answer = client.as_deref().map(|addr| {
             call(
                 addr,
@@ -153,12 +158,15 @@ pub fn status(cluster: &str, timeout: Duration) -> Result<Value, CtlError> {
         });
         hosts.push(match answer {
             Some(Ok(g)) => serde_json::json!({
-                "id": id, "reachable": true, "replicas": g["replicas"], "removed": g["removed"],
+                "id": id, "left": left, "reachable": true, "replicas": g["replicas"],
+                "removed": g["removed"],
             }),
-            Some(Err(e)) => {
-                serde_json::json!({"id": id, "reachable": false, "error": e.to_string()})
-            }
-            None => serde_json::json!({"id": id, "reachable": false, "error": "no client address"}),
+            Some(Err(e)) => serde_json::json!({
+                "id": id, "left": left, "reachable": false, "error": e.to_string(),
+            }),
+            None => serde_json::json!({
+                "id": id, "left": left, "reachable": false, "error": "no client address",
+            }),
         });
     }
     merge_hosts(&mut doc, hosts);
@@ -190,7 +198,10 @@ pub fn merge_hosts(doc: &mut Value, hosts: Vec<Value>) {
             .map(|(_, r)| *r)
     };
     let num = doc["config"]["num"].clone();
-    let mut settled = hosts.iter().all(|h| h["reachable"] == true);
+    // A host that left may be stopped already: only the hosts of the configuration must answer.
+    let mut settled = hosts
+        .iter()
+        .all(|h| h["reachable"] == true || h["left"] == true);
     let mut transfers = Vec::new();
     let mut add_transfers = |r: &Value| {
         for t in r["in_flight"].as_array().into_iter().flatten() {
@@ -496,7 +507,12 @@ pub fn status_table(s: &Value) -> String {
             } else {
                 format!("unreachable: {}", cell(&h["error"]))
             };
-            vec![cell(&h["id"]), state]
+            let id = if h["left"] == true {
+                format!("{} (left)", cell(&h["id"]))
+            } else {
+                cell(&h["id"])
+            };
+            vec![id, state]
         })
         .collect();
     if !hosts.is_empty() {
@@ -632,6 +648,29 @@ mod tests {
         );
         assert_eq!(doc["settled"], false);
         assert!(status_table(&doc).contains("unreachable: connection refused"));
+        // A host that left: stopped is fine; still running a replica of a retiring group is
+        // not settled (it hands shards over), and says so.
+        let both = || {
+            host(
+                2,
+                vec![
+                    replica(1, 0, "leader", 4, 7, false),
+                    replica(2, 1, "leader", 2, 7, false),
+                ],
+            )
+        };
+        let mut doc = status();
+        let stopped = serde_json::json!({"id": 4, "left": true, "reachable": false, "error": "x"});
+        merge_hosts(&mut doc, vec![both(), stopped]);
+        assert_eq!(doc["settled"], true, "{doc}");
+        let mut doc = status();
+        let running = serde_json::json!({"id": 4, "left": true, "reachable": true,
+            "replicas": [replica(3, 0, "follower", 2, 7, false)]});
+        merge_hosts(&mut doc, vec![both(), running]);
+        assert_eq!(doc["settled"], false, "{doc}");
+        assert_eq!(doc["retiring"][0]["id"], 3);
+        let text = status_table(&doc);
+        assert!(text.contains("4 (left)  3@0:follower"), "{text}");
     }
 
     #[test]

@@ -254,6 +254,24 @@ fn status_json(ctx: &CoreCtx, c: &controller::Configuration) -> Value {
         }
         None => Value::Null,
     };
+    // Hosts of the recent configurations that the latest no longer lists: a host that left
+    // keeps running until its groups handed their shards over, and `tynamo ctl status` asks
+    // it too, so the operator sees when it may be stopped.
+    let mut departed = serde_json::Map::new();
+    if let Some(g) = &ctx.controller {
+        let g = g.borrow();
+        let sm = &g.machine().sm;
+        for num in c.num.saturating_sub(DEPARTED_CONFIGS)..c.num {
+            let Ok(old) = sm.query(num as i64) else {
+                continue;
+            };
+            for (id, h) in &old.hosts {
+                if !c.hosts.contains_key(id) {
+                    departed.insert(id.to_string(), json!({"id": id, "addr": h.addr}));
+                }
+            }
+        }
+    }
     let groups: Vec<Value> = c
         .groups
         .iter()
@@ -304,8 +322,12 @@ fn status_json(ctx: &CoreCtx, c: &controller::Configuration) -> Value {
         "groups": groups,
         "transfers": transfers,
         "replicas": local["replicas"],
+        "departed_hosts": departed.into_iter().map(|(_, v)| v).collect::<Vec<_>>(),
     })
 }
+
+/// Configurations back from the latest whose hosts `STATUS` still reports when they left.
+const DEPARTED_CONFIGS: u64 = 64;
 
 /// `TYNAMO.CTL GROUPS`: the group replicas this host runs (on every core), each as its replica
 /// sees its group, and the groups whose replica this host removed.
