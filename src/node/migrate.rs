@@ -22,6 +22,13 @@
 //! simulator's stopped groups do: a pull is GONE and a confirm DONE (the group deleted every
 //! shard it exported before it drained), so askers stop retrying.
 //!
+//! Two runtime policies the simulator does without (neither is needed for safety): an old
+//! owner does not accept a configuration that gives its shards to a group that configuration
+//! creates until that group has accepted it (`TYNAMO.MIGRATE READY`, bounded by
+//! `NEW_OWNER_WAIT_MS_MAX`), so a new group's creation and first election are not part of the
+//! moved shards' freeze; and a leader announces itself to the hosts without a replica of its
+//! group (`TYNAMO.MIGRATE LEADER`), so their `-MOVED` and `CLUSTER SLOTS` name the leader.
+//!
 //! Every request is idempotent and every step is retried until the log says it is done (a
 //! duplicate entry applies as Stale and changes nothing), with a doubling backoff while a step
 //! fails, so a move survives either side's crash or leader change at any step.
