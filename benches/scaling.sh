@@ -11,11 +11,15 @@
 # the profile to show), and a `RESULT` last line. The target is >= 1.7x where the machine has
 # the CPUs for it: 3 hosts x 2 cores plus the load generator want about 7 CPUs.
 #
-# Not measured yet: the same with a Join that doubles the groups (the server does not create
-# groups on joined hosts yet); the RESULT line says `join=not-run`.
+# The Join row: 3 hosts x 1 core (one group) measured, then 3 more hosts of 1 core started with
+# `--join` and added with `tynamo ctl join` (six cores: two groups, the new one on the joined
+# hosts, half the shards moved to it), measured again once `tynamo ctl status` says the shards
+# settled; `join_write_ratio` and `join_c_ratio` are after/before.
 #
 # Environment: DURATION (10s), CONNECTIONS (64), KEYS (10000), VALUE_SIZE (100), THREADS (1),
-# OUT (target/scaling), SKIP_BUILD=1 to use target/release as it is.
+# OUT (target/scaling), SKIP_BUILD=1 to use target/release as it is, JOIN_BASE (7401: client
+# port of host 1 of the Join row's cluster; host h uses +10(h-1), peers +100), JOIN=0 to skip
+# the Join row.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -75,10 +79,115 @@ for cores in 1 2; do
   run "$cores" c --load
 done
 
+
 ratio() {
   awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "nan" }'
 }
 WRITE_RATIO=$(ratio "${OPS[write-2core]}" "${OPS[write-1core]}")
 C_RATIO=$(ratio "${OPS[c-2core]}" "${OPS[c-1core]}")
 echo "scaling: write 2-core/1-core = ${WRITE_RATIO}x, C 2-core/1-core = ${C_RATIO}x (target >= 1.7x with enough CPUs)"
-echo "RESULT cpus=$(nproc) write_1core_ops_per_s=${OPS[write-1core]} write_2core_ops_per_s=${OPS[write-2core]} write_ratio=${WRITE_RATIO} c_1core_ops_per_s=${OPS[c-1core]} c_2core_ops_per_s=${OPS[c-2core]} c_ratio=${C_RATIO} cpu_busy_pct_write_2core=${CPU[write-2core]} cpu_busy_pct_c_2core=${CPU[c-2core]} join=not-run"
+
+# ----- The Join row ----------------------------------------------------------------------------
+JOIN_BASE=${JOIN_BASE:-7401}
+JOIN_DIR=""
+JOIN_PIDS=()
+join_cleanup() {
+  for pid in "${JOIN_PIDS[@]}"; do
+    kill "$pid" 2>/dev/null || true
+  done
+  for pid in "${JOIN_PIDS[@]}"; do
+    wait "$pid" 2>/dev/null || true
+  done
+  JOIN_PIDS=()
+  if [ -n "$JOIN_DIR" ]; then
+    rm -rf "$JOIN_DIR"
+  fi
+}
+trap join_cleanup EXIT
+
+jclient() { echo "127.0.0.1:$((JOIN_BASE + 10 * ($1 - 1)))"; }
+jpeer() { echo "127.0.0.1:$((JOIN_BASE + 100 + 10 * ($1 - 1)))"; }
+jctl() { "$BIN/tynamo" ctl --cluster "$(jclient 1)" --timeout-ms 20000 "$@"; }
+
+# Waits (up to 120 s) until `tynamo ctl status` says settled at configuration $1.
+join_wait_settled() {
+  local num=$1 i
+  for i in $(seq 1 1200); do
+    if jctl --json status 2>/dev/null | grep -q '"settled":true' &&
+      [ "$(jctl --json query 2>/dev/null | grep -o '"num":[0-9]*' | head -1)" = "\"num\":$num" ]; then
+      return 0
+    fi
+    sleep 0.1
+  done
+  echo "scaling: the Join row's cluster did not settle at configuration $num; logs in $JOIN_DIR" >&2
+  jctl status >&2 || true
+  JOIN_DIR="" # keep the logs
+  exit 2
+}
+
+join_bench() {
+  local name=$1 seeds=$2 workload=$3
+  shift 3
+  local before after ops
+  before=$(cpu_sample)
+  "$BIN/tynamo-bench" --cluster "$seeds" --workload "$workload" --duration "$DURATION" \
+    --connections "$CONNECTIONS" --threads "$THREADS" --keys "$KEYS" \
+    --value-size "$VALUE_SIZE" --verify --json "$OUT/$name.json" "$@" \
+    >"$OUT/$name.txt" 2>"$OUT/$name.err"
+  after=$(cpu_sample)
+  ops=$(grep '^RESULT ' "$OUT/$name.txt" | tr ' ' '\n' | sed -n 's/^ops_per_s=//p')
+  OPS[$name]=${ops:-0}
+  CPU[$name]=$(echo "$before $after" | awk '{ b = $3 - $1; t = $4 - $2;
+                                             printf "%.0f", (t > 0 ? 100 * b / t : 0) }')
+  printf 'scaling: %-8s %-18s %8s ops/s  machine CPU busy %3s%%\n' \
+    "$workload" "$name" "${OPS[$name]}" "${CPU[$name]}"
+}
+
+JOIN_RESULT="join=skipped"
+if [ "${JOIN:-1}" != 0 ]; then
+  for h in 1 2 3 4 5 6; do
+    for p in "$(jclient "$h")" "$(jpeer "$h")"; do
+      if (exec 3<>"/dev/tcp/${p%:*}/${p#*:}") 2>/dev/null; then
+        echo "scaling: port ${p#*:} is in use; set JOIN_BASE to a free block of 160 ports" >&2
+        exit 2
+      fi
+    done
+  done
+  JOIN_DIR=$(mktemp -d -t tynamo-scaling-join-XXXXXX)
+  MAP=""
+  for h in 1 2 3; do
+    MAP="${MAP:+$MAP,}$h=$(jpeer "$h")/$(jclient "$h")"
+  done
+  for h in 1 2 3; do
+    "$BIN/tynamo" server --id "$h" --data "$JOIN_DIR/host-$h" --initial-cluster "$MAP" \
+      --cores 1 --placement unbound 2>"$JOIN_DIR/host-$h.log" &
+    JOIN_PIDS+=($!)
+  done
+  join_wait_settled 2
+  SEEDS3="$(jclient 1),$(jclient 2),$(jclient 3)"
+  join_bench join-before-write "$SEEDS3" write
+  join_bench join-before-c "$SEEDS3" c --load
+  for h in 4 5 6; do
+    "$BIN/tynamo" server --id "$h" --data "$JOIN_DIR/host-$h" --peer-addr "$(jpeer "$h")" \
+      --client-addr "$(jclient "$h")" --cores 1 --placement unbound --join "$(jclient 1)" \
+      2>"$JOIN_DIR/host-$h.log" &
+    JOIN_PIDS+=($!)
+  done
+  join_started=$(date +%s.%N)
+  jctl join "4=$(jpeer 4),$(jclient 4),1" "5=$(jpeer 5),$(jclient 5),1" \
+    "6=$(jpeer 6),$(jclient 6),1" >/dev/null
+  join_wait_settled 3
+  join_settled_s=$(awk -v a="$join_started" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
+  groups=$(jctl --json query | grep -o '"created_in"' | wc -l)
+  echo "scaling: the join of hosts 4-6 settled in ${join_settled_s} s, ${groups} groups"
+  SEEDS6="$SEEDS3,$(jclient 4),$(jclient 5),$(jclient 6)"
+  join_bench join-after-write "$SEEDS6" write
+  join_bench join-after-c "$SEEDS6" c --load
+  join_cleanup
+  JW=$(ratio "${OPS[join-after-write]}" "${OPS[join-before-write]}")
+  JC=$(ratio "${OPS[join-after-c]}" "${OPS[join-before-c]}")
+  echo "scaling: after/before a Join that doubles the groups: write ${JW}x, C ${JC}x"
+  JOIN_RESULT="join_groups_after=${groups} join_before_write_ops_per_s=${OPS[join-before-write]} join_after_write_ops_per_s=${OPS[join-after-write]} join_write_ratio=${JW} join_before_c_ops_per_s=${OPS[join-before-c]} join_after_c_ops_per_s=${OPS[join-after-c]} join_c_ratio=${JC} join_settled_s=${join_settled_s}"
+fi
+
+echo "RESULT cpus=$(nproc) write_1core_ops_per_s=${OPS[write-1core]} write_2core_ops_per_s=${OPS[write-2core]} write_ratio=${WRITE_RATIO} c_1core_ops_per_s=${OPS[c-1core]} c_2core_ops_per_s=${OPS[c-2core]} c_ratio=${C_RATIO} cpu_busy_pct_write_2core=${CPU[write-2core]} cpu_busy_pct_c_2core=${CPU[c-2core]} ${JOIN_RESULT}"

@@ -513,3 +513,62 @@ fn a_hole_in_the_slot_map_is_retried_then_reported_and_the_client_stays_usable()
     assert_eq!(reply, bulk("v"));
     assert_eq!(stats.retried, 3);
 }
+
+/// Where the MOVED of the test below points (a `fn` server cannot capture it).
+static MOVED_TO: std::sync::OnceLock<SocketAddr> = std::sync::OnceLock::new();
+
+#[test]
+fn a_moved_answer_outlives_a_refreshed_map_that_still_names_the_old_node() {
+    // `b` serves every key. `a` claims every slot in CLUSTER SLOTS but answers MOVED to `b`:
+    // a host that does not know yet who leads a group lists a follower first. The map the
+    // client refreshes from `a` after the MOVED undoes it; applied again, the MOVED wins.
+    let b = scripted_server(|me, args| {
+        let mut out = BytesMut::new();
+        match args[0].to_ascii_uppercase().as_slice() {
+            b"CLUSTER" => {
+                let reply = format!(
+                    "*1\r\n*3\r\n:0\r\n:16383\r\n*2\r\n$9\r\n127.0.0.1\r\n:{}\r\n",
+                    me.port()
+                );
+                out.extend_from_slice(reply.as_bytes());
+            }
+            b"GET" => frame::put_bulk(&mut out, b"v"),
+            _ => frame::put_error(&mut out, b"ERR unknown command"),
+        }
+        out.to_vec()
+    });
+    MOVED_TO.set(b).unwrap();
+    let a = scripted_server(|me, args| {
+        let mut out = BytesMut::new();
+        match args[0].to_ascii_uppercase().as_slice() {
+            b"CLUSTER" => {
+                let reply = format!(
+                    "*1\r\n*3\r\n:0\r\n:16383\r\n*2\r\n$9\r\n127.0.0.1\r\n:{}\r\n",
+                    me.port()
+                );
+                out.extend_from_slice(reply.as_bytes());
+            }
+            b"GET" => {
+                let slot = key_slot(&args[1]);
+                let to = MOVED_TO.get().unwrap();
+                frame::put_error(&mut out, format!("MOVED {slot} {to}").as_bytes());
+            }
+            _ => frame::put_error(&mut out, b"ERR unknown command"),
+        }
+        out.to_vec()
+    });
+    let (replies, stats) = run(move || async move {
+        let options = ClientOptions {
+            redirects_max: 4,
+            exactly_once: false,
+            ..ClientOptions::default()
+        };
+        let mut client = ClusterClient::connect_cluster(&[a], options).await.unwrap();
+        let first = client.call(&[b"GET", b"foo"]).await.unwrap();
+        // The slot stays with `b` for the next request: no second redirect.
+        let second = client.call(&[b"GET", b"foo"]).await.unwrap();
+        (vec![first, second], client.stats())
+    });
+    assert_eq!(replies, vec![bulk("v"), bulk("v")]);
+    assert_eq!(stats.moved, 1);
+}

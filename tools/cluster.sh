@@ -9,6 +9,9 @@
 #   tools/cluster.sh window-table [requests]         # SET rps for window 1,2,4,16 x 1,256 clients
 #   tools/cluster.sh ctl status|query [N] [--json]   # tynamo ctl against host 1
 #   tools/cluster.sh ctl move SHARD GROUP            # move a shard live (watch: ctl status)
+#   tools/cluster.sh add-host ID [CORES]             # start host ID (> 3) with --join, then ctl join
+#   tools/cluster.sh ctl leave ID                    # retire it (stop it once ctl status shows
+#                                                    # no replica on it: tools/cluster.sh stop-host ID)
 #
 # Environment: BIN (default target/release/tynamo), DIR (default /tmp/tynamo-cluster),
 # BASE (client port of host 1, default 7001; host h: BASE + 10(h-1), peers + 100), CORES (2).
@@ -53,6 +56,27 @@ start() {
   done
   echo "cluster did not elect leaders; see $DIR/host-*.log" >&2
   return 1
+}
+
+# A host beyond the initial three: started with --join through host 1 (it learns the cluster and
+# waits), then added with `tynamo ctl join` (the controller places groups on its cores).
+add_host() {
+  local h=${1:?host id} cores=${2:-$CORES}
+  local c=$((BASE + 10 * (h - 1)))
+  "$BIN" server --id "$h" --data "$DIR/host-$h" --peer-addr "127.0.0.1:$((c + 100))" \
+    --client-addr "127.0.0.1:$c" --cores "$cores" --placement unbound \
+    --join "127.0.0.1:$BASE" 2> "$DIR/host-$h.log" &
+  echo $! >> "$DIR/pids"
+  echo "$!" > "$DIR/host-$h.pid"
+  "$BIN" ctl --cluster "127.0.0.1:$BASE" join "$h=127.0.0.1:$((c + 100)),127.0.0.1:$c,$cores"
+}
+
+stop_host() {
+  local h=${1:?host id}
+  if [ -f "$DIR/host-$h.pid" ]; then
+    kill "$(cat "$DIR/host-$h.pid")" 2>/dev/null || true
+    rm -f "$DIR/host-$h.pid"
+  fi
 }
 
 stop() {
@@ -120,5 +144,7 @@ case "$cmd" in
   bench) bench "$@" ;;
   window-table) window_table "$@" ;;
   ctl) "$BIN" ctl --cluster "127.0.0.1:$BASE" "$@" ;;
-  *) sed -n '2,13p' "$0"; exit 2 ;;
+  add-host) add_host "$@" ;;
+  stop-host) stop_host "$@" ;;
+  *) sed -n '2,16p' "$0"; exit 2 ;;
 esac

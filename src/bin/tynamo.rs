@@ -5,6 +5,9 @@
 //! (or `--config FILE.toml` with the same keys, e.g. `id = 1`, `initial-cluster = "..."`; flags
 //! given on the command line win over the file).
 //!
+//! A host added later: `tynamo server --id 4 --data DIR --peer-addr P --client-addr C --cores 2
+//! --join ANY_HOST:CLIENT_PORT`, and `tynamo ctl --cluster ANY join 4=P,C,2` (either first).
+//!
 //! `tynamo demo`: three server processes on loopback, data in a temporary directory unless
 //! `--data` is given; Ctrl-C stops them.
 
@@ -45,8 +48,8 @@ enum Cmd {
     Server(Box<ServerArgs>),
     /// Start a local 3-host cluster (three child processes) and wait for Ctrl-C.
     Demo(DemoArgs),
-    /// Ask the controller: configurations, cluster status, Move (live shard migration), and
-    /// (with servers started with --allow-reconfig) Join/Leave.
+    /// Ask the controller: configurations, cluster status, Join and Leave of hosts, Move of a
+    /// shard (all live).
     Ctl(CtlArgs),
 }
 
@@ -72,14 +75,18 @@ enum CtlOp {
         #[arg(allow_negative_numbers = true)]
         num: Option<i64>,
     },
-    /// Hosts, cores, groups with leader, term, commit and applied index, shards per group.
+    /// Hosts, cores, groups with leader, term, commit and applied index, shards per group,
+    /// transfers in flight, every host's replicas (each host is asked).
     Status,
-    /// Add hosts: each `ID=PEER_ADDR,CLIENT_ADDR,CORES` (core 0's addresses).
+    /// Add hosts: each `ID=PEER_ADDR,CLIENT_ADDR,CORES` (core 0's addresses; the host runs
+    /// `tynamo server --join`). The controller creates the groups their cores call for and
+    /// moves shards to them.
     Join {
         #[arg(required = true)]
         hosts: Vec<String>,
     },
-    /// Retire hosts by id.
+    /// Retire hosts by id: their groups' shards move to the other groups, then those groups'
+    /// replicas are removed. Keep a leaving host running until `status` shows no replica on it.
     Leave {
         #[arg(required = true)]
         hosts: Vec<u64>,
@@ -102,6 +109,12 @@ Three hosts on one machine, 2 cores each (ports 10 apart, as `tynamo demo` lays 
 Three machines (one host each, the same ports everywhere):
   tynamo server --id 1 --data /var/lib/tynamo \\
     --initial-cluster 1=10.0.0.1:7101/10.0.0.1:7001,2=10.0.0.2:7101/10.0.0.2:7001,3=10.0.0.3:7101/10.0.0.3:7001
+
+A host added to a running cluster (no --initial-cluster; it learns the cluster from any host,
+keeps what it learnt in its data directory, and restarts from it alone):
+  tynamo server --id 4 --data /var/lib/tynamo --peer-addr 10.0.0.4:7101 \\
+    --client-addr 10.0.0.4:7001 --cores 2 --join 10.0.0.1:7001
+  tynamo ctl --cluster 10.0.0.1:7001 join 4=10.0.0.4:7101,10.0.0.4:7001,2
 
 A config file holds the same settings under the flags' names (without the dashes; '-' or '_'):
   # tynamo.toml
@@ -132,10 +145,15 @@ struct ServerArgs {
     #[arg(long)]
     peer_addr: Option<SocketAddr>,
     /// Every host: `id=peer_addr[/client_addr],...` (core 0's addresses); without
-    /// `/client_addr` the client port is the peer port - 100. Without this flag the server is a
-    /// single-host cluster at --peer-addr/--client-addr.
+    /// `/client_addr` the client port is the peer port - 100. Without this flag (and without
+    /// --join) the server is a single-host cluster at --peer-addr/--client-addr.
     #[arg(long)]
     initial_cluster: Option<String>,
+    /// Join a running cluster through any of its hosts (`HOST:CLIENT_PORT`), instead of
+    /// --initial-cluster; needs --peer-addr and --client-addr. Add the host with `tynamo ctl
+    /// join` (before or after). A restart needs nothing but the data directory.
+    #[arg(long, value_name = "HOST:PORT")]
+    join: Option<String>,
     /// Executors (one group each); default: all CPUs.
     #[arg(long)]
     cores: Option<u16>,
@@ -157,11 +175,6 @@ struct ServerArgs {
     /// safe (ReadIndex) or lease.
     #[arg(long)]
     read_mode: Option<String>,
-    /// Let the controller accept Join/Leave although groups are not yet created on joined
-    /// hosts nor removed from leaving ones (testing only: the shards handed to such groups
-    /// stop being served). Move is always served: shards move live between existing groups.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    allow_reconfig: Option<bool>,
     /// Shards the key space is cut into (fixed at cluster creation; default 64).
     #[arg(long)]
     shard_count: Option<u16>,
@@ -258,8 +271,24 @@ fn server_config(a: ServerArgs) -> Result<ServerConfig, ConfigError> {
     let missing = |flag: &str| ConfigError::Invalid(format!("--{flag} is required"));
     let id = a.id.ok_or_else(|| missing("id"))?;
     let data = a.data.ok_or_else(|| missing("data"))?;
+    if a.join.is_some() && a.initial_cluster.is_some() {
+        return Err(ConfigError::Invalid(
+            "--join and --initial-cluster exclude each other: a joining host learns the \
+             cluster from the host it joins through"
+                .into(),
+        ));
+    }
     let hosts = match &a.initial_cluster {
         Some(text) => parse_initial_cluster(text)?,
+        None if a.join.is_some() => {
+            let peer = a
+                .peer_addr
+                .ok_or_else(|| missing("peer-addr (with --join)"))?;
+            let client = a
+                .client_addr
+                .ok_or_else(|| missing("client-addr (with --join)"))?;
+            vec![HostAddrs { id, peer, client }]
+        }
         None => {
             // A single-host cluster from this host's own addresses.
             let peer = a.peer_addr.ok_or_else(|| missing("initial-cluster"))?;
@@ -298,9 +327,7 @@ fn server_config(a: ServerArgs) -> Result<ServerConfig, ConfigError> {
             }
         };
     }
-    if let Some(allow) = a.allow_reconfig {
-        cfg.allow_reconfig = allow;
-    }
+    cfg.join = a.join;
     if let Some(m) = a.read_mode {
         cfg.read_mode = match m.as_str() {
             "safe" => ReadMode::Safe,
@@ -521,7 +548,24 @@ fn ctl(a: CtlArgs) -> ExitCode {
             v
         }
     };
-    let reply = match ctl::call(&a.cluster, &args, Duration::from_millis(a.timeout_ms)) {
+    let timeout = Duration::from_millis(a.timeout_ms);
+    if matches!(a.op, CtlOp::Status) {
+        return match ctl::status(&a.cluster, timeout) {
+            Ok(doc) if a.json => {
+                println!("{doc}");
+                ExitCode::SUCCESS
+            }
+            Ok(doc) => {
+                print!("{}", ctl::status_table(&doc));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("tynamo ctl: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
+    let reply = match ctl::call(&a.cluster, &args, timeout) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("tynamo ctl: {e}");

@@ -5,6 +5,10 @@
 //!   index, so routing a key is one CRC16 and one array load.
 //! - `-MOVED slot host:port`: the slot has a new owner; the entry is updated at once and the whole
 //!   map refreshed after the batch round (as Redis Cluster clients do), then the request re-sent.
+//!   The round's MOVED answers are applied again over the refreshed map: they are fresher than
+//!   a map read from a node that may not know who leads that slot's group (a host with no
+//!   replica of a group learns its leader with a delay), and a map that undid them would send
+//!   the request back to where it was just redirected from, round after round.
 //! - `-ASK slot host:port`: one request goes to the importing node preceded by `ASKING`; the map
 //!   does not change (the migration is not finished).
 //! - `-TRYAGAIN`, `-CLUSTERDOWN`, `-LOADING`, `-MASTERDOWN` and lost connections: re-sent after an
@@ -221,6 +225,8 @@ pub struct ClusterClient {
     per_node: Vec<Vec<u32>>,
     pending: Vec<u32>,
     retry: Vec<u32>,
+    /// (slot, node) of the `-MOVED` answers of the current round.
+    moved_now: Vec<(u16, u16)>,
     header: BytesMut,
     /// A `-MOVED` answer to `TYNAMO.SESSION` not yet applied to the slot map.
     session_redirect: Option<(u16, SocketAddr)>,
@@ -271,6 +277,7 @@ impl ClusterClient {
             per_node: Vec::new(),
             pending: Vec::new(),
             retry: Vec::new(),
+            moved_now: Vec::new(),
             header: BytesMut::with_capacity(64),
             session_redirect: None,
         }
@@ -459,8 +466,11 @@ impl ClusterClient {
             };
             std::mem::swap(&mut self.pending, &mut self.retry);
             if stale_map {
-                // Best effort: MOVED entries already point at the new owners.
+                // Best effort: MOVED entries already point at the new owners, and stay so.
                 let _ = self.refresh_slots().await;
+                for &(slot, owner) in &self.moved_now {
+                    self.slots[usize::from(slot)] = owner;
+                }
             }
             if self.pending.is_empty() {
                 break;
@@ -491,6 +501,7 @@ impl ClusterClient {
         redirects: &mut u32,
     ) -> Result<(bool, bool, String), ClientError> {
         self.retry.clear();
+        self.moved_now.clear();
         for list in &mut self.per_node {
             list.clear();
         }
@@ -616,6 +627,7 @@ impl ClusterClient {
                         let owner = self.node_index(addr)?;
                         if let Some(entry) = self.slots.get_mut(usize::from(slot)) {
                             *entry = owner;
+                            self.moved_now.push((slot, owner));
                         }
                         batch.items[i].ask = NO_NODE;
                         last = format!("{reply}");

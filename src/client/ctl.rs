@@ -2,6 +2,10 @@
 //! `node::admin`) to any host, follows `-REDIRECT` to the controller leader, retries
 //! `-TRYAGAIN` and unreachable hosts until a deadline, and renders the JSON answers as tables.
 //!
+//! `status` asks the controller leader (STATUS), then every host of the configuration for its
+//! group replicas (GROUPS), and shows each group as its leader's replica reports it: a group's
+//! replicas live on several hosts, none of which sees every group.
+//!
 //! Blocking std sockets: a command-line tool sends one request and exits, so an executor
 //! would only add start-up cost. A change carries a random client id and seq 1, re-sent
 //! unchanged on every retry, so the controller applies it once however often it is sent.
@@ -112,6 +116,153 @@ fn call_once(addr: SocketAddr, args: &[String], deadline: Instant) -> std::io::R
         }
         buf.extend_from_slice(&chunk[..n]);
     }
+}
+
+/// Longest wait for one host's GROUPS answer in `status` (a host that is down costs this).
+const HOST_GROUPS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `tynamo ctl status`: the controller leader's STATUS completed with every host's replicas
+/// (`hosts`), each group's figures from its leader's replica, the transfers in flight at the
+/// groups' leaders, the groups still running although no configuration names them
+/// (`retiring`), and whether the cluster is `settled` (every group at the latest configuration
+/// with nothing in flight, no retiring group, every host answered).
+pub fn status(cluster: &str, timeout: Duration) -> Result<Value, CtlError> {
+    let reply = call(cluster, &["STATUS".to_string()], timeout)?;
+    let mut doc = json_reply(&reply, cluster)?;
+    let mut hosts = Vec::new();
+    let listed = doc["config"]["hosts"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let departed = doc["departed_hosts"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let addrs = listed
+        .iter()
+        .map(|h| (h, false))
+        .chain(departed.iter().map(|h| (h, true)));
+    for (h, left) in addrs {
+        let id = h["id"].clone();
+        let client = h["addr"]
+            .as_str()
+            .and_then(|a| a.split_once('/'))
+            .map(|(_, c)| c.to_string());
+        let answer = client.as_deref().map(|addr| {
+            call(
+                addr,
+                &["GROUPS".to_string()],
+                timeout.min(HOST_GROUPS_TIMEOUT),
+            )
+            .and_then(|f| json_reply(&f, addr))
+        });
+        hosts.push(match answer {
+            Some(Ok(g)) => serde_json::json!({
+                "id": id, "left": left, "reachable": true, "replicas": g["replicas"],
+                "removed": g["removed"],
+            }),
+            Some(Err(e)) => serde_json::json!({
+                "id": id, "left": left, "reachable": false, "error": e.to_string(),
+            }),
+            None => serde_json::json!({
+                "id": id, "left": left, "reachable": false, "error": "no client address",
+            }),
+        });
+    }
+    merge_hosts(&mut doc, hosts);
+    Ok(doc)
+}
+
+/// Completes a STATUS document with every host's GROUPS answer (see [`status`]).
+pub fn merge_hosts(doc: &mut Value, hosts: Vec<Value>) {
+    // Every replica any host reports, with its host.
+    let mut replicas: Vec<(Value, &Value)> = Vec::new();
+    for h in &hosts {
+        for r in h["replicas"].as_array().into_iter().flatten() {
+            replicas.push((h["id"].clone(), r));
+        }
+    }
+    // A group's figures come from its leader's replica (the highest term if several claim it,
+    // as one may not have heard of its successor yet), else from the most advanced one.
+    let best = |group: &Value| {
+        replicas
+            .iter()
+            .filter(|(_, r)| &r["group"] == group)
+            .max_by_key(|(_, r)| {
+                (
+                    r["role"] == "leader",
+                    r["term"].as_u64().unwrap_or(0),
+                    r["applied"].as_u64().unwrap_or(0),
+                )
+            })
+            .map(|(_, r)| *r)
+    };
+    let num = doc["config"]["num"].clone();
+    // A host that left may be stopped already: only the hosts of the configuration must answer.
+    let mut settled = hosts
+        .iter()
+        .all(|h| h["reachable"] == true || h["left"] == true);
+    let mut transfers = Vec::new();
+    let mut add_transfers = |r: &Value| {
+        for t in r["in_flight"].as_array().into_iter().flatten() {
+            transfers.push(serde_json::json!({
+                "group": r["group"], "shard": t["shard"], "state": t["state"],
+                "peer_group": t["peer_group"], "config_num": r["config_num"],
+            }));
+        }
+    };
+    if let Some(groups) = doc["groups"].as_array_mut() {
+        for g in groups.iter_mut() {
+            match best(&g["id"]) {
+                Some(r) => {
+                    g["leader"] = r["leader_host"].clone();
+                    g["leader_core"] = r["leader_core"].clone();
+                    for k in ["term", "commit", "applied", "config_num"] {
+                        g[k] = r[k].clone();
+                    }
+                    settled &= r["role"] == "leader"
+                        && r["config_num"] == num
+                        && r["in_flight"].as_array().map_or(true, Vec::is_empty);
+                    add_transfers(r);
+                }
+                None => settled = false,
+            }
+        }
+    }
+    let listed: Vec<Value> = doc["groups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|g| g["id"].clone())
+        .collect();
+    let mut retiring: Vec<Value> = Vec::new();
+    for (_, r) in &replicas {
+        if !listed.contains(&r["group"]) && !retiring.contains(&r["group"]) {
+            retiring.push(r["group"].clone());
+        }
+    }
+    let retiring: Vec<Value> = retiring
+        .into_iter()
+        .map(|id| {
+            if let Some(r) = best(&id) {
+                add_transfers(r);
+            }
+            let on: Vec<Value> = replicas
+                .iter()
+                .filter(|(_, r)| r["group"] == id)
+                .map(|(host, r)| {
+                    serde_json::json!({"host": host, "core": r["core"], "role": r["role"],
+                    "applied": r["applied"], "shards": r["serving"]})
+                })
+                .collect();
+            serde_json::json!({"id": id, "replicas": on})
+        })
+        .collect();
+    settled &= retiring.is_empty();
+    doc["transfers"] = Value::Array(transfers);
+    doc["retiring"] = Value::Array(retiring);
+    doc["hosts"] = Value::Array(hosts);
+    doc["settled"] = Value::Bool(settled);
 }
 
 /// The JSON document of a QUERY or STATUS reply.
@@ -302,19 +453,81 @@ pub fn status_table(s: &Value) -> String {
         .collect();
     let _ = writeln!(
         out,
-        "\ntransfers in flight: {}  (group state as seen from host {})",
+        "\ntransfers in flight: {}  (as each group's leader applied them)",
         if transfers.is_empty() {
             "none".to_string()
         } else {
             transfers.len().to_string()
         },
-        cell(&s["seen_from"])
     );
     if !transfers.is_empty() {
         table(
             &mut out,
             &["GROUP", "SHARD", "STATE", "PEER GROUP", "CONFIG"],
             &transfers,
+        );
+    }
+    let retiring: Vec<String> = s["retiring"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|g| cell(&g["id"]))
+        .collect();
+    if !retiring.is_empty() {
+        let _ = writeln!(
+            out,
+            "retiring groups (handing their shards over): {}",
+            retiring.join(",")
+        );
+    }
+    let hosts: Vec<Vec<String>> = s["hosts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|h| {
+            let replicas: Vec<String> = h["replicas"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|r| {
+                    format!(
+                        "{}@{}:{}",
+                        cell(&r["group"]),
+                        cell(&r["core"]),
+                        cell(&r["role"])
+                    )
+                })
+                .collect();
+            let state = if h["reachable"] == true {
+                if replicas.is_empty() {
+                    "-".to_string()
+                } else {
+                    replicas.join(" ")
+                }
+            } else {
+                format!("unreachable: {}", cell(&h["error"]))
+            };
+            let id = if h["left"] == true {
+                format!("{} (left)", cell(&h["id"]))
+            } else {
+                cell(&h["id"])
+            };
+            vec![id, state]
+        })
+        .collect();
+    if !hosts.is_empty() {
+        out.push('\n');
+        table(&mut out, &["HOST", "REPLICAS(group@core:role)"], &hosts);
+    }
+    if let Some(settled) = s["settled"].as_bool() {
+        let _ = writeln!(
+            out,
+            "\n{}",
+            if settled {
+                "settled: every group at the latest configuration, nothing in flight"
+            } else {
+                "not settled: transfers in flight, groups retiring or hosts unreachable"
+            }
         );
     }
     out
@@ -337,12 +550,127 @@ mod tests {
         });
         let text = status_table(&status);
         assert!(
-            text.contains("transfers in flight: 1  (group state as seen from host 2)"),
+            text.contains("transfers in flight: 1  (as each group's leader applied them)"),
             "{text}"
         );
         assert!(text.contains("GROUP  SHARD  STATE      PEER GROUP  CONFIG\n2      7      importing  1           5"), "{text}");
         let idle = serde_json::json!({"seen_from": 1, "transfers": []});
         assert!(status_table(&idle).contains("transfers in flight: none"));
+    }
+
+    #[test]
+    fn status_takes_each_group_from_its_leader_and_names_retiring_groups() {
+        let status = || {
+            serde_json::json!({
+                "seen_from": 1,
+                "config": {"num": 7, "hosts": []},
+                "controller": {"leader": 1},
+                "groups": [{"id": 1}, {"id": 2}],
+                "transfers": [],
+            })
+        };
+        let replica = |group: u64, core: u64, role: &str, term: u64, num: u64, flight: bool| {
+            let in_flight = if flight {
+                serde_json::json!([{"shard": 9, "state": "exporting", "peer_group": 1}])
+            } else {
+                serde_json::json!([])
+            };
+            serde_json::json!({"group": group, "core": core, "role": role, "term": term,
+                "commit": term * 10, "applied": term * 10, "config_num": num, "leader_host": 2,
+                "leader_core": core, "serving": 4, "in_flight": in_flight})
+        };
+        let host = |id: u64, replicas: Vec<Value>| serde_json::json!({"id": id, "reachable": true, "replicas": replicas, "removed": []});
+        // Group 1 led on host 2 (host 1's replica still thinks it leads at an older term);
+        // group 3 is retiring from host 1 core 1 with shard 9 on its way to group 1.
+        let mut doc = status();
+        merge_hosts(
+            &mut doc,
+            vec![
+                host(
+                    1,
+                    vec![
+                        replica(1, 0, "leader", 3, 6, false),
+                        replica(3, 1, "leader", 2, 7, true),
+                    ],
+                ),
+                host(
+                    2,
+                    vec![
+                        replica(1, 0, "leader", 4, 7, false),
+                        replica(2, 1, "leader", 2, 7, false),
+                    ],
+                ),
+            ],
+        );
+        assert_eq!(doc["groups"][0]["term"], 4, "{doc}");
+        assert_eq!(doc["groups"][0]["config_num"], 7);
+        assert_eq!(doc["retiring"][0]["id"], 3);
+        assert_eq!(doc["transfers"][0]["group"], 3);
+        assert_eq!(doc["transfers"][0]["state"], "exporting");
+        assert_eq!(doc["settled"], false);
+        let text = status_table(&doc);
+        assert!(
+            text.contains("retiring groups (handing their shards over): 3"),
+            "{text}"
+        );
+        assert!(text.contains("1@0:leader 3@1:leader"), "{text}");
+        // Group 3 gone, every group's leader at configuration 7: settled.
+        let mut doc = status();
+        merge_hosts(
+            &mut doc,
+            vec![
+                host(1, vec![replica(1, 0, "follower", 4, 7, false)]),
+                host(
+                    2,
+                    vec![
+                        replica(1, 0, "leader", 4, 7, false),
+                        replica(2, 1, "leader", 2, 7, false),
+                    ],
+                ),
+            ],
+        );
+        assert_eq!(doc["settled"], true, "{doc}");
+        assert!(status_table(&doc).contains("settled: every group"));
+        // A host that does not answer: not settled, and said so.
+        let mut doc = status();
+        merge_hosts(
+            &mut doc,
+            vec![
+                host(
+                    2,
+                    vec![
+                        replica(1, 0, "leader", 4, 7, false),
+                        replica(2, 1, "leader", 2, 7, false),
+                    ],
+                ),
+                serde_json::json!({"id": 5, "reachable": false, "error": "connection refused"}),
+            ],
+        );
+        assert_eq!(doc["settled"], false);
+        assert!(status_table(&doc).contains("unreachable: connection refused"));
+        // A host that left: stopped is fine; still running a replica of a retiring group is
+        // not settled (it hands shards over), and says so.
+        let both = || {
+            host(
+                2,
+                vec![
+                    replica(1, 0, "leader", 4, 7, false),
+                    replica(2, 1, "leader", 2, 7, false),
+                ],
+            )
+        };
+        let mut doc = status();
+        let stopped = serde_json::json!({"id": 4, "left": true, "reachable": false, "error": "x"});
+        merge_hosts(&mut doc, vec![both(), stopped]);
+        assert_eq!(doc["settled"], true, "{doc}");
+        let mut doc = status();
+        let running = serde_json::json!({"id": 4, "left": true, "reachable": true,
+            "replicas": [replica(3, 0, "follower", 2, 7, false)]});
+        merge_hosts(&mut doc, vec![both(), running]);
+        assert_eq!(doc["settled"], false, "{doc}");
+        assert_eq!(doc["retiring"][0]["id"], 3);
+        let text = status_table(&doc);
+        assert!(text.contains("4 (left)  3@0:follower"), "{text}");
     }
 
     #[test]

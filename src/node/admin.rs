@@ -4,6 +4,8 @@
 //! ```text
 //! TYNAMO.CTL QUERY [num]                      bulk: the configuration as JSON (-1: latest)
 //! TYNAMO.CTL STATUS                           bulk: configuration, controller, groups as JSON
+//! TYNAMO.CTL GROUPS                           bulk: this host's group replicas as JSON (any
+//!                                             host answers, from its own view)
 //! TYNAMO.CTL JOIN <client-id> <seq> (<host-id> <peer-addr> <client-addr> <cores>)+
 //! TYNAMO.CTL LEAVE <client-id> <seq> <host-id>+
 //! TYNAMO.CTL MOVE <client-id> <seq> <shard> <group>
@@ -14,9 +16,13 @@
 //!
 //! Changes are exactly-once: the controller's session table answers a retry of (client id,
 //! seq) with the first answer. Reads (QUERY, STATUS) go through a ReadIndex: linearizable.
-//! MOVE is served (data groups move the shard live, `migrate`); JOIN and LEAVE are refused
-//! unless the server runs with `--allow-reconfig`, until groups are created on joined hosts and
-//! removed from leaving ones (their shards would otherwise stop being served).
+//! Every change is served live: MOVE moves a shard between groups, JOIN adds hosts and the
+//! groups their cores call for (created by the hosts when they see the configuration,
+//! `replica`), LEAVE retires the groups with a replica on a leaving host (their shards move to
+//! the others, then their replicas are removed). A leaving host must keep running until
+//! `tynamo ctl status` shows none of its replicas left: its groups hand their shards over from
+//! it. A group's replicas live on several hosts, so `tynamo ctl status` asks every host for its
+//! replicas (GROUPS) and shows each group as its leader's replica reports it.
 
 use std::sync::atomic::Ordering;
 
@@ -27,11 +33,10 @@ use crate::controller::{self, Command as CtlCommand, HostSpec, Op as CtlOp, Repl
 use crate::resp::frame::{put_bulk, put_error, put_integer};
 
 use super::config::HostAddrs;
-use super::control::{config_json, core_of_group, host_addr_text};
-use super::executor::CoreCtx;
+use super::control::{config_json, host_addr_text};
+use super::executor::{CoreCtx, GroupView};
 use super::group::{GroupReply, ReplySlot};
 use super::machine::ControllerQuery;
-use super::migrate::group_of_core;
 use crate::shard::migration::Phase;
 
 /// What the connection does with a `TYNAMO.CTL` request.
@@ -155,7 +160,7 @@ fn redirect(ctx: &CoreCtx) -> CtlPending {
 /// Handles `TYNAMO.CTL <args>` (args without the command name).
 pub fn handle(ctx: &CoreCtx, args: &[Bytes]) -> CtlPending {
     let Some(sub) = args.first() else {
-        return now_error("ERR TYNAMO.CTL wants QUERY, STATUS, JOIN, LEAVE or MOVE");
+        return now_error("ERR TYNAMO.CTL wants QUERY, STATUS, GROUPS, JOIN, LEAVE or MOVE");
     };
     let sub = String::from_utf8_lossy(sub).to_ascii_uppercase();
     let rest = &args[1..];
@@ -170,24 +175,15 @@ pub fn handle(ctx: &CoreCtx, args: &[Bytes]) -> CtlPending {
         },
         "STATUS" if rest.is_empty() => Ok((None, Render::Status, -1)),
         "STATUS" => Err("ERR TYNAMO.CTL STATUS takes no argument".into()),
-        // Data groups follow configurations and move shards between existing groups; they
-        // are not yet created on joined hosts nor removed on leaving ones, so a Join or Leave
-        // would hand shards to groups that never serve them.
-        "MOVE" => parse_change(&sub, rest).map(|c| (Some(c), Render::Change, 0)),
-        "JOIN" | "LEAVE" => {
-            if !ctx.cfg.allow_reconfig {
-                Err(
-                    "ERR Join and Leave are not served yet: groups are not created on joined \
-                     hosts nor removed from leaving ones, so their shards would stop being \
-                     served (servers started with --allow-reconfig record them anyway)"
-                        .into(),
-                )
-            } else {
-                parse_change(&sub, rest).map(|c| (Some(c), Render::Change, 0))
-            }
+        "GROUPS" if rest.is_empty() => {
+            let mut out = BytesMut::new();
+            put_bulk(&mut out, host_groups_json(ctx).to_string().as_bytes());
+            return CtlPending::Now(out);
         }
+        "GROUPS" => Err("ERR TYNAMO.CTL GROUPS takes no argument".into()),
+        "MOVE" | "JOIN" | "LEAVE" => parse_change(&sub, rest).map(|c| (Some(c), Render::Change, 0)),
         other => Err(format!(
-            "ERR TYNAMO.CTL: unknown subcommand {other} (QUERY, STATUS, JOIN, LEAVE, MOVE)"
+            "ERR TYNAMO.CTL: unknown subcommand {other} (QUERY, STATUS, GROUPS, JOIN, LEAVE, MOVE)"
         )),
     };
     let (change, render, num) = match request {
@@ -238,10 +234,11 @@ pub fn render(ctx: &CoreCtx, render: Render, reply: GroupReply<Reply>, out: &mut
     }
 }
 
-/// `tynamo ctl status`: the configuration, the controller, and every group as this host's
-/// replicas see them (the controller leader's host has a replica of every group).
+/// `TYNAMO.CTL STATUS`: the configuration, the controller, every group of the configuration
+/// with this host's replica's view of it where it has one, the transfers in flight at those
+/// replicas, and this host's replicas (`replicas`, as GROUPS). `tynamo ctl status` completes it
+/// with every other host's GROUPS.
 fn status_json(ctx: &CoreCtx, c: &controller::Configuration) -> Value {
-    let v = &ctx.view;
     let ctl = match &ctx.controller {
         Some(g) => {
             let s = g.borrow().raw().status();
@@ -257,23 +254,37 @@ fn status_json(ctx: &CoreCtx, c: &controller::Configuration) -> Value {
         }
         None => Value::Null,
     };
+    // Hosts of the recent configurations that the latest no longer lists: a host that left
+    // keeps running until its groups handed their shards over, and `tynamo ctl status` asks
+    // it too, so the operator sees when it may be stopped.
+    let mut departed = serde_json::Map::new();
+    if let Some(g) = &ctx.controller {
+        let g = g.borrow();
+        let sm = &g.machine().sm;
+        for num in c.num.saturating_sub(DEPARTED_CONFIGS)..c.num {
+            let Ok(old) = sm.query(num as i64) else {
+                continue;
+            };
+            for (id, h) in &old.hosts {
+                if !c.hosts.contains_key(id) {
+                    departed.insert(id.to_string(), json!({"id": id, "addr": h.addr}));
+                }
+            }
+        }
+    }
     let groups: Vec<Value> = c
         .groups
         .iter()
         .map(|(&id, g)| {
-            let local = core_of_group(id).filter(|&core| core < ctx.cfg.cores);
-            let at = |a: &[std::sync::atomic::AtomicU64]| {
-                local.map_or(Value::Null, |core| json!(a[usize::from(core)].load(Ordering::Relaxed)))
-            };
+            let local = ctx.view.group(id);
+            let at = |f: &dyn Fn(&GroupView) -> Value| local.as_deref().map_or(Value::Null, f);
             json!({
                 "id": id,
-                "core": local,
-                "leader": at(&v.leaders),
-                "term": at(&v.terms),
-                "commit": at(&v.commits),
-                "applied": at(&v.applied),
-                "config_num": local
-                    .and_then(|core| v.migration[usize::from(core)].lock().ok().map(|m| m.config_num)),
+                "leader": at(&|v| json!(v.leader_slot().map_or(0, |s| s.host))),
+                "term": at(&|v| json!(v.term.load(Ordering::Relaxed))),
+                "commit": at(&|v| json!(v.commit.load(Ordering::Relaxed))),
+                "applied": at(&|v| json!(v.applied.load(Ordering::Relaxed))),
+                "config_num": at(&|v| json!(v.migration().config_num)),
                 "shards": c.shards_of(id).len(),
                 "replicas": g.replicas.iter()
                     .map(|r| json!({"node_id": r.node_id, "host": r.slot.host, "core": r.slot.core}))
@@ -281,34 +292,87 @@ fn status_json(ctx: &CoreCtx, c: &controller::Configuration) -> Value {
             })
         })
         .collect();
-    // Shards in flight at the groups with a replica on this host, as those replicas applied.
-    let mut transfers = Vec::new();
-    for core in 0..ctx.cfg.cores {
-        let Ok(m) = v.migration[usize::from(core)].lock() else {
-            continue;
-        };
-        for &(shard, phase) in &m.in_flight {
-            let (state, peer) = match phase {
-                Phase::Serving => continue,
-                Phase::Importing { from } => ("importing", from),
-                Phase::Confirming { from } => ("confirming", from),
-                Phase::Exporting { to } => ("exporting", to),
-            };
-            transfers.push(json!({
-                "group": group_of_core(core),
-                "shard": shard,
-                "state": state,
-                "peer_group": peer,
-                "config_num": m.config_num,
-            }));
-        }
-    }
+    let local = host_groups_json(ctx);
+    let transfers: Vec<Value> = local["replicas"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|r| {
+            let (group, config_num) = (r["group"].clone(), r["config_num"].clone());
+            r["in_flight"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .map(move |t| {
+                    json!({
+                        "group": group,
+                        "shard": t["shard"],
+                        "state": t["state"],
+                        "peer_group": t["peer_group"],
+                        "config_num": config_num,
+                    })
+                })
+        })
+        .collect();
     json!({
         "seen_from": ctx.cfg.id,
         "config": config_json(c),
         "controller": ctl,
         "groups": groups,
         "transfers": transfers,
+        "replicas": local["replicas"],
+        "departed_hosts": departed.into_iter().map(|(_, v)| v).collect::<Vec<_>>(),
+    })
+}
+
+/// Configurations back from the latest whose hosts `STATUS` still reports when they left.
+const DEPARTED_CONFIGS: u64 = 64;
+
+/// `TYNAMO.CTL GROUPS`: the group replicas this host runs (on every core), each as its replica
+/// sees its group, and the groups whose replica this host removed.
+pub fn host_groups_json(ctx: &CoreCtx) -> Value {
+    let replicas: Vec<Value> = ctx
+        .view
+        .groups()
+        .iter()
+        .map(|v| {
+            let m = v.migration();
+            let leader = v.leader_slot();
+            let in_flight: Vec<Value> = m
+                .in_flight
+                .iter()
+                .filter_map(|&(shard, phase)| {
+                    let (state, peer) = match phase {
+                        Phase::Serving => return None,
+                        Phase::Importing { from } => ("importing", from),
+                        Phase::Confirming { from } => ("confirming", from),
+                        Phase::Exporting { to } => ("exporting", to),
+                    };
+                    Some(json!({"shard": shard, "state": state, "peer_group": peer}))
+                })
+                .collect();
+            json!({
+                "group": v.id(),
+                "core": v.spec.core,
+                "node_id": v.spec.node,
+                "role": v.role_name(),
+                "leader_host": leader.map(|s| s.host),
+                "leader_core": leader.map(|s| s.core),
+                "term": v.term.load(Ordering::Relaxed),
+                "commit": v.commit.load(Ordering::Relaxed),
+                "applied": v.applied.load(Ordering::Relaxed),
+                "config_num": m.config_num,
+                "retired": m.retired,
+                "serving": m.serving,
+                "in_flight": in_flight,
+            })
+        })
+        .collect();
+    json!({
+        "host": ctx.cfg.id,
+        "replicas": replicas,
+        "removed": ctx.view.removed().into_iter().collect::<Vec<_>>(),
     })
 }
 

@@ -101,9 +101,14 @@ pub struct ServerConfig {
     pub io_memory_bytes: usize,
     /// Client connections per core.
     pub connections_max: usize,
-    /// Accept controller Join/Leave although groups are not created on joined hosts nor
-    /// removed from leaving ones yet (testing only). Move is always accepted.
-    pub allow_reconfig: bool,
+    /// `--join SEED`: this host is not in `--initial-cluster`; it learns the cluster from the
+    /// seed (any host's client address) on its first start, and from its data directory after
+    /// (see `node::join`).
+    pub join: Option<String>,
+    /// Whether this host runs as a joined host (`--join`, or a data directory that says so):
+    /// `hosts` then holds only this host, and it runs no static-map group and no controller
+    /// replica. Set by `node::run` before the cores start.
+    pub joined: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -137,7 +142,8 @@ impl ServerConfig {
             segment_bytes: 64 << 20,
             io_memory_bytes: 1 << 20,
             connections_max: 10_000,
-            allow_reconfig: false,
+            join: None,
+            joined: false,
         }
     }
 
@@ -147,6 +153,11 @@ impl ServerConfig {
 
     pub fn host(&self, id: u64) -> Option<&HostAddrs> {
         self.hosts.iter().find(|h| h.id == id)
+    }
+
+    /// Whether this host is one of `--initial-cluster` (runs the static map's groups).
+    pub fn initial_host(&self) -> bool {
+        !self.joined
     }
 
     pub fn voters(&self) -> Vec<u64> {

@@ -17,10 +17,12 @@
 //! the same contiguous blocks as the static map (`ServerConfig::shard_group`), so configuration
 //! 1 describes exactly what the data groups serve (`bootstrap_matches_the_static_map` checks it).
 //!
-//! Configuration group `k + 1` is the data group on core `k` of every host ([`core_of_group`]);
-//! data groups follow the configurations (`migrate`), so Move moves shards live between them.
-//! Groups are not yet created on joined hosts nor removed from leaving ones, so Join and Leave
-//! are refused unless the server runs with `--allow-reconfig`.
+//! Configuration group `k + 1` is the static map's data group on core `k` of every initial host
+//! ([`core_of_group`]). Data groups follow the configurations (`migrate`): Move moves a shard
+//! live between groups, Join creates groups on the new hosts' cores (`replica::walk`), Leave
+//! retires the groups with a replica on a leaving host, whose replicas are removed once their
+//! shards moved away. A host that joined later knows the controller from the configuration it
+//! joined with ([`ControlPlan::from_config`]).
 
 use std::net::SocketAddr;
 
@@ -100,6 +102,21 @@ impl ControlPlan {
         }
     }
 
+    /// The controller as a configuration describes it, for a host that is not in
+    /// `--initial-cluster` (it joined later, `node::join`): it runs no controller replica and
+    /// proposes nothing, it only asks the controller hosts.
+    pub fn from_config(config: &Configuration) -> ControlPlan {
+        ControlPlan {
+            hosts: config.controller.iter().map(|s| s.host).collect(),
+            settings: Settings {
+                shard_count: config.shard_count(),
+                replication: config.replication,
+                ..Settings::default()
+            },
+            bootstrap: Vec::new(),
+        }
+    }
+
     /// This host's controller node id, if it runs a controller replica.
     pub fn node_of_host(&self, host: u64) -> Option<u64> {
         self.hosts
@@ -141,7 +158,8 @@ pub fn host_client_addr(host: &controller::Host) -> Option<SocketAddr> {
     client.parse().ok()
 }
 
-/// The data group core serving configuration group `group` (the bootstrap correspondence).
+/// The core of the static map's group `group` (the bootstrap correspondence; groups created
+/// later run on whichever slots the configuration gives them).
 pub fn core_of_group(group: controller::GroupId) -> Option<u16> {
     u16::try_from(group.checked_sub(1)?).ok()
 }
@@ -246,6 +264,26 @@ mod tests {
             let other = ServerConfig::new(me, "/tmp/x".into(), reversed, cores);
             assert_eq!(ControlPlan::new(&other).bootstrap, plan.bootstrap);
         }
+    }
+
+    #[test]
+    fn a_joined_host_knows_the_controller_from_a_configuration_as_the_initial_hosts_do() {
+        let map = "5=10.0.0.5:7101,9=10.0.0.9:7101,2=10.0.0.2:7101,4=10.0.0.4:7101";
+        let cfg = ServerConfig::new(5, "/tmp/x".into(), parse_initial_cluster(map).unwrap(), 2);
+        let plan = ControlPlan::new(&cfg);
+        let sm = apply_bootstrap(&plan);
+        let joined = ControlPlan::from_config(sm.latest());
+        assert_eq!(joined.hosts, plan.hosts);
+        for node in 1..=3 {
+            assert_eq!(joined.host_of_node(node), plan.host_of_node(node));
+        }
+        assert_eq!(joined.settings.shard_count, plan.settings.shard_count);
+        assert_eq!(joined.settings.replication, plan.settings.replication);
+        // It proposes nothing, and runs no controller replica whatever its id.
+        assert!(joined
+            .next_bootstrap(&Configuration::initial(64, 4))
+            .is_none());
+        assert_eq!(joined.node_of_host(7), None);
     }
 
     #[test]

@@ -1,20 +1,26 @@
-//! One glommio executor per core, each running the replica of one group (group `g` on core `g`),
-//! its peer transport, its timers and its client listener.
+//! One glommio executor per core, each running the replicas of the data groups the
+//! configurations place on it (one or several per core, or none), its peer transport, its timers
+//! and its client listener.
 //!
 //! Tasks of a core:
-//! - the group loop: waits on the group's signal, runs a turn, sends the turn's messages (one
-//!   frame per destination core per turn), hands storage writes to the persister;
-//! - the persister (`group::persist_loop`);
-//! - the ticker: one tick every `tick_ms`, so an idle core wakes `1000 / tick_ms` times a
-//!   second and parks in io_uring in between (spinning before parking is off);
-//! - the peer listener and one writer per remote host (`transport`);
+//! - per data group replica (`replica`): the group loop (waits on the group's signal, runs a
+//!   turn, sends the turn's messages, one frame per destination core per turn, hands storage
+//!   writes to the persister) and the persister (`group::persist_loop`), in one task that is
+//!   cancelled when the replica is removed; and the replica's migration driver
+//!   (`migrate::drive`): while the replica leads its group, moves the group through the
+//!   controller's configurations (AcceptConfig, pulls, confirms); on any replica, removes it
+//!   once its group has drained;
+//! - the configuration walk (`replica::walk`): creates the replicas a configuration places on
+//!   this core;
+//! - the ticker: one tick every `tick_ms` for every group of the core, so an idle core wakes
+//!   `1000 / tick_ms` times a second and parks in io_uring in between (spinning before parking
+//!   is off);
+//! - the peer listener and one writer per remote (host, core) this core sends to (`transport`);
 //! - the client listener and one task per client connection (`server`);
-//! - the migration driver (`migrate::drive`): while this core's replica leads its data group,
-//!   moves the group through the controller's configurations (AcceptConfig, pulls, confirms);
-//!   on core 0 of a host without a controller replica, `migrate::follow_controller` keeps the
+//! - on core 0 of a host without a controller replica, `migrate::follow_controller` keeps the
 //!   host's view of the latest configuration fresh from a controller host;
 //! - on core 0 of the first three hosts: the controller group's loop, persister and bootstrap
-//!   proposer (`control`), on the same storage and Ready-loop code as the data group, sharing
+//!   proposer (`control`), on the same storage and Ready-loop code as the data groups, sharing
 //!   the core's peer connections (its messages carry group id `CONTROLLER_GROUP_ID`).
 //!
 //! Measured idle cost (`tools/cluster.sh idle-cpu 10`, release build, 3 hosts x 2 cores on one
@@ -22,26 +28,26 @@
 //! host): 100 ticks/s per core plus 10 heartbeats/s per group. With the controller group on
 //! core 0 of each host: 3.6% (one run, same conditions).
 //!
-//! Groups and peers of a core: `CoreGroups` holds the core's data groups by peer group id and
-//! routes every peer message by the group id it carries; `PeerSenders` holds the core's
-//! outbound connections by host and opens one on demand to a host a configuration names
-//! (hosts that joined after start). A data group replica is a `DataGroupSpec` (ids, node id,
-//! members and their hosts), opened by `open_data_group` and run by `run_data_group`. Today
-//! only the static map's group `core` is opened, at start: creating the groups a configuration
-//! places on this core (Join) and removing those it drops (Leave) are not done yet.
+//! Groups and peers of a core: `CoreGroups` holds the core's data group replicas by peer group
+//! id and routes every peer message by the group id it carries (a message for a group the core
+//! does not run is dropped and counted: Raft retries). A replica's members may run on any core
+//! of their hosts (a group created by a Join lands on whichever slots the controller chose), so
+//! `PeerSenders` keeps one outbound connection per destination (host, core), opened on first
+//! use from the static map or the latest configuration's host entry.
 //!
-//! Cross-core: the `HostView` below (relaxed atomics each core publishes after a turn: its
-//! group's leader, term, indexes; read for `-MOVED`, `CLUSTER SLOTS` and `INFO`), and bounded
-//! glommio channels (`CoreMsg`) that carry requests which reached the wrong core of the right
-//! host. A cluster client that routes by `CLUSTER SLOTS` never uses them: nothing on its write
-//! path crosses cores.
+//! Cross-core: the `HostView` below (per group replica of this host: its core, its leader, term
+//! and indexes, its migration state, as relaxed atomics and small locks each core publishes
+//! after a turn; read for `-MOVED`, `CLUSTER SLOTS`, `INFO` and `tynamo ctl status`), and
+//! bounded glommio channels (`CoreMsg`) that carry requests which reached the wrong core of the
+//! right host. A cluster client that routes by `CLUSTER SLOTS` never uses them: nothing on its
+//! write path crosses cores.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flatbuffers::{FlatBufferBuilder, VerifierOptions};
@@ -49,18 +55,20 @@ use glommio::channels::shared_channel::{self, ConnectedSender, SharedReceiver, S
 use glommio::{LocalExecutorBuilder, Placement};
 use tynamo_wal::WalOptions;
 
-use crate::controller::{self, Configuration};
+use crate::controller::{self, Configuration, GroupId as ControllerGroupId, Slot};
 use crate::kv::{self, Command as KvCommand, Op};
 use crate::raft::{self, Message, NodeId, RawNode, Role};
-use crate::shard::migration::{GroupShards, Phase};
+use crate::shard::migration::{GroupShards, Phase, Route};
 
 use super::codec::{decode_batch, encode_batch, verifier_options, GroupId};
 use super::config::{PlacementMode, ServerConfig};
 use super::control::{
-    ControlPlan, CONTROLLER_ENTRY_BYTES_MAX, CONTROLLER_GROUP_ID, CONTROLLER_SEGMENT_BYTES,
+    host_client_addr, ControlPlan, CONTROLLER_ENTRY_BYTES_MAX, CONTROLLER_GROUP_ID,
+    CONTROLLER_SEGMENT_BYTES,
 };
 use super::group::{persist_loop, Group, GroupReply, ReplySlot, Signal};
-use super::machine::{ControllerMachine, KvMachine, Machine};
+use super::machine::{ControllerMachine, Machine};
+use super::replica::{CoreGroup, DataGroupSpec, DiskGroups};
 use super::storage::{save_local_snapshot, GroupStorage};
 use super::transport::{
     bind_exclusive, spawn_listener, CoreId, FrameSink, PeerSender, TransportConfig, TransportStats,
@@ -77,42 +85,142 @@ pub enum NodeError {
     Core { core: u16, why: String },
     #[error("cannot start executor for core {core}: {why}")]
     Executor { core: u16, why: String },
+    #[error("data directory: {0}")]
+    Data(String),
+    #[error("joining the cluster: {0}")]
+    Join(String),
 }
 
-/// Per-group facts every core can read (relaxed atomics, published after each turn).
+/// What every core of a host can read about the host's data group replicas and the controller
+/// (published by the cores after their turns; read off the request path).
 pub struct HostView {
-    pub leaders: Vec<AtomicU64>,
-    pub terms: Vec<AtomicU64>,
-    pub commits: Vec<AtomicU64>,
-    pub applied: Vec<AtomicU64>,
-    /// 0 follower, 1 pre-candidate, 2 candidate, 3 leader.
-    pub roles: Vec<AtomicU8>,
+    /// The data group replicas of this host, by configuration group id.
+    groups: Mutex<BTreeMap<ControllerGroupId, Arc<GroupView>>>,
+    /// Groups whose replica this host removed (their tombstones): a host asked about one of
+    /// them answers GONE (pull, removal question) or DONE (confirm).
+    removed: Mutex<BTreeSet<ControllerGroupId>>,
+    /// The leader of each group without a replica here, as its leaders announce it
+    /// (`TYNAMO.MIGRATE LEADER`): (term, slot), the highest term kept. Only a routing hint for
+    /// `-MOVED` and `CLUSTER SLOTS`: a stale one costs a client one more redirect.
+    leader_hints: Mutex<HashMap<ControllerGroupId, (u64, Slot)>>,
     /// The controller replica of this host (core 0), if it runs one.
     pub controller: ControllerView,
-    /// Per core: the configuration its data group accepted and its shards in flight
-    /// (`tynamo ctl status`), rebuilt when the group applies a migration entry.
-    pub migration: Vec<std::sync::Mutex<MigrationView>>,
-    /// Per core: the migration applied index `migration` was built at.
-    migration_index: Vec<AtomicU64>,
-    /// The latest configuration the controller replica of this host applied. Read by
-    /// `CLUSTER SLOTS/SHARDS/NODES` and `tynamo ctl`, written when a new configuration is
-    /// applied: a lock off the request path (no data command touches it).
-    pub config: std::sync::Mutex<Option<Arc<Configuration>>>,
-    /// The configurations the controller replica of this host applied, by number (the last
-    /// [`HOST_CONFIGS_KEPT`]): what the data groups of this host accept one at a time.
-    pub configs: std::sync::Mutex<BTreeMap<u64, Arc<Configuration>>>,
+    /// The latest configuration the controller replica of this host applied (or, on a host
+    /// without one, fetched). Read by `CLUSTER SLOTS/SHARDS/NODES`, routing and `tynamo ctl`,
+    /// written when a new configuration is applied: a lock off the request path.
+    pub config: Mutex<Option<Arc<Configuration>>>,
+    /// Configurations this host knows, by number (the last [`HOST_CONFIGS_KEPT`]): what the
+    /// data groups of this host accept one at a time.
+    pub configs: Mutex<BTreeMap<u64, Arc<Configuration>>>,
 }
 
 /// Configurations a host keeps for its data groups. A group more than this many behind asks
 /// another controller host (`TYNAMO.MIGRATE CONFIG`), which keeps the same window.
 pub const HOST_CONFIGS_KEPT: usize = 256;
 
-/// One data group's migration state as `tynamo ctl status` shows it.
+/// One data group replica's migration state as `tynamo ctl status` shows it.
 #[derive(Default, Clone, Debug)]
 pub struct MigrationView {
     pub config_num: u64,
+    /// The group's current configuration no longer lists it: it hands its shards over, then
+    /// its replicas are removed.
+    pub retired: bool,
+    /// Shards plainly served.
+    pub serving: usize,
     /// Shards not plainly Serving, in shard order (at most the shard count).
     pub in_flight: Vec<(u16, Phase)>,
+}
+
+/// One data group replica of this host: what it is, and its state as its core last published
+/// it (relaxed atomics; a reader may see a mix of two turns, which only costs a redirect).
+pub struct GroupView {
+    pub spec: DataGroupSpec,
+    /// Raft node id of the leader as this replica knows it (0: unknown).
+    leader: AtomicU64,
+    pub term: AtomicU64,
+    pub commit: AtomicU64,
+    pub applied: AtomicU64,
+    /// 0 follower, 1 pre-candidate, 2 candidate, 3 leader.
+    role: AtomicU8,
+    migration: Mutex<MigrationView>,
+    /// The migration applied index `migration` was built at.
+    migration_index: AtomicU64,
+}
+
+impl GroupView {
+    pub fn new(spec: DataGroupSpec) -> GroupView {
+        GroupView {
+            spec,
+            leader: AtomicU64::new(0),
+            term: AtomicU64::new(0),
+            commit: AtomicU64::new(0),
+            applied: AtomicU64::new(0),
+            role: AtomicU8::new(0),
+            migration: Mutex::new(MigrationView::default()),
+            migration_index: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    /// The configuration group id.
+    pub fn id(&self) -> ControllerGroupId {
+        self.spec.config_group
+    }
+
+    /// The slot of the group's leader, as this replica knows it.
+    pub fn leader_slot(&self) -> Option<Slot> {
+        self.spec.slot_of(self.leader.load(Ordering::Relaxed))
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.role.load(Ordering::Relaxed) == 3
+    }
+
+    pub fn role_name(&self) -> &'static str {
+        match self.role.load(Ordering::Relaxed) {
+            3 => "leader",
+            2 => "candidate",
+            1 => "precandidate",
+            _ => "follower",
+        }
+    }
+
+    pub fn migration(&self) -> MigrationView {
+        self.migration.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    pub(crate) fn publish(&self, group: &Group) {
+        let s = group.raw().status();
+        self.leader.store(s.leader, Ordering::Relaxed);
+        self.term.store(s.term, Ordering::Relaxed);
+        self.commit.store(s.commit, Ordering::Relaxed);
+        self.applied.store(s.applied, Ordering::Relaxed);
+        let role = match s.role {
+            Role::Follower => 0,
+            Role::PreCandidate => 1,
+            Role::Candidate => 2,
+            Role::Leader => 3,
+        };
+        self.role.store(role, Ordering::Relaxed);
+        self.publish_shards(&group.machine().shards);
+    }
+
+    /// Republishes the migration state when the group applied a migration entry since the
+    /// last time (a lock taken a few times per configuration change, not per request).
+    fn publish_shards(&self, shards: &GroupShards) {
+        let index = shards.applied_index();
+        if self.migration_index.swap(index, Ordering::Relaxed) == index {
+            return;
+        }
+        if let Ok(mut m) = self.migration.lock() {
+            m.config_num = shards.config_num();
+            m.retired = shards.is_retired();
+            m.in_flight = shards
+                .shards()
+                .filter(|(_, p)| *p != Phase::Serving)
+                .collect();
+            m.serving = shards.shards().count() - m.in_flight.len();
+        }
+    }
 }
 
 /// The controller replica's facts, published after each of its turns (relaxed atomics).
@@ -123,27 +231,96 @@ pub struct ControllerView {
     pub term: AtomicU64,
     pub commit: AtomicU64,
     pub applied: AtomicU64,
-    /// The number of the latest configuration applied here.
+    /// The number of the latest configuration known here.
     pub config_num: AtomicU64,
 }
 
+impl Default for HostView {
+    fn default() -> Self {
+        HostView::new()
+    }
+}
+
 impl HostView {
-    pub fn new(groups: usize) -> HostView {
-        let v = || (0..groups).map(|_| AtomicU64::new(0)).collect();
+    pub fn new() -> HostView {
         HostView {
-            leaders: v(),
-            terms: v(),
-            commits: v(),
-            applied: v(),
-            roles: (0..groups).map(|_| AtomicU8::new(0)).collect(),
+            groups: Mutex::new(BTreeMap::new()),
+            removed: Mutex::new(BTreeSet::new()),
+            leader_hints: Mutex::new(HashMap::new()),
             controller: ControllerView::default(),
-            migration: (0..groups)
-                .map(|_| std::sync::Mutex::new(MigrationView::default()))
-                .collect(),
-            migration_index: v(),
-            config: std::sync::Mutex::new(None),
-            configs: std::sync::Mutex::new(BTreeMap::new()),
+            config: Mutex::new(None),
+            configs: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// The replica of group `id` on this host, if it runs one.
+    pub fn group(&self, id: ControllerGroupId) -> Option<Arc<GroupView>> {
+        self.groups.lock().ok()?.get(&id).cloned()
+    }
+
+    /// Every data group replica of this host, in group order.
+    pub fn groups(&self) -> Vec<Arc<GroupView>> {
+        self.groups
+            .lock()
+            .map(|g| g.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    pub fn register(&self, group: Arc<GroupView>) {
+        if let Ok(mut g) = self.groups.lock() {
+            let before = g.insert(group.id(), group);
+            assert!(before.is_none(), "a group has one replica per host");
+        }
+    }
+
+    pub fn unregister(&self, id: ControllerGroupId) {
+        if let Ok(mut g) = self.groups.lock() {
+            g.remove(&id);
+        }
+    }
+
+    /// Whether this host removed its replica of group `id` (it drained).
+    pub fn is_removed(&self, id: ControllerGroupId) -> bool {
+        self.removed.lock().is_ok_and(|r| r.contains(&id))
+    }
+
+    pub fn removed(&self) -> BTreeSet<ControllerGroupId> {
+        self.removed.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// Records that group `id`'s replica here was removed (its tombstone is durable).
+    pub fn mark_removed(&self, id: ControllerGroupId) {
+        if let Ok(mut r) = self.removed.lock() {
+            r.insert(id);
+        }
+    }
+
+    /// Records that `slot` leads group `group` in `term` (announced by that leader).
+    pub fn hint_leader(&self, group: ControllerGroupId, term: u64, slot: Slot) {
+        if let Ok(mut hints) = self.leader_hints.lock() {
+            let hint = hints.entry(group).or_insert((term, slot));
+            if term >= hint.0 {
+                *hint = (term, slot);
+            }
+        }
+    }
+
+    /// The leader of group `group` as this host knows it: from its replica here, else from the
+    /// group's announcements.
+    pub fn leader_of(&self, group: ControllerGroupId) -> Option<Slot> {
+        match self.group(group) {
+            Some(g) => g.leader_slot(),
+            None => self.leader_hints.lock().ok()?.get(&group).map(|h| h.1),
+        }
+    }
+
+    /// The highest term of any group replica here (the `CLUSTER SLOTS` epoch).
+    pub fn epoch(&self) -> u64 {
+        self.groups()
+            .iter()
+            .map(|g| g.term.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(0)
     }
 
     /// Publishes a configuration fetched from a controller host (a host without a controller
@@ -160,20 +337,26 @@ impl HostView {
                 *c = Some(config.clone());
             }
         }
+        self.keep(config);
+    }
+
+    /// Keeps configuration `config` for the groups of this host (one fetched for a walk or a
+    /// group's next step): it does not change which one is the latest.
+    pub fn keep(&self, config: Arc<Configuration>) {
         if let Ok(mut kept) = self.configs.lock() {
-            kept.insert(num, config);
+            kept.insert(config.num, config);
             while kept.len() > HOST_CONFIGS_KEPT {
                 kept.pop_first();
             }
         }
     }
 
-    /// Configuration `num` as this host's controller replica applied it.
+    /// Configuration `num` as this host knows it.
     pub fn config(&self, num: u64) -> Option<Arc<Configuration>> {
         self.configs.lock().ok()?.get(&num).cloned()
     }
 
-    /// The latest configuration this host knows from its controller replica.
+    /// The latest configuration this host knows.
     pub fn latest_config(&self) -> Option<Arc<Configuration>> {
         self.config.lock().map_or(None, |c| c.clone())
     }
@@ -211,37 +394,6 @@ impl HostView {
             }
         }
     }
-
-    /// Republishes core `g`'s migration state when its group applied a migration entry since
-    /// the last time (a lock taken a few times per configuration change, not per request).
-    fn publish_shards(&self, g: usize, shards: &GroupShards) {
-        let index = shards.applied_index();
-        if self.migration_index[g].swap(index, Ordering::Relaxed) == index {
-            return;
-        }
-        if let Ok(mut m) = self.migration[g].lock() {
-            m.config_num = shards.config_num();
-            m.in_flight = shards
-                .shards()
-                .filter(|(_, p)| *p != Phase::Serving)
-                .collect();
-        }
-    }
-
-    fn publish<M: Machine>(&self, g: usize, group: &Group<M>) {
-        let s = group.raw().status();
-        self.leaders[g].store(s.leader, Ordering::Relaxed);
-        self.terms[g].store(s.term, Ordering::Relaxed);
-        self.commits[g].store(s.commit, Ordering::Relaxed);
-        self.applied[g].store(s.applied, Ordering::Relaxed);
-        let role = match s.role {
-            Role::Follower => 0,
-            Role::PreCandidate => 1,
-            Role::Candidate => 2,
-            Role::Leader => 3,
-        };
-        self.roles[g].store(role, Ordering::Relaxed);
-    }
 }
 
 /// A sequenced (exactly-once) write's identity: the connection's session and the write's seq.
@@ -264,6 +416,8 @@ impl SessionWrite {
 
 /// One client request handed to the group of another core.
 pub struct Forward {
+    /// The configuration group it is for.
+    pub group: ControllerGroupId,
     pub ops: Vec<Op>,
     pub write: bool,
     /// A READONLY read: answered from the replica's applied state.
@@ -274,7 +428,7 @@ pub struct Forward {
     pub open_session: bool,
 }
 
-/// Requests forwarded between the cores of one host (a client on core a asked for a key of the
+/// Requests forwarded between the cores of one host (a client on core a asked for a key of a
 /// group on core b, whose leader is on this host) and their replies. Bounded channels, one per
 /// ordered pair of cores.
 pub enum CoreMsg {
@@ -285,17 +439,34 @@ pub enum CoreMsg {
 /// Forwarded requests in flight per ordered pair of cores.
 pub const FORWARD_CHANNEL_CAPACITY: usize = 4096;
 
+/// Where a request for a shard goes, seen from one core (`CoreCtx::target`).
+pub enum Target {
+    /// A group of this core decides: it serves the shard, or holds it in some phase and answers
+    /// by its own log (TRYAGAIN, ASK, MOVED).
+    Local(Rc<CoreGroup>),
+    /// The owner's replica on this host runs on core `core`.
+    Core {
+        core: u16,
+        group: ControllerGroupId,
+        /// That replica leads its group.
+        leader_here: bool,
+        /// The leader's slot, when that replica knows it.
+        leader: Option<Slot>,
+    },
+    /// The owner has no replica on this host: a client address of one of its replicas (the
+    /// leader's when this host knows it), or None while no configuration names an owner.
+    Remote(Option<SocketAddr>),
+}
+
 /// What a core's client connections share.
 pub struct CoreCtx {
     pub cfg: Arc<ServerConfig>,
     pub core: u16,
-    /// The data group this core was started with (the bootstrap's group `core`); client
-    /// requests and the migration driver use it.
-    pub group: Rc<RefCell<Group>>,
-    /// Every data group this core runs, by group id (peer routing, INFO).
+    /// Every data group replica this core runs, by group id (peer routing, requests, INFO).
     pub groups: Rc<CoreGroups>,
     pub view: Arc<HostView>,
-    pub wal: Rc<tynamo_wal::Wal>,
+    /// Outbound peer connections of this core (data groups' and the controller's messages).
+    pub senders: Rc<PeerSenders>,
     pub transport_stats: Rc<TransportStats>,
     pub bad_peer_frames: Rc<Cell<u64>>,
     pub next_connection_id: Cell<u64>,
@@ -307,14 +478,24 @@ pub struct CoreCtx {
     pub plan: Arc<ControlPlan>,
     /// The controller replica, on core 0 of a controller host.
     pub controller: Option<Rc<RefCell<Group<ControllerMachine>>>>,
+    /// Why a replica of this core failed for good (its storage): the core stops.
+    pub fatal: RefCell<Option<String>>,
+    pub fatal_wake: Signal,
 }
 
 impl CoreCtx {
-    /// Client address of `host`'s core `core`.
+    /// Client address of `host`'s core `core`: from `--initial-cluster`, else from the latest
+    /// configuration's host entry (hosts that joined later).
     pub fn client_addr(&self, host: u64, core: u16) -> Option<SocketAddr> {
-        self.cfg
-            .host(host)
-            .map(|h| SocketAddr::new(h.client.ip(), h.client.port() + core))
+        let base = match self.cfg.host(host) {
+            Some(h) if !self.cfg.joined || host == self.cfg.id => h.client,
+            _ => host_client_addr(self.view.latest_config()?.hosts.get(&host)?)?,
+        };
+        Some(SocketAddr::new(base.ip(), base.port().checked_add(core)?))
+    }
+
+    pub fn slot_client_addr(&self, slot: Slot) -> Option<SocketAddr> {
+        self.client_addr(slot.host, slot.core)
     }
 
     /// Whether this host runs a controller replica (on core 0).
@@ -322,8 +503,8 @@ impl CoreCtx {
         self.plan.node_of_host(self.cfg.id).is_some()
     }
 
-    /// Hands `ops` to the group on `core` (same host) and returns the slots its replies will
-    /// fill, or None when that core's queue is full.
+    /// Hands `forward` to the group on `core` (same host) and returns the slots its replies
+    /// will fill, or None when that core's queue is full.
     pub fn forward(&self, core: u16, forward: Forward) -> Option<Vec<ReplySlot>> {
         let sender = self.forward.borrow().get(&core).cloned()?;
         let id = self.next_forward_id.get();
@@ -335,10 +516,99 @@ impl CoreCtx {
         self.forwarded.borrow_mut().insert(id, slots.clone());
         Some(slots)
     }
+
+    /// Where a request for `shard` goes. A group of this core that holds the shard decides
+    /// (one that serves it first, then one importing it, then one exporting it: two groups of
+    /// one core may hold the same shard while it moves between them); else the shard's owner in
+    /// the latest configuration, wherever its replica on this host runs, or elsewhere.
+    pub fn target(&self, shard: u16) -> Target {
+        let mut moved_to = None;
+        if let Some((group, route)) = self.groups.best_route(shard) {
+            match route {
+                Route::Moved { group: to } => {
+                    let num = group.group.borrow().machine().shards.config_num();
+                    moved_to = Some((to, num));
+                }
+                _ => return Target::Local(group),
+            }
+        }
+        // The owner in the newest configuration at hand: this host's view, or a local group's
+        // own (a group may have accepted a configuration this host's view has not caught up
+        // with yet: views of hosts without a controller replica are refreshed by polling).
+        let latest = self.view.latest_config();
+        let assigned = |g: ControllerGroupId| (g != controller::GROUP_NONE).then_some(g);
+        let owner = match (latest.as_deref(), moved_to) {
+            (Some(c), Some((to, num))) if num > c.num => assigned(to),
+            (Some(c), _) => c.owner(shard).and_then(assigned),
+            (None, Some((to, _))) => assigned(to),
+            // No configuration yet: the static map (group k + 1 on core k).
+            (None, None) => Some(ControllerGroupId::from(self.cfg.shard_group(shard)) + 1),
+        };
+        let Some(owner) = owner else {
+            return Target::Remote(None);
+        };
+        // The owner runs here (it has not accepted the configuration that gives it the shard
+        // yet): it decides, by its own log.
+        if let Some(group) = self.groups.by_config(owner) {
+            return Target::Local(group);
+        }
+        if let Some(gv) = self.view.group(owner) {
+            let leader = gv.leader_slot();
+            return Target::Core {
+                core: gv.spec.core,
+                group: owner,
+                leader_here: gv.is_leader(),
+                leader,
+            };
+        }
+        Target::Remote(self.group_addr(owner, latest.as_deref()))
+    }
+
+    /// A client address for configuration group `group`: its leader's when this host has a
+    /// replica that knows it, else this host's replica (which knows more), else the announced
+    /// leader if it is one of the group's replicas, else the first replica the latest
+    /// configuration lists (it redirects to its leader).
+    pub fn group_addr(
+        &self,
+        group: ControllerGroupId,
+        latest: Option<&Configuration>,
+    ) -> Option<SocketAddr> {
+        if let Some(gv) = self.view.group(group) {
+            let slot = gv.leader_slot().unwrap_or(Slot {
+                host: self.cfg.id,
+                core: gv.spec.core,
+            });
+            return self.slot_client_addr(slot);
+        }
+        let owned;
+        let config = match latest {
+            Some(c) => c,
+            None => {
+                owned = self.view.latest_config()?;
+                &owned
+            }
+        };
+        let replicas = &config.groups.get(&group)?.replicas;
+        let hint = self
+            .view
+            .leader_of(group)
+            .filter(|h| replicas.iter().any(|r| r.slot == *h));
+        let slot = hint.or(replicas.first().map(|r| r.slot))?;
+        self.slot_client_addr(slot)
+    }
+
+    /// The client address of node `node` of configuration group `group` (a leader hint).
+    pub fn node_addr(&self, group: ControllerGroupId, node: NodeId) -> Option<SocketAddr> {
+        let slot = match self.groups.by_config(group) {
+            Some(g) => g.view.spec.slot_of(node),
+            None => self.view.group(group)?.spec.slot_of(node),
+        }?;
+        self.slot_client_addr(slot)
+    }
 }
 
-/// Serves what another core of this host sends: requests for this core's group, and replies to
-/// requests this core forwarded.
+/// Serves what another core of this host sends: requests for a group of this core, and replies
+/// to requests this core forwarded.
 async fn forward_receiver(
     ctx: Rc<CoreCtx>,
     from: u16,
@@ -348,30 +618,44 @@ async fn forward_receiver(
         match msg {
             CoreMsg::Request { id, forward } => {
                 let Forward {
+                    group,
                     ops,
                     write,
                     stale,
                     session,
                     open_session,
                 } = forward;
-                let slots: Vec<ReplySlot> = {
-                    let mut g = ctx.group.borrow_mut();
-                    if let (Some(s), true) = (session, open_session) {
-                        // Same turn, ahead of the write: the write's reply answers for both.
-                        let _ = g.submit_write(s.open());
-                    }
-                    let (client_id, seq) = session.map_or((0, 0), |s| (s.client_id, s.seq));
-                    ops.into_iter()
-                        .map(|op| {
-                            if stale {
-                                ReplySlot::ready(GroupReply::Done(g.stale_read(&op)))
-                            } else if write {
-                                g.submit_write(KvCommand { client_id, seq, op })
-                            } else {
-                                g.submit_read(op)
-                            }
+                let slots: Vec<ReplySlot> = match ctx.groups.by_config(group) {
+                    // Removed since the sender looked (it drained): the client retries and
+                    // finds the new owner.
+                    None => ops
+                        .iter()
+                        .map(|_| {
+                            ReplySlot::ready(GroupReply::Unavailable(format!(
+                                "group {group} is not on core {} any more",
+                                ctx.core
+                            )))
                         })
-                        .collect()
+                        .collect(),
+                    Some(entry) => {
+                        let mut g = entry.group.borrow_mut();
+                        if let (Some(s), true) = (session, open_session) {
+                            // Same turn, ahead of the write: the write's reply answers for both.
+                            let _ = g.submit_write(s.open());
+                        }
+                        let (client_id, seq) = session.map_or((0, 0), |s| (s.client_id, s.seq));
+                        ops.into_iter()
+                            .map(|op| {
+                                if stale {
+                                    ReplySlot::ready(GroupReply::Done(g.stale_read(&op)))
+                                } else if write {
+                                    g.submit_write(KvCommand { client_id, seq, op })
+                                } else {
+                                    g.submit_read(op)
+                                }
+                            })
+                            .collect()
+                    }
                 };
                 let Some(back) = ctx.forward.borrow().get(&from).cloned() else {
                     continue;
@@ -402,39 +686,54 @@ struct CoreChannels {
     receivers: Vec<(u16, SharedReceiver<CoreMsg>)>,
 }
 
-/// The data groups one core runs, keyed by their peer group id: where peer frames are routed.
+/// The data group replicas one core runs, keyed by their peer group id: where peer frames are
+/// routed, and which group a request for a shard goes to.
 ///
-/// Today a core runs one data group fixed at start (the bootstrap's group `core`); the registry
-/// is keyed by group id so that groups a configuration creates on this core (Join) can be added
-/// and those it no longer lists removed (Leave) while the core runs, without touching routing.
-/// Messages for a group this core does not run (not created yet, or already removed) are
-/// dropped and counted: Raft retries them from its progress state.
+/// Replicas are added when a configuration places a group here (or at start) and removed once
+/// their group drained (`replica`), while the core runs. Messages for a group this core does
+/// not run (not created yet, or already removed) are dropped and counted: Raft retries them
+/// from its progress state.
 #[derive(Default)]
 pub struct CoreGroups {
-    groups: RefCell<BTreeMap<GroupId, Rc<RefCell<Group>>>>,
+    groups: RefCell<BTreeMap<GroupId, Rc<CoreGroup>>>,
     /// Messages that named a data group this core does not run.
     pub messages_unrouted: Cell<u64>,
 }
 
 impl CoreGroups {
-    /// Registers `group` under its id. A group id is registered at most once at a time: two
-    /// replicas of one group on one core would both answer for the same Raft node.
-    pub fn insert(&self, group: Rc<RefCell<Group>>) {
-        let id = group.borrow().id;
-        let before = self.groups.borrow_mut().insert(id, group);
+    /// Registers `entry` under its group id. A group id is registered at most once at a time:
+    /// two replicas of one group on one core would both answer for the same Raft node.
+    pub fn insert(&self, entry: Rc<CoreGroup>) {
+        let id = entry.group.borrow().id;
+        let before = self.groups.borrow_mut().insert(id, entry);
         assert!(
             before.is_none(),
             "data group {id} registered twice on one core"
         );
     }
 
-    /// Unregisters group `id` (its replica stopped); returns it if it was registered.
-    pub fn remove(&self, id: GroupId) -> Option<Rc<RefCell<Group>>> {
+    /// Unregisters group `id` (its replica stops); returns it if it was registered.
+    pub fn remove(&self, id: GroupId) -> Option<Rc<CoreGroup>> {
         self.groups.borrow_mut().remove(&id)
     }
 
-    pub fn get(&self, id: GroupId) -> Option<Rc<RefCell<Group>>> {
+    pub fn get(&self, id: GroupId) -> Option<Rc<CoreGroup>> {
         self.groups.borrow().get(&id).cloned()
+    }
+
+    /// The replica of configuration group `group`, if this core runs it.
+    pub fn by_config(&self, group: ControllerGroupId) -> Option<Rc<CoreGroup>> {
+        self.get(group.checked_sub(1)?)
+    }
+
+    /// The first replica of this core (lowest group id), for INFO's group sections.
+    pub fn first(&self) -> Option<Rc<CoreGroup>> {
+        self.groups.borrow().values().next().cloned()
+    }
+
+    /// Every replica of this core, in group id order.
+    pub fn all(&self) -> Vec<Rc<CoreGroup>> {
+        self.groups.borrow().values().cloned().collect()
     }
 
     /// The ids of the groups this core runs, ascending.
@@ -442,10 +741,33 @@ impl CoreGroups {
         self.groups.borrow().keys().copied().collect()
     }
 
+    /// The group of this core that holds `shard` in the most useful phase (serving, then
+    /// arriving, then leaving), or else any group's idea of the owner (`Route::Moved`).
+    pub fn best_route(&self, shard: u16) -> Option<(Rc<CoreGroup>, Route)> {
+        let rank = |r: &Route| match r {
+            Route::Serve => 0,
+            Route::TryAgain => 1,
+            Route::Ask { .. } => 2,
+            Route::Moved { .. } => 3,
+        };
+        let groups = self.groups.borrow();
+        let mut best: Option<(&Rc<CoreGroup>, Route)> = None;
+        for entry in groups.values() {
+            let route = entry.group.borrow().machine().shards.route(shard);
+            if route == Route::Serve {
+                return Some((entry.clone(), route));
+            }
+            if best.as_ref().map_or(true, |(_, b)| rank(&route) < rank(b)) {
+                best = Some((entry, route));
+            }
+        }
+        best.map(|(e, r)| (e.clone(), r))
+    }
+
     /// One tick for every group of the core.
     fn tick_due(&self) {
         for g in self.groups.borrow().values() {
-            g.borrow_mut().tick_due();
+            g.group.borrow_mut().tick_due();
         }
     }
 
@@ -453,7 +775,7 @@ impl CoreGroups {
     fn deliver(&self, id: GroupId, m: Message) -> bool {
         match self.groups.borrow().get(&id) {
             Some(g) => {
-                g.borrow_mut().deliver(m);
+                g.group.borrow_mut().deliver(m);
                 true
             }
             None => {
@@ -464,72 +786,103 @@ impl CoreGroups {
     }
 }
 
-/// The outbound peer connections of one core, by host id: core c of this host talks to core c
-/// of every other host.
+/// The outbound peer connections of one core, by destination (host, core): a group's members
+/// may run on any core of their hosts, so core c of this host talks to whichever cores its
+/// groups' members run on (the static map's groups and the controller keep core c to core c).
 ///
-/// The hosts of the static map get a connection at start; a host that joined later is only in
-/// the controller's configurations, so its connection is opened on demand from the
-/// configuration's host entry (`peer/client`, core 0's addresses; core c uses port + c) the
-/// first time a configuration names it ([`PeerSenders::open_config_hosts`]).
+/// A connection is opened the first time a message goes to a destination, to that host's peer
+/// address from `--initial-cluster` or, for a host that joined later, from the latest
+/// configuration's host entry (`peer/client`, core 0's addresses; core c uses port + c). A host
+/// keeps its address for life, so the first address it is known by is the one used.
 pub struct PeerSenders {
     me: CoreId,
     tcfg: Rc<TransportConfig>,
     stats: Rc<TransportStats>,
-    senders: RefCell<HashMap<u64, PeerSender>>,
+    cfg: Arc<ServerConfig>,
+    view: Arc<HostView>,
+    senders: RefCell<HashMap<CoreId, PeerSender>>,
 }
 
 impl PeerSenders {
-    fn new(me: CoreId, tcfg: Rc<TransportConfig>, stats: Rc<TransportStats>) -> PeerSenders {
+    fn new(
+        me: CoreId,
+        tcfg: Rc<TransportConfig>,
+        stats: Rc<TransportStats>,
+        cfg: Arc<ServerConfig>,
+        view: Arc<HostView>,
+    ) -> PeerSenders {
         PeerSenders {
             me,
             tcfg,
             stats,
+            cfg,
+            view,
             senders: RefCell::new(HashMap::new()),
         }
     }
 
-    /// Opens a connection to core `self.me.core` of `host` at `core0_peer` (that host's core 0
-    /// peer address), unless one is open already (the first address a host is known by wins:
-    /// a host keeps its address for life).
-    fn open(&self, host: u64, core0_peer: SocketAddr) {
-        if host == self.me.host || self.senders.borrow().contains_key(&host) {
-            return;
-        }
-        let core = self.me.core;
-        let to = CoreId { host, core };
-        let Some(port) = core0_peer.port().checked_add(core) else {
-            eprintln!("tynamo: core {core}: host {host}'s peer port {core0_peer} + core overflows");
-            return;
+    /// The peer address of core `to.core` of host `to.host`, if this host knows the host.
+    fn peer_addr(&self, to: CoreId) -> Option<SocketAddr> {
+        let base = match self.cfg.host(to.host) {
+            Some(h) if !self.cfg.joined => h.peer,
+            _ => host_peer_addr(self.view.latest_config()?.hosts.get(&to.host)?)?,
         };
-        let addr = SocketAddr::new(core0_peer.ip(), port);
-        let sender = PeerSender::spawn(self.me, to, addr, self.tcfg.clone(), self.stats.clone());
-        self.senders.borrow_mut().insert(host, sender);
+        Some(SocketAddr::new(
+            base.ip(),
+            base.port().checked_add(to.core)?,
+        ))
     }
 
-    /// Opens connections to the hosts of `config` this core has none to yet (hosts that joined
-    /// after start). A host entry whose address does not parse is skipped and said once per
-    /// call: the controller only stores addresses `tynamo ctl join` parsed, so it is a bug.
-    pub fn open_config_hosts(&self, config: &Configuration) {
-        for (&host, h) in &config.hosts {
-            if host == self.me.host || self.senders.borrow().contains_key(&host) {
-                continue;
-            }
-            match host_peer_addr(h) {
-                Some(peer) => self.open(host, peer),
-                None => eprintln!(
-                    "tynamo: core {}: configuration {} host {host}: no peer address in {:?}",
-                    self.me.core, config.num, h.addr
-                ),
-            }
+    /// Opens the connection to `to` now (it connects when there is something to send).
+    fn open(&self, to: CoreId) -> bool {
+        if to.host == self.me.host {
+            return false;
         }
+        if self.senders.borrow().contains_key(&to) {
+            return true;
+        }
+        let Some(addr) = self.peer_addr(to) else {
+            return false;
+        };
+        let sender = PeerSender::spawn(self.me, to, addr, self.tcfg.clone(), self.stats.clone());
+        self.senders.borrow_mut().insert(to, sender);
+        true
     }
 
-    /// Queues `frame` for `host`; false when there is no connection to it or its outbox is full.
-    fn send(&self, host: u64, frame: &[u8]) -> bool {
-        self.senders
-            .borrow()
-            .get(&host)
-            .is_some_and(|s| s.send(frame))
+    /// Queues `frame` for `to`; false when it has no known address or its outbox is full.
+    fn send(&self, to: CoreId, frame: &[u8]) -> bool {
+        if let Some(s) = self.senders.borrow().get(&to) {
+            return s.send(frame);
+        }
+        self.open(to)
+            && self
+                .senders
+                .borrow()
+                .get(&to)
+                .is_some_and(|s| s.send(frame))
+    }
+}
+
+/// How long a starting core retries a listening address that is still in use.
+const BIND_RETRY_MS_MAX: u64 = 5_000;
+
+/// Binds `addr` (refusing to share it, `bind_exclusive`), retrying for a few seconds while it
+/// is in use: a host restarted right after a SIGKILL finds its ports still held for a moment
+/// (io_uring releases the files of a dead process's pending requests asynchronously), and an
+/// operator's immediate restart must not fail on that. Another process that really holds the
+/// address is still refused, with the address named, once the time is up.
+async fn bind_retrying(addr: SocketAddr) -> Result<glommio::net::TcpListener, String> {
+    let start = std::time::Instant::now();
+    loop {
+        match bind_exclusive(addr) {
+            Ok(l) => return Ok(l),
+            Err(super::transport::TransportError::AddressInUse { .. })
+                if start.elapsed() < Duration::from_millis(BIND_RETRY_MS_MAX) =>
+            {
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e.to_string()),
+        }
     }
 }
 
@@ -591,11 +944,31 @@ fn placement(cfg: &ServerConfig, core: u16) -> Placement {
 }
 
 /// Runs the server until a core fails. Each core is one executor thread.
-pub fn run(cfg: ServerConfig) -> Result<(), NodeError> {
+pub fn run(mut cfg: ServerConfig) -> Result<(), NodeError> {
+    // A joined host learns the cluster (its first start) or reads what it learnt.
+    let joined_config = super::join::prepare(&mut cfg)?;
     cfg.validate()?;
+    let disk = super::replica::scan(&cfg.data_dir).map_err(NodeError::Data)?;
+    if let Some((&core, _)) = disk.specs.range(cfg.cores..).next() {
+        return Err(NodeError::Data(format!(
+            "{} holds a group replica of core {core}, but --cores is {}",
+            cfg.data_dir.display(),
+            cfg.cores
+        )));
+    }
+    let plan = Arc::new(match &joined_config {
+        Some(config) => ControlPlan::from_config(config),
+        None => ControlPlan::new(&cfg),
+    });
     let cfg = Arc::new(cfg);
-    let view = Arc::new(HostView::new(usize::from(cfg.cores)));
-    let plan = Arc::new(ControlPlan::new(&cfg));
+    let view = Arc::new(HostView::new());
+    for &g in &disk.removed {
+        view.mark_removed(g);
+    }
+    if let Some(config) = joined_config {
+        view.publish_fetched(config);
+    }
+    let disk = Arc::new(disk);
     let (done_tx, done_rx) = std::sync::mpsc::channel::<Result<(), NodeError>>();
     let mut channels: Vec<CoreChannels> = (0..cfg.cores)
         .map(|_| CoreChannels {
@@ -615,14 +988,14 @@ pub fn run(cfg: ServerConfig) -> Result<(), NodeError> {
     let mut handles = Vec::new();
     for (core, chans) in (0..cfg.cores).zip(channels) {
         let (cfg2, view2, tx) = (cfg.clone(), view.clone(), done_tx.clone());
-        let plan2 = plan.clone();
+        let (plan2, disk2) = (plan.clone(), disk.clone());
         let builder = LocalExecutorBuilder::new(placement(&cfg, core))
             .name(&format!("tynamo-core-{core}"))
             .io_memory(cfg.io_memory_bytes)
             .preempt_timer(Duration::from_millis(10));
         let handle = builder
             .spawn(move || async move {
-                let r = run_core(cfg2, core, view2, plan2, chans).await;
+                let r = run_core(cfg2, core, view2, plan2, chans, disk2).await;
                 let _ = tx.send(r);
             })
             .map_err(|e| NodeError::Executor {
@@ -642,7 +1015,7 @@ pub fn run(cfg: ServerConfig) -> Result<(), NodeError> {
     }
 }
 
-fn raft_config(cfg: &ServerConfig, node: NodeId) -> raft::Config {
+pub(crate) fn raft_config(cfg: &ServerConfig, node: NodeId) -> raft::Config {
     let mut rc = raft::Config::new(node);
     rc.heartbeat_ticks = cfg.heartbeat_ticks();
     rc.election_ticks = cfg.election_ticks();
@@ -668,18 +1041,15 @@ async fn run_core(
     view: Arc<HostView>,
     plan: Arc<ControlPlan>,
     channels: CoreChannels,
+    disk: Arc<DiskGroups>,
 ) -> Result<(), NodeError> {
     let err = |why: String| NodeError::Core { core, why };
     let me = cfg
         .me()
         .cloned()
         .ok_or_else(|| err("this host is not in the cluster map".into()))?;
-    let spec = DataGroupSpec::bootstrap(&cfg, core);
-    let hosts_by_node = spec.hosts_by_node.clone();
-    let opened = open_data_group(&cfg, core, &spec).await.map_err(err)?;
-    let (group, wal) = (opened.group.clone(), opened.wal.clone());
     let controller = match (core, plan.node_of_host(cfg.id)) {
-        (0, Some(node)) => Some(open_controller(&cfg, &plan, node).await?),
+        (0, Some(node)) if cfg.initial_host() => Some(open_controller(&cfg, &plan, node).await?),
         _ => None,
     };
 
@@ -691,11 +1061,9 @@ async fn run_core(
     let tstats = Rc::new(TransportStats::default());
     let me_core = CoreId { host: cfg.id, core };
     let peer_addr = SocketAddr::new(me.peer.ip(), me.peer.port() + core);
-    let listener = bind_exclusive(peer_addr).map_err(|e| err(e.to_string()))?;
+    let listener = bind_retrying(peer_addr).await.map_err(err)?;
     let bad_frames = Rc::new(Cell::new(0));
     let groups = Rc::new(CoreGroups::default());
-    groups.insert(group.clone());
-    let ctx_groups = groups.clone();
     let sink = Rc::new(GroupSink {
         groups: groups.clone(),
         controller: controller.as_ref().map(|c| c.group.clone()),
@@ -703,22 +1071,29 @@ async fn run_core(
         bad_frames: bad_frames.clone(),
     });
     spawn_listener(listener, me_core, tcfg.clone(), tstats.clone(), sink);
-    let senders = Rc::new(PeerSenders::new(me_core, tcfg.clone(), tstats.clone()));
-    // Core 0's connections also carry the controller's messages to the other controller hosts.
-    for h in cfg.hosts.iter().filter(|h| h.id != cfg.id) {
-        senders.open(h.id, h.peer);
+    let senders = Rc::new(PeerSenders::new(
+        me_core,
+        tcfg.clone(),
+        tstats.clone(),
+        cfg.clone(),
+        view.clone(),
+    ));
+    // The static map's groups and the controller talk core c to core c of the initial hosts.
+    if cfg.initial_host() {
+        for h in cfg.hosts.iter().filter(|h| h.id != cfg.id) {
+            senders.open(CoreId { host: h.id, core });
+        }
     }
 
     // Clients.
     let client_addr = SocketAddr::new(me.client.ip(), me.client.port() + core);
-    let client_listener = bind_exclusive(client_addr).map_err(|e| err(e.to_string()))?;
+    let client_listener = bind_retrying(client_addr).await.map_err(err)?;
     let ctx = Rc::new(CoreCtx {
         cfg: cfg.clone(),
         core,
-        group: group.clone(),
-        groups,
+        groups: groups.clone(),
         view: view.clone(),
-        wal: wal.clone(),
+        senders: senders.clone(),
         transport_stats: tstats,
         bad_peer_frames: bad_frames,
         next_connection_id: Cell::new(u64::from(core) << 48),
@@ -728,7 +1103,24 @@ async fn run_core(
         next_forward_id: Cell::new(1),
         plan: plan.clone(),
         controller: controller.as_ref().map(|c| c.group.clone()),
+        fatal: RefCell::new(None),
+        fatal_wake: Signal::default(),
     });
+
+    // This core's replicas, as the data directory (and the static map) says.
+    for spec in super::replica::start_specs(&cfg, core, &disk) {
+        super::replica::start(&ctx, spec).await.map_err(err)?;
+    }
+    for &peer_id in &disk.without_spec {
+        if core == 0 && !(cfg.initial_host() && peer_id < u64::from(cfg.cores)) {
+            eprintln!(
+                "tynamo: {}: group-{peer_id} has no spec (a creation interrupted before its \
+                 log existed); a configuration that places the group here recreates it",
+                cfg.data_dir.display()
+            );
+        }
+    }
+
     // Connecting waits for the other end's executor; do it off the start path.
     for (to, tx) in channels.senders {
         let ctx2 = ctx.clone();
@@ -746,21 +1138,20 @@ async fn run_core(
         })
         .detach();
     }
-    glommio::spawn_local(super::migrate::drive(ctx.clone())).detach();
+    glommio::spawn_local(super::replica::walk(ctx.clone())).detach();
     if core == 0 && !ctx.controller_local() {
         glommio::spawn_local(super::migrate::follow_controller(ctx.clone())).detach();
     }
-    glommio::spawn_local(super::server::accept_loop(client_listener, ctx)).detach();
+    glommio::spawn_local(super::server::accept_loop(client_listener, ctx.clone())).detach();
 
     // Ticker (one for the core's groups: a tick wakes each, including groups registered
     // after start).
     let tick = Duration::from_millis(cfg.tick_ms);
-    let tick_groups = ctx_groups.clone();
     let c2 = controller.as_ref().map(|c| c.group.clone());
     glommio::spawn_local(async move {
         loop {
             glommio::timer::sleep(tick).await;
-            tick_groups.tick_due();
+            groups.tick_due();
             if let Some(c) = &c2 {
                 c.borrow_mut().tick_due();
             }
@@ -768,26 +1159,16 @@ async fn run_core(
     })
     .detach();
 
-    // Connections to hosts that joined after start, once a configuration names them.
-    glommio::spawn_local(open_joined_hosts(
-        senders.clone(),
-        view.clone(),
-        cfg.heartbeat_ms,
-    ))
-    .detach();
-
-    // The group loops; the core stops only on a fatal error of a replica or its storage.
-    let view2 = view.clone();
-    let g = usize::from(core);
-    let data = run_data_group(
-        opened,
-        senders.clone(),
-        move |node| hosts_by_node.get(&node).copied(),
-        move |gr: &Group| {
-            view2.publish(g, gr);
-            view2.publish_shards(g, &gr.machine().shards);
-        },
-    );
+    // The core stops only on a fatal error of a replica or its storage.
+    let ctx2 = ctx.clone();
+    let data = async move {
+        loop {
+            if let Some(why) = ctx2.fatal.borrow_mut().take() {
+                return why;
+            }
+            ctx2.fatal_wake.wait().await;
+        }
+    };
     let why = match controller {
         Some(c) => {
             let control = c.run(senders, view, plan, cfg.heartbeat_ms);
@@ -796,177 +1177,6 @@ async fn run_core(
         None => data.await,
     };
     Err(err(why))
-}
-
-/// What one data group replica on a core is: its ids, its Raft node id and members, and which
-/// host runs each member (peer messages go to core `core` of that host).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DataGroupSpec {
-    /// The group id its peer frames carry; its storage is `group-{peer_id}` in the data dir.
-    pub peer_id: GroupId,
-    /// The group's id in the controller's configurations (`peer_id + 1`).
-    pub config_group: controller::GroupId,
-    /// This replica's Raft node id.
-    pub node: NodeId,
-    /// The members a fresh replica bootstraps with (ascending).
-    pub voters: Vec<NodeId>,
-    /// Raft node id -> host id, for every member.
-    pub hosts_by_node: BTreeMap<NodeId, u64>,
-}
-
-impl DataGroupSpec {
-    /// The static map's group on `core`: a replica on every host, whose Raft node id is its
-    /// host id (what every log written so far uses, so it must stay so).
-    pub fn bootstrap(cfg: &ServerConfig, core: u16) -> DataGroupSpec {
-        let voters = cfg.voters();
-        DataGroupSpec {
-            peer_id: GroupId::from(core),
-            config_group: super::migrate::group_of_core(core),
-            node: cfg.id,
-            hosts_by_node: voters.iter().map(|&h| (h, h)).collect(),
-            voters,
-        }
-    }
-
-    /// Configuration group `group`'s replica on (`host`, `core`), if `config` places one
-    /// there. A group created after the bootstrap uses the configuration's node ids (1, 2, ...
-    /// in replica order), the same on every host, whichever hosts joined later.
-    pub fn from_config(
-        config: &Configuration,
-        group: controller::GroupId,
-        host: u64,
-        core: u16,
-    ) -> Option<DataGroupSpec> {
-        let g = config.groups.get(&group)?;
-        let mine = g
-            .replicas
-            .iter()
-            .find(|r| r.slot.host == host && r.slot.core == core)?;
-        let mut voters: Vec<NodeId> = g.replicas.iter().map(|r| r.node_id).collect();
-        voters.sort_unstable();
-        Some(DataGroupSpec {
-            peer_id: group.checked_sub(1)?,
-            config_group: group,
-            node: mine.node_id,
-            voters,
-            hosts_by_node: g
-                .replicas
-                .iter()
-                .map(|r| (r.node_id, r.slot.host))
-                .collect(),
-        })
-    }
-}
-
-/// A data group replica opened from its storage, not yet running.
-struct OpenedGroup {
-    group: Rc<RefCell<Group>>,
-    storage: GroupStorage,
-    wal: Rc<tynamo_wal::Wal>,
-    snapshots: Rc<tynamo_wal::SnapshotStore>,
-}
-
-/// Opens (or, on an empty directory, creates with `spec.voters`) data group `spec` on `core`:
-/// its WAL, snapshot and state machine. A new replica holds no shard: the first configuration
-/// that names its group gives it its shards.
-async fn open_data_group(
-    cfg: &ServerConfig,
-    core: u16,
-    spec: &DataGroupSpec,
-) -> Result<OpenedGroup, String> {
-    let dir = cfg.data_dir.join(format!("group-{}", spec.peer_id));
-    let wal_opts = WalOptions {
-        segment_bytes: cfg.segment_bytes,
-        entry_bytes_max: super::config::ENTRY_BYTES_MAX,
-        ..WalOptions::default()
-    };
-    let kvc = kv_config(cfg);
-    let (storage, recovered) = GroupStorage::open(spec.peer_id, &dir, wal_opts, &spec.voters)
-        .await
-        .map_err(|e| format!("group {}: {e}", spec.peer_id))?;
-    let machine = match recovered.machine_snapshot() {
-        Some((index, data)) => KvMachine::restore(kvc.clone(), spec.config_group, data)
-            .map_err(|e| format!("snapshot {index} in {}: {e}", dir.display()))?,
-        None => KvMachine::new(
-            kv::StateMachine::new(kvc.clone(), []),
-            kvc,
-            spec.config_group,
-        ),
-    };
-    let seed = cfg.id.wrapping_mul(0x9e37_79b9_7f4a_7c15)
-        ^ u64::from(core)
-        ^ spec.peer_id.rotate_left(32)
-        ^ now_nanos();
-    let raw = RawNode::new(raft_config(cfg, spec.node), recovered.initial, seed)
-        .map_err(|e| format!("group {}: raft config: {e}", spec.peer_id))?;
-    let group = Rc::new(RefCell::new(Group::new(
-        spec.peer_id,
-        raw,
-        machine,
-        u64::from(cfg.election_ticks()),
-    )));
-    let (wal, snapshots) = (storage.wal.clone(), storage.snapshots.clone());
-    Ok(OpenedGroup {
-        group,
-        storage,
-        wal,
-        snapshots,
-    })
-}
-
-/// Runs an opened data group: its persister and its loop (`host_of` maps its node ids to
-/// hosts, `publish` runs after each turn). Returns why it stopped: a fatal error of the replica
-/// or of its storage.
-async fn run_data_group(
-    opened: OpenedGroup,
-    senders: Rc<PeerSenders>,
-    host_of: impl Fn(NodeId) -> Option<u64>,
-    publish: impl Fn(&Group),
-) -> String {
-    let OpenedGroup {
-        group,
-        storage,
-        wal,
-        snapshots,
-    } = opened;
-    let wake = group.borrow().wake.clone();
-    let persist_wake = Rc::new(Signal::default());
-    let persister =
-        glommio::spawn_local(persist_loop(group.clone(), storage, persist_wake.clone()));
-    let looper = group_loop(
-        group,
-        wake,
-        persist_wake,
-        senders,
-        host_of,
-        publish,
-        snapshots,
-        wal,
-    );
-    futures_lite::future::or(looper, async {
-        let e = persister.await;
-        format!("storage failed: {e}")
-    })
-    .await
-}
-
-/// Every heartbeat: when this host knows a newer configuration, opens peer connections to the
-/// hosts it names that this core has none to (a few map lookups per configuration change; an
-/// unchanged number costs one atomic load).
-async fn open_joined_hosts(senders: Rc<PeerSenders>, view: Arc<HostView>, period_ms: u64) {
-    let every = Duration::from_millis(period_ms.max(1));
-    let mut seen = 0;
-    loop {
-        glommio::timer::sleep(every).await;
-        let num = view.controller.config_num.load(Ordering::Relaxed);
-        if num == seen {
-            continue;
-        }
-        if let Some(config) = view.latest_config() {
-            senders.open_config_hosts(&config);
-            seen = config.num;
-        }
-    }
 }
 
 /// The controller replica of this host, opened but not yet running.
@@ -1039,7 +1249,11 @@ impl ControllerReplica {
             wake,
             persist_wake,
             senders,
-            move |node| plan2.host_of_node(node),
+            move |node| {
+                plan2
+                    .host_of_node(node)
+                    .map(|host| CoreId { host, core: 0 })
+            },
             move |gr: &Group<ControllerMachine>| view.publish_controller(&plan, gr),
             snapshots,
             wal,
@@ -1083,21 +1297,21 @@ async fn bootstrap_loop(
     }
 }
 
-fn now_nanos() -> u64 {
+pub(crate) fn now_nanos() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
-/// One group's loop: turns, sending (`host_of` maps the group's node ids to hosts), publishing
-/// its state after each turn, and saving the snapshots it takes.
+/// One group's loop: turns, sending (`host_of` maps the group's node ids to the cores that run
+/// them), publishing its state after each turn, and saving the snapshots it takes.
 #[allow(clippy::too_many_arguments)]
-async fn group_loop<M: Machine + 'static>(
+pub(crate) async fn group_loop<M: Machine + 'static>(
     group: Rc<RefCell<Group<M>>>,
     wake: Rc<Signal>,
     persist_wake: Rc<Signal>,
     senders: Rc<PeerSenders>,
-    host_of: impl Fn(NodeId) -> Option<u64>,
+    host_of: impl Fn(NodeId) -> Option<CoreId>,
     publish: impl Fn(&Group<M>),
     snapshots: Rc<tynamo_wal::SnapshotStore>,
     wal: Rc<tynamo_wal::Wal>,
@@ -1151,7 +1365,7 @@ fn send_messages(
     group: GroupId,
     messages: &mut [Message],
     senders: &PeerSenders,
-    host_of: &impl Fn(NodeId) -> Option<u64>,
+    host_of: &impl Fn(NodeId) -> Option<CoreId>,
 ) {
     if messages.is_empty() {
         return;
@@ -1173,11 +1387,11 @@ fn send_messages(
             refs.push((group, &messages[at]));
             at += 1;
         }
-        if let Some(host) = host_of(to) {
+        if let Some(dest) = host_of(to) {
             let frame = encode_batch(fbb, &refs);
-            // A full outbox (or a host not connected yet) drops the frame: Raft retries from
-            // its progress state.
-            let _ = senders.send(host, frame);
+            // A full outbox (or a host not known yet) drops the frame: Raft retries from its
+            // progress state.
+            let _ = senders.send(dest, frame);
         }
     }
 }
@@ -1185,21 +1399,6 @@ fn send_messages(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::controller::{Reply, StateMachine};
-    use crate::node::config::parse_initial_cluster;
-
-    fn bootstrap_config(cfg: &ServerConfig) -> Configuration {
-        let plan = ControlPlan::new(cfg);
-        let mut sm = StateMachine::new(plan.settings.clone()).unwrap();
-        let mut index = 1;
-        while let Some(c) = plan.next_bootstrap(sm.latest()).cloned() {
-            assert!(index < 10, "bootstrap does not converge");
-            index += 1;
-            let reply = sm.apply(index, &c.encode());
-            assert!(matches!(reply, Some(Reply::Ok { .. })), "{reply:?}");
-        }
-        sm.latest().clone()
-    }
 
     #[test]
     fn a_configuration_hosts_peer_address_is_its_core_0_peer_address() {
@@ -1217,33 +1416,28 @@ mod tests {
     }
 
     #[test]
-    fn a_configuration_groups_replica_spec_agrees_with_the_bootstrap_on_ids_and_hosts() {
-        let map = "5=10.0.0.5:7101,9=10.0.0.9:7101,2=10.0.0.2:7101";
-        let hosts = parse_initial_cluster(map).unwrap();
-        for me in [2, 5, 9] {
-            let cfg = ServerConfig::new(me, "/tmp/unused".into(), hosts.clone(), 2);
-            let config = bootstrap_config(&cfg);
-            for core in 0..2 {
-                let boot = DataGroupSpec::bootstrap(&cfg, core);
-                let from = DataGroupSpec::from_config(&config, boot.config_group, me, core)
-                    .unwrap_or_else(|| panic!("host {me} core {core}: no replica in {config:?}"));
-                // Same group ids, storage and member hosts; the bootstrap keeps host ids as
-                // node ids (its logs say so), a configuration numbers nodes 1, 2, 3.
-                assert_eq!(from.peer_id, boot.peer_id);
-                assert_eq!(from.config_group, boot.config_group);
-                let member_hosts = |s: &DataGroupSpec| {
-                    let mut h: Vec<u64> = s.hosts_by_node.values().copied().collect();
-                    h.sort_unstable();
-                    h
-                };
-                assert_eq!(member_hosts(&from), member_hosts(&boot));
-                assert_eq!(from.voters, vec![1, 2, 3]);
-                assert_eq!(from.hosts_by_node.get(&from.node), Some(&me));
-                assert_eq!(boot.hosts_by_node.get(&boot.node), Some(&me));
-            }
-            // No replica on a core the host does not have, nor for a group that does not exist.
-            assert!(DataGroupSpec::from_config(&config, 1, me, 7).is_none());
-            assert!(DataGroupSpec::from_config(&config, 99, me, 0).is_none());
-        }
+    fn a_leader_hint_keeps_the_highest_term_and_a_local_replica_knows_better() {
+        let view = HostView::new();
+        let slot = |host, core| Slot { host, core };
+        assert_eq!(view.leader_of(3), None);
+        view.hint_leader(3, 5, slot(4, 0));
+        view.hint_leader(3, 4, slot(5, 0)); // a late announcement of an older term
+        assert_eq!(view.leader_of(3), Some(slot(4, 0)));
+        view.hint_leader(3, 6, slot(1, 1));
+        assert_eq!(view.leader_of(3), Some(slot(1, 1)));
+        // A replica here: Raft's own knowledge, not the hint (none yet: no turn ran).
+        let map = "1=127.0.0.1:7101,2=127.0.0.1:7111,3=127.0.0.1:7121";
+        let cfg = ServerConfig::new(
+            1,
+            "/tmp/unused".into(),
+            super::super::config::parse_initial_cluster(map).unwrap(),
+            1,
+        );
+        let mut spec = DataGroupSpec::bootstrap(&cfg, 0);
+        spec.config_group = 3;
+        view.register(Arc::new(GroupView::new(spec)));
+        assert_eq!(view.leader_of(3), None);
+        view.unregister(3);
+        assert_eq!(view.leader_of(3), Some(slot(1, 1)));
     }
 }

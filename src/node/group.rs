@@ -649,6 +649,37 @@ impl<M: Machine> Group<M> {
         self.snapshot_busy = false;
     }
 
+    /// The replica stops for good (its group drained and is removed from this core): answers
+    /// every client still waiting on it, since it will never run another turn. The clients
+    /// retry and find the shards at their new owners.
+    pub fn shut_down(&mut self, why: &str) {
+        let reply = || GroupReply::Unavailable(why.to_string());
+        let writes = self.writes.drain(..).map(|(_, s)| s);
+        let raw = self.raw_writes.drain(..).map(|(_, s)| s);
+        let reads = self.reads.drain(..).map(|(_, s)| s);
+        let proposed = std::mem::take(&mut self.proposals)
+            .into_values()
+            .flat_map(|(_, slots)| slots);
+        let waiting = self
+            .reads_waiting
+            .drain()
+            .flat_map(|(_, (_, reads))| reads.into_iter().map(|(_, s)| s));
+        let ready = self
+            .reads_ready
+            .drain(..)
+            .flat_map(|(_, reads)| reads.into_iter().map(|(_, s)| s));
+        let slots: Vec<ReplySlot<M::Outcome>> = writes
+            .chain(raw)
+            .chain(reads)
+            .chain(proposed)
+            .chain(waiting)
+            .chain(ready)
+            .collect();
+        for slot in slots {
+            slot.fill(reply());
+        }
+    }
+
     /// The persister made these writes durable, in order.
     pub fn persisted(&mut self, done: Vec<(WriteMark, Vec<Message>)>) {
         for (mark, msgs) in done {

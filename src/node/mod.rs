@@ -8,6 +8,10 @@
 //! - [`control`]: where the controller group runs, its bootstrap configuration, JSON views.
 //! - [`admin`]: `TYNAMO.CTL`, the operator commands behind `tynamo ctl`.
 //! - [`executor`]: the per-core executors and their tasks.
+//! - [`replica`]: a core's data group replicas: created when a configuration places them
+//!   here (Join), removed once their group drained (Leave).
+//! - [`join`]: how a host that is not in `--initial-cluster` joins (`tynamo server --join`).
+//! - [`migrate`]: each group's migration driver and the group-to-group requests.
 //! - [`server`]: client connections (RESP), routing, replies.
 //! - [`transport`], [`codec`]: peer frames over TCP, flatbuffers messages.
 
@@ -17,8 +21,10 @@ pub mod config;
 pub mod control;
 pub mod executor;
 pub mod group;
+pub mod join;
 pub mod machine;
 pub mod migrate;
+pub mod replica;
 pub mod server;
 pub mod storage;
 pub mod transport;

@@ -6,11 +6,12 @@
 //! request order with one write. Pipelined requests are therefore answered in order and batched
 //! into one proposal per loop turn.
 //!
-//! Routing: key -> slot -> shard -> group (= core). A key of another group whose leader is on
-//! this host is forwarded to that core over a glommio channel (`executor::CoreMsg`); one led by
-//! another host gets `-MOVED` to that leader's core port (each core has its own port, so a
-//! cluster client reaches the owning core directly after one `MOVED`). A key of this core's
-//! group on a follower gets `-MOVED` to the leader, or `-TRYAGAIN` while no leader is known.
+//! Routing: key -> slot -> shard -> group (`CoreCtx::target`): a group of this core that holds
+//! the shard answers by its own log; a key of a group whose replica on another core of this
+//! host leads is forwarded to that core over a glommio channel (`executor::CoreMsg`); one led
+//! elsewhere gets `-MOVED` to that leader's core port (each core has its own port, so a cluster
+//! client reaches the owning core directly after one `MOVED`). A key of a group of this core
+//! on a follower gets `-MOVED` to the leader, or `-TRYAGAIN` while no leader is known.
 //! Reads are linearizable (ReadIndex) unless the connection sent `READONLY`, in which case any
 //! replica answers from its local state.
 //!
@@ -46,10 +47,11 @@ use crate::shard::{key_slot, shard_slots, slot_shard};
 use crate::controller::Configuration;
 
 use super::config::ServerConfig;
-use super::control::{core_of_group, host_client_addr};
-use super::executor::{CoreCtx, Forward, SessionWrite};
+use super::control::host_client_addr;
+use super::executor::{CoreCtx, Forward, SessionWrite, Target};
 use super::group::{GroupReply, ReplySlot};
-use super::migrate::group_of_core;
+use super::replica::CoreGroup;
+use crate::controller::{GroupId as ConfigGroupId, Slot};
 use crate::shard::migration::{Phase, Route};
 
 /// Caps on client requests: values up to the KV's own limit, arrays up to the multi-key limit.
@@ -92,8 +94,8 @@ enum Pending {
         slots: Vec<ReplySlot>,
         shape: Shape,
         slot: u16,
-        /// The group (= core) that serves the slot, for redirections.
-        group: u16,
+        /// The configuration group that serves the slot, for redirections.
+        group: ConfigGroupId,
     },
 }
 
@@ -103,16 +105,35 @@ struct Conn {
     readonly: bool,
     /// The session this connection declared with `TYNAMO.SESSION` (0: none).
     client_id: u64,
-    /// Bit g: an `OpenSession` for `client_id` was submitted to group g from this connection.
-    /// A sequenced write to a group whose bit is clear is preceded by one in the same turn, so
-    /// the session exists in every group the connection writes to, however it was routed
-    /// (its own core, forwarded to another core, or a core that led only after the session
-    /// command was answered with MOVED). Opening an open session only refreshes it.
-    sessions_opened: u64,
+    /// The groups an `OpenSession` for `client_id` was submitted to from this connection. A
+    /// sequenced write to a group not in it is preceded by one in the same turn, so the
+    /// session exists in every group the connection writes to, however it was routed (its own
+    /// core, forwarded to another core, or a core that led only after the session command was
+    /// answered with MOVED). Opening an open session only refreshes it. A handful of groups.
+    sessions_opened: Vec<ConfigGroupId>,
+    /// The previous command was `ASKING`: the client was sent here by a group that is handing
+    /// the key's shard over. Until the shard arrives this host may not know of the move yet
+    /// (its view of the configuration lags), and a MOVED back to the old owner would bounce
+    /// the client between the two: it gets TRYAGAIN instead. Cleared by the next command.
+    asking: bool,
     close: bool,
 }
 
-const _: () = assert!(super::config::CORES_MAX as u32 <= u64::BITS);
+impl Conn {
+    fn session_opened(&self, group: ConfigGroupId) -> bool {
+        self.sessions_opened.contains(&group)
+    }
+
+    fn mark_session_opened(&mut self, group: ConfigGroupId) {
+        if !self.session_opened(group) {
+            self.sessions_opened.push(group);
+        }
+    }
+
+    fn forget_session_opened(&mut self, group: ConfigGroupId) {
+        self.sessions_opened.retain(|&g| g != group);
+    }
+}
 
 pub async fn accept_loop(listener: TcpListener, ctx: Rc<CoreCtx>) {
     loop {
@@ -148,7 +169,8 @@ async fn serve_connection(ctx: &CoreCtx, mut stream: TcpStream) {
         protocol: Protocol::Resp2,
         readonly: false,
         client_id: 0,
-        sessions_opened: 0,
+        sessions_opened: Vec::new(),
+        asking: false,
         close: false,
     };
     let mut rbuf = BytesMut::with_capacity(READ_CHUNK_BYTES);
@@ -238,6 +260,8 @@ fn error(text: &str) -> Pending {
 }
 
 fn handle(ctx: &CoreCtx, conn: &mut Conn, args: &[Bytes]) -> Pending {
+    // ASKING applies to the command right after it, whatever that is.
+    let asking = std::mem::take(&mut conn.asking);
     if args
         .first()
         .is_some_and(|name| name.eq_ignore_ascii_case(b"TYNAMO.CTL"))
@@ -265,11 +289,12 @@ fn handle(ctx: &CoreCtx, conn: &mut Conn, args: &[Bytes]) -> Pending {
             if let Some(p) = p {
                 conn.protocol = p;
             }
-            let role = if ctx.group.borrow().is_leader() {
-                "master"
-            } else {
-                "replica"
-            };
+            let leads = ctx
+                .groups
+                .all()
+                .iter()
+                .any(|e| e.group.borrow().is_leader());
+            let role = if leads { "master" } else { "replica" };
             let hello = ServerHello {
                 version: env!("CARGO_PKG_VERSION"),
                 connection_id: conn.id,
@@ -296,7 +321,10 @@ fn handle(ctx: &CoreCtx, conn: &mut Conn, args: &[Bytes]) -> Pending {
             conn.readonly = false;
             now(|o| put_simple(o, b"OK"))
         }
-        Command::Asking => now(|o| put_simple(o, b"OK")),
+        Command::Asking => {
+            conn.asking = true;
+            now(|o| put_simple(o, b"OK"))
+        }
         Command::Quit => {
             conn.close = true;
             now(|o| put_simple(o, b"OK"))
@@ -307,17 +335,24 @@ fn handle(ctx: &CoreCtx, conn: &mut Conn, args: &[Bytes]) -> Pending {
             }
             if conn.client_id != client_id {
                 conn.client_id = client_id;
-                conn.sessions_opened = 0;
+                conn.sessions_opened.clear();
             }
-            let mut g = ctx.group.borrow_mut();
+            // The session opens in this core's first group; a core without a group only binds
+            // the id (the first sequenced write to each group opens it there anyway).
+            let Some(entry) = ctx.groups.first() else {
+                return now(|o| put_simple(o, b"OK"));
+            };
+            let gid = entry.view.id();
+            let first_slot = group_first_slot(ctx, &entry);
+            let mut g = entry.group.borrow_mut();
             if !g.is_leader() {
                 // The connection keeps the client id: its first sequenced write to any group
                 // opens the session there. The redirect names a slot of this core's group, so
                 // a client that follows it (or updates its slot map) is sent where that group
                 // is led; slot 0 would claim the wrong group for every core but core 0.
-                return not_leader(ctx, g.leader(), group_first_slot(ctx, ctx.core), ctx.core);
+                return not_leader(ctx, gid, g.leader(), first_slot);
             }
-            conn.sessions_opened |= 1 << ctx.core;
+            conn.mark_session_opened(gid);
             let slot = g.submit_write(KvCommand {
                 client_id,
                 seq: 0,
@@ -326,11 +361,11 @@ fn handle(ctx: &CoreCtx, conn: &mut Conn, args: &[Bytes]) -> Pending {
             Pending::Wait {
                 slots: vec![slot],
                 shape: Shape::Ok,
-                slot: group_first_slot(ctx, ctx.core),
-                group: ctx.core,
+                slot: first_slot,
+                group: gid,
             }
         }
-        command => kv_command(ctx, conn, command, request.sequence.map(|s| s.seq)),
+        command => kv_command(ctx, conn, command, request.sequence.map(|s| s.seq), asking),
     }
 }
 
@@ -415,7 +450,23 @@ fn all_keys(ops: &[Op]) -> impl Iterator<Item = &Bytes> {
     })
 }
 
-fn kv_command(ctx: &CoreCtx, conn: &mut Conn, command: Command, seq: Option<u64>) -> Pending {
+fn kv_command(
+    ctx: &CoreCtx,
+    conn: &mut Conn,
+    command: Command,
+    seq: Option<u64>,
+    asking: bool,
+) -> Pending {
+    // After ASKING, "not here" means "not here yet" (see `Conn::asking`).
+    let moved = |slot: u16, addr: SocketAddr| {
+        if asking {
+            error(&format!(
+                "TRYAGAIN slot {slot} is on its way to the group that sent you here"
+            ))
+        } else {
+            now(|o| put_moved(o, slot, addr))
+        }
+    };
     let (ops, shape) = match kv_ops(command) {
         Ok(x) => x,
         Err(e) => return error(&e),
@@ -445,7 +496,6 @@ fn kv_command(ctx: &CoreCtx, conn: &mut Conn, command: Command, seq: Option<u64>
     }
     let cfg = &ctx.cfg;
     let shard = slot_shard(slot, cfg.shard_count);
-    let group_of_slot = owner_core(ctx, shard);
     let is_write = ops.iter().any(Op::is_write);
     let session = match seq {
         Some(seq) => {
@@ -462,48 +512,63 @@ fn kv_command(ctx: &CoreCtx, conn: &mut Conn, command: Command, seq: Option<u64>
         }
         None => None,
     };
-    if group_of_slot != ctx.core {
-        let leader = ctx.view.leaders[usize::from(group_of_slot)].load(Ordering::Relaxed);
-        let stale = conn.readonly && !is_write;
-        // The group lives on another core of this host: forward when that core can answer
-        // (it leads, or the read may be stale). A sequenced write travels with its client id
-        // and seq, preceded by the session's opening the first time this connection writes
-        // to that group.
-        if leader == cfg.id || stale {
-            let bit = 1u64 << group_of_slot;
-            let open_session = session.is_some() && conn.sessions_opened & bit == 0;
-            let forward = Forward {
-                ops,
-                write: is_write,
-                stale,
-                session,
-                open_session,
-            };
-            return match ctx.forward(group_of_slot, forward) {
-                Some(slots) => {
-                    if open_session {
-                        conn.sessions_opened |= bit;
+    let entry = match ctx.target(shard) {
+        Target::Local(entry) => entry,
+        Target::Core {
+            core,
+            group,
+            leader_here,
+            leader,
+        } => {
+            let stale = conn.readonly && !is_write;
+            // The group lives on another core of this host: forward when that core can answer
+            // (it leads, or the read may be stale). A sequenced write travels with its client
+            // id and seq, preceded by the session's opening the first time this connection
+            // writes to that group.
+            if leader_here || stale {
+                let open_session = session.is_some() && !conn.session_opened(group);
+                let forward = Forward {
+                    group,
+                    ops,
+                    write: is_write,
+                    stale,
+                    session,
+                    open_session,
+                };
+                return match ctx.forward(core, forward) {
+                    Some(slots) => {
+                        if open_session {
+                            conn.mark_session_opened(group);
+                        }
+                        Pending::Wait {
+                            slots,
+                            shape,
+                            slot,
+                            group,
+                        }
                     }
-                    Pending::Wait {
-                        slots,
-                        shape,
-                        slot,
-                        group: group_of_slot,
-                    }
-                }
-                None => error(&format!(
-                    "TRYAGAIN core {group_of_slot} is not accepting forwarded requests now"
-                )),
+                    None => error(&format!(
+                        "TRYAGAIN core {core} is not accepting forwarded requests now"
+                    )),
+                };
+            }
+            // Led elsewhere: MOVED to the leader's core, or, while the leader is unknown, to
+            // this host's core of that group, which knows more.
+            let to = leader.unwrap_or(Slot { host: cfg.id, core });
+            return match ctx.slot_client_addr(to) {
+                Some(addr) => moved(slot, addr),
+                None => tryagain(slot),
             };
         }
-        // Unknown leader: send the client to this host's core of that group, which knows more.
-        let host = if leader == 0 { cfg.id } else { leader };
-        return match ctx.client_addr(host, group_of_slot) {
-            Some(addr) => now(|o| put_moved(o, slot, addr)),
-            None => tryagain(slot),
-        };
-    }
-    let mut g = ctx.group.borrow_mut();
+        Target::Remote(addr) => {
+            return match addr {
+                Some(addr) => moved(slot, addr),
+                None => tryagain(slot),
+            }
+        }
+    };
+    let own = entry.view.id();
+    let mut g = entry.group.borrow_mut();
     if !is_write && conn.readonly {
         let replies: Vec<GroupReply> = ops
             .iter()
@@ -511,11 +576,11 @@ fn kv_command(ctx: &CoreCtx, conn: &mut Conn, command: Command, seq: Option<u64>
             .collect();
         drop(g);
         let mut out = BytesMut::new();
-        put_reply(ctx, conn, &mut out, shape, (slot, ctx.core), replies);
+        put_reply(ctx, conn, &mut out, shape, (slot, own), replies);
         return Pending::Now(out);
     }
     if !g.is_leader() {
-        return not_leader(ctx, g.leader(), slot, ctx.core);
+        return not_leader(ctx, own, g.leader(), slot);
     }
     // The leader's applied migration state decides; the KV state machine refuses a write to a
     // shard that is not Serving when it applies, so a route that changes between here and the
@@ -528,7 +593,7 @@ fn kv_command(ctx: &CoreCtx, conn: &mut Conn, command: Command, seq: Option<u64>
             ))
         }
         Route::Ask { group } => {
-            return match group_leader_addr(ctx, group) {
+            return match ctx.group_addr(group, None) {
                 Some(addr) => now(|o| put_ask(o, slot, addr)),
                 None => tryagain(slot),
             }
@@ -537,7 +602,6 @@ fn kv_command(ctx: &CoreCtx, conn: &mut Conn, command: Command, seq: Option<u64>
             // The controller already gave this group the shard but the group has not accepted
             // that configuration yet: a MOVED back to the old owner would only bounce the
             // client between the two (and use up its redirections); it should wait instead.
-            let own = group_of_core(ctx.core);
             let coming = ctx
                 .view
                 .latest_config()
@@ -547,8 +611,8 @@ fn kv_command(ctx: &CoreCtx, conn: &mut Conn, command: Command, seq: Option<u64>
                     "TRYAGAIN shard {shard} (slot {slot}) is being handed to this group"
                 ));
             }
-            return match group_leader_addr(ctx, group) {
-                Some(addr) if group != own => now(|o| put_moved(o, slot, addr)),
+            return match ctx.group_addr(group, None) {
+                Some(addr) if group != own => moved(slot, addr),
                 _ => error(&format!(
                     "TRYAGAIN shard {shard} (slot {slot}) has no owner in this group's configuration yet"
                 )),
@@ -556,8 +620,8 @@ fn kv_command(ctx: &CoreCtx, conn: &mut Conn, command: Command, seq: Option<u64>
         }
     }
     if let Some(session) = session {
-        if conn.sessions_opened & (1 << ctx.core) == 0 {
-            conn.sessions_opened |= 1 << ctx.core;
+        if !conn.session_opened(own) {
+            conn.mark_session_opened(own);
             // Its reply is not awaited: the write behind it in the same turn answers for both.
             let _ = g.submit_write(session.open());
         }
@@ -577,45 +641,25 @@ fn kv_command(ctx: &CoreCtx, conn: &mut Conn, command: Command, seq: Option<u64>
         slots,
         shape,
         slot,
-        group: ctx.core,
+        group: own,
     }
 }
 
-/// The core of this host whose group serves `shard`: this core when its own group holds the
-/// shard in any phase (it answers, redirects or refuses by its own log), else the owner in
-/// the latest configuration this host knows, else the static map.
-fn owner_core(ctx: &CoreCtx, shard: u16) -> u16 {
-    let own = ctx.group.borrow().machine().shards.route(shard);
-    if !matches!(own, Route::Moved { .. }) {
-        return ctx.core;
-    }
-    let from_config = ctx
-        .view
-        .latest_config()
-        .and_then(|c| c.owner(shard))
-        .or(match own {
-            Route::Moved { group } => Some(group),
-            _ => None,
-        })
-        .and_then(core_of_group)
-        .filter(|&core| core < ctx.cfg.cores);
-    from_config.unwrap_or_else(|| ctx.cfg.shard_group(shard))
-}
-
-/// The client address of the leader of configuration group `group`, when it has a core here.
-fn group_leader_addr(ctx: &CoreCtx, group: crate::controller::GroupId) -> Option<SocketAddr> {
-    let core = core_of_group(group).filter(|&c| c < ctx.cfg.cores)?;
-    let leader = ctx.view.leaders[usize::from(core)].load(Ordering::Relaxed);
-    let host = if leader == 0 { ctx.cfg.id } else { leader };
-    ctx.client_addr(host, core)
-}
-
-/// The first slot of a group's range, for redirections that are about the group, not a key.
-fn group_first_slot(ctx: &CoreCtx, group: u16) -> u16 {
-    let cfg = &ctx.cfg;
-    cfg.group_shards(group)
-        .first()
-        .map_or(0, |&shard| shard_slots(shard, cfg.shard_count).0)
+/// The first slot of a group's shards, for redirections that are about the group, not a key.
+fn group_first_slot(ctx: &CoreCtx, entry: &CoreGroup) -> u16 {
+    let held = entry
+        .group
+        .borrow()
+        .machine()
+        .shards
+        .shards()
+        .next()
+        .map(|(s, _)| s);
+    let shard = held.or_else(|| {
+        let config = ctx.view.latest_config()?;
+        config.shards_of(entry.view.id()).first().copied()
+    });
+    shard.map_or(0, |s| shard_slots(s, ctx.cfg.shard_count).0)
 }
 
 /// The KV's key limit (its default configuration).
@@ -642,12 +686,13 @@ fn tryagain(slot: u16) -> Pending {
     ))
 }
 
-/// The reply for a replica of `group` that does not lead it: MOVED to the leader's core.
-fn not_leader(ctx: &CoreCtx, leader: NodeId, slot: u16, group: u16) -> Pending {
+/// The reply for a replica of configuration group `group` that does not lead it: MOVED to the
+/// leader's core (`leader` is its Raft node id, 0 when unknown).
+fn not_leader(ctx: &CoreCtx, group: ConfigGroupId, leader: NodeId, slot: u16) -> Pending {
     if leader == 0 {
         return tryagain(slot);
     }
-    match ctx.client_addr(leader, group) {
+    match ctx.node_addr(group, leader) {
         Some(addr) => now(|o| put_moved(o, slot, addr)),
         None => tryagain(slot),
     }
@@ -673,7 +718,7 @@ fn put_reply(
     conn: &mut Conn,
     out: &mut BytesMut,
     shape: Shape,
-    (slot, group): (u16, u16),
+    (slot, group): (u16, ConfigGroupId),
     replies: impl IntoIterator<Item = GroupReply>,
 ) {
     let mut first: Option<Outcome> = None;
@@ -695,14 +740,14 @@ fn put_reply(
             GroupReply::NotLeader { leader } => {
                 // The session's opening may have been lost with this proposal: open it again
                 // with the next sequenced write to the group (as a new connection would).
-                conn.sessions_opened &= !(1u64 << group);
-                if let Pending::Now(b) = not_leader(ctx, leader, slot, group) {
+                conn.forget_session_opened(group);
+                if let Pending::Now(b) = not_leader(ctx, group, leader, slot) {
                     out.extend_from_slice(&b);
                 }
                 return;
             }
             GroupReply::Unavailable(why) => {
-                conn.sessions_opened &= !(1u64 << group);
+                conn.forget_session_opened(group);
                 put_error(out, format!("TRYAGAIN {why}").as_bytes());
                 return;
             }
@@ -744,22 +789,18 @@ fn put_reply(
 /// (or before the bootstrap configuration is applied), from the static map it equals.
 pub fn topology(ctx: &CoreCtx) -> Topology {
     let view = &ctx.view;
-    let leader_of = |core: u16| {
-        view.leaders
-            .get(usize::from(core))
-            .map_or(0, |l| l.load(Ordering::Relaxed))
-    };
-    let epoch = view
-        .terms
-        .iter()
-        .map(|t| t.load(Ordering::Relaxed))
-        .max()
-        .unwrap_or(0);
+    // The leader's host of every group, as this host knows it (0: unknown).
+    let leader_of = |group: ConfigGroupId| view.leader_of(group).map_or(0, |s| s.host);
+    let epoch = view.epoch();
     match view.latest_config() {
         Some(config) if !config.groups.is_empty() => {
             topology_from_config(&config, &leader_of, epoch)
         }
-        _ => topology_static(&ctx.cfg, &leader_of, epoch),
+        _ => topology_static(
+            &ctx.cfg,
+            &|core| leader_of(ConfigGroupId::from(core) + 1),
+            epoch,
+        ),
     }
 }
 
@@ -802,16 +843,17 @@ fn topology_static(cfg: &ServerConfig, leader_of: &dyn Fn(u16) -> u64, epoch: u6
     Topology { ranges, epoch }
 }
 
-/// A configuration's groups: one range per run of consecutive shards of a group.
+/// A configuration's groups: one range per run of consecutive shards of a group, the replica on
+/// the leader's host (`leader_of`, 0 when unknown) first.
 fn topology_from_config(
     config: &Configuration,
-    leader_of: &dyn Fn(u16) -> u64,
+    leader_of: &dyn Fn(ConfigGroupId) -> u64,
     epoch: u64,
 ) -> Topology {
     let shard_count = config.shard_count();
     let mut ranges = Vec::new();
     for (&gid, group) in &config.groups {
-        let leader = core_of_group(gid).map_or(0, leader_of);
+        let leader = leader_of(gid);
         let mut hosts: Vec<(u64, u16, SocketAddr)> = group
             .replicas
             .iter()
@@ -886,10 +928,6 @@ fn dir_size_bytes(dir: &std::path::Path) -> u64 {
 }
 
 fn info_text(ctx: &CoreCtx) -> String {
-    let g = ctx.group.borrow();
-    let s = g.raw().status();
-    let stats = g.stats;
-    let wal = ctx.wal.stats();
     let mut t = String::new();
     let _ = write!(
         t,
@@ -903,7 +941,7 @@ fn info_text(ctx: &CoreCtx) -> String {
     let _ = write!(
         t,
         "# Config\r\ncores:{}\r\ntick_ms:{}\r\nheartbeat_ms:{}\r\nelection_ms:{}\r\ninflight_msgs_max:{}\r\n\
-         entries_per_msg_max:{}\r\nread_mode:{:?}\r\nshard_count:{}\r\n\r\n",
+         entries_per_msg_max:{}\r\nread_mode:{:?}\r\nshard_count:{}\r\njoined:{}\r\n\r\n",
         cfg.cores,
         cfg.tick_ms,
         cfg.heartbeat_ms,
@@ -911,48 +949,30 @@ fn info_text(ctx: &CoreCtx) -> String {
         cfg.inflight_msgs_max,
         cfg.entries_per_msg_max,
         cfg.read_mode,
-        cfg.shard_count
+        cfg.shard_count,
+        u8::from(cfg.joined),
     );
-    let role = if g.is_leader() { "master" } else { "slave" };
+    // The Raft, Shards and Keyspace sections describe this core's first group (the static
+    // map's group on an initial host); `# Groups` lists every group replica of the host.
+    let first = ctx.groups.first();
+    let leads = first.as_ref().is_some_and(|e| e.group.borrow().is_leader());
+    let role = if leads { "master" } else { "slave" };
     let _ = write!(t, "# Replication\r\nrole:{role}\r\n\r\n");
+    if let Some(entry) = &first {
+        group_sections(entry, &mut t);
+    }
     let _ = write!(
         t,
-        "# Raft\r\ngroup:{}\r\nraft_role:{:?}\r\nterm:{}\r\nleader:{}\r\ncommit_index:{}\r\napplied_index:{}\r\n\
-         persisted_index:{}\r\nsnapshot_index:{}\r\nlast_index:{}\r\nlog_entries:{}\r\nwal_first_index:{}\r\n\
-         wal_last_index:{}\r\nwal_size_bytes:{}\r\nwal_fdatasyncs:{}\r\nwal_bytes_written:{}\r\nproposals:{}\r\ncommands_proposed:{}\r\n\
-         entries_applied:{}\r\nreads_served:{}\r\nsnapshots_taken:{}\r\nsnapshots_installed:{}\r\npersist_rounds:{}\r\n\
-         peer_frames_sent:{}\r\npeer_frames_received:{}\r\npeer_frames_bad:{}\r\npeer_messages_unrouted:{}\r\n\
-         core_groups:{}\r\nconnected_clients:{}\r\n\r\n",
-        g.id,
-        s.role,
-        s.term,
-        s.leader,
-        s.commit,
-        s.applied,
-        s.persisted,
-        s.snapshot_index,
-        s.last_index,
-        s.last_index - s.snapshot_index,
-        ctx.wal.first_index(),
-        ctx.wal.last_index(),
-        dir_size_bytes(ctx.wal.dir()),
-        wal.fdatasyncs,
-        wal.bytes_written,
-        stats.proposals,
-        stats.commands_proposed,
-        stats.entries_applied,
-        stats.reads_served,
-        stats.snapshots_taken,
-        stats.snapshots_installed,
-        stats.persist_rounds,
+        "# Core\r\npeer_frames_sent:{}\r\npeer_frames_received:{}\r\npeer_frames_bad:{}\r\n\
+         peer_messages_unrouted:{}\r\ncore_groups:{}\r\nconnected_clients:{}\r\n\r\n",
         ctx.transport_stats.frames_sent.get(),
         ctx.transport_stats.frames_received.get(),
         ctx.bad_peer_frames.get(),
         ctx.groups.messages_unrouted.get(),
         ctx.groups
-            .ids()
+            .all()
             .iter()
-            .map(|id| id.to_string())
+            .map(|e| e.view.id().to_string())
             .collect::<Vec<_>>()
             .join(","),
         ctx.connections.get(),
@@ -968,6 +988,80 @@ fn info_text(ctx: &CoreCtx) -> String {
         ctl.commit.load(Ordering::Relaxed),
         ctl.applied.load(Ordering::Relaxed),
         ctl.config_num.load(Ordering::Relaxed),
+    );
+    t.push_str("# Groups\r\n");
+    for v in ctx.view.groups() {
+        let m = v.migration();
+        let leader = v.leader_slot();
+        let _ = write!(
+            t,
+            "group{}:core={},role={},leader={},leader_core={},term={},commit={},applied={},config={},serving={},in_flight={},retired={}\r\n",
+            v.id(),
+            v.spec.core,
+            v.role_name(),
+            leader.map_or(0, |s| s.host),
+            leader.map_or(0, |s| s.core),
+            v.term.load(Ordering::Relaxed),
+            v.commit.load(Ordering::Relaxed),
+            v.applied.load(Ordering::Relaxed),
+            m.config_num,
+            m.serving,
+            m.in_flight.len(),
+            u8::from(m.retired),
+        );
+    }
+    let removed = ctx.view.removed();
+    if !removed.is_empty() {
+        let ids: Vec<String> = removed.iter().map(u64::to_string).collect();
+        let _ = write!(t, "groups_removed:{}\r\n", ids.join(","));
+    }
+    t.push_str("\r\n");
+    t.push_str(INFO_CLUSTER_SECTION);
+    let keys: usize = first.as_ref().map_or(0, |e| {
+        let g = e.group.borrow();
+        g.kv().shards().map(|(sh, _)| g.kv().key_count(sh)).sum()
+    });
+    let _ = write!(
+        t,
+        "\r\n# Keyspace\r\ndb0:keys={keys},expires=0,avg_ttl=0\r\n"
+    );
+    t
+}
+
+/// INFO's `# Raft` and `# Shards` sections for one group replica.
+fn group_sections(entry: &CoreGroup, t: &mut String) {
+    let g = entry.group.borrow();
+    let s = g.raw().status();
+    let stats = g.stats;
+    let wal = entry.wal.stats();
+    let _ = write!(
+        t,
+        "# Raft\r\ngroup:{}\r\nraft_role:{:?}\r\nterm:{}\r\nleader:{}\r\ncommit_index:{}\r\napplied_index:{}\r\n\
+         persisted_index:{}\r\nsnapshot_index:{}\r\nlast_index:{}\r\nlog_entries:{}\r\nwal_first_index:{}\r\n\
+         wal_last_index:{}\r\nwal_size_bytes:{}\r\nwal_fdatasyncs:{}\r\nwal_bytes_written:{}\r\nproposals:{}\r\ncommands_proposed:{}\r\n\
+         entries_applied:{}\r\nreads_served:{}\r\nsnapshots_taken:{}\r\nsnapshots_installed:{}\r\npersist_rounds:{}\r\n\r\n",
+        g.id,
+        s.role,
+        s.term,
+        entry.view.spec.slot_of(s.leader).map_or(0, |l| l.host),
+        s.commit,
+        s.applied,
+        s.persisted,
+        s.snapshot_index,
+        s.last_index,
+        s.last_index - s.snapshot_index,
+        entry.wal.first_index(),
+        entry.wal.last_index(),
+        dir_size_bytes(entry.wal.dir()),
+        wal.fdatasyncs,
+        wal.bytes_written,
+        stats.proposals,
+        stats.commands_proposed,
+        stats.entries_applied,
+        stats.reads_served,
+        stats.snapshots_taken,
+        stats.snapshots_installed,
+        stats.persist_rounds,
     );
     let shards = &g.machine().shards;
     let mut phases = [0usize; 4];
@@ -990,26 +1084,6 @@ fn info_text(ctx: &CoreCtx) -> String {
         phases[2],
         phases[3],
     );
-    t.push_str("# Groups\r\n");
-    for gi in 0..usize::from(ctx.cfg.cores) {
-        let v = &ctx.view;
-        let _ = write!(
-            t,
-            "group{gi}:leader={},term={},commit={},applied={}\r\n",
-            v.leaders[gi].load(Ordering::Relaxed),
-            v.terms[gi].load(Ordering::Relaxed),
-            v.commits[gi].load(Ordering::Relaxed),
-            v.applied[gi].load(Ordering::Relaxed),
-        );
-    }
-    t.push_str("\r\n");
-    t.push_str(INFO_CLUSTER_SECTION);
-    let keys: usize = g.kv().shards().map(|(sh, _)| g.kv().key_count(sh)).sum();
-    let _ = write!(
-        t,
-        "\r\n# Keyspace\r\ndb0:keys={keys},expires=0,avg_ttl=0\r\n"
-    );
-    t
 }
 
 #[cfg(test)]
@@ -1036,7 +1110,7 @@ mod tests {
             }
             // Leaders differ per group, so the leader-first order is exercised.
             let leader_of = |core: u16| u64::from(core % 3) + 1;
-            let live = topology_from_config(sm.latest(), &leader_of, 7);
+            let live = topology_from_config(sm.latest(), &|g| leader_of(g as u16 - 1), 7);
             let fixed = topology_static(&cfg, &leader_of, 7);
             assert_eq!(live, fixed, "{cores} cores");
             assert_eq!(live.ranges.len(), usize::from(cores));
