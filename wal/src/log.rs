@@ -66,10 +66,11 @@ use zerocopy::IntoBytes;
 use crate::error::{io_err, Error, Result};
 use crate::io::{close_rc, create_zeroed, open_rw, sync_data, sync_dir, write_all, write_all_rc};
 use crate::notify::Notify;
+use crate::crc32c;
 use crate::record::{
-    align_down_u64, align_up_u64, RecordHeader, SegmentHeader, KIND_PAD, KIND_SEAL, KIND_TRUNCATE,
-    KIND_USER_MAX, PAD_BYTES_MAX, PAD_PAYLOAD_BYTES_MAX, PAYLOAD_BYTES_LIMIT, RECORD_HEADER_BYTES,
-    SEGMENT_HEADER_BYTES,
+    align_down_u64, align_up_u64, RecordHeader, SegmentHeader, CRC_FROM, KIND_PAD, KIND_SEAL, KIND_TRUNCATE,
+    KIND_USER_MAX, MAGIC_CRC_REGISTER, PAD_BYTES_MAX, PAD_PAYLOAD_BYTES_MAX, PAYLOAD_BYTES_LIMIT,
+    RECORD_HEADER_BYTES, SEGMENT_HEADER_BYTES,
 };
 use crate::segment::{
     classify, scan_segment, segment_path, spare_file_name, FileKind, ScannedRecord,
@@ -241,6 +242,15 @@ struct Chunk {
     carried: usize,
     /// Ends with the segment's seal: nothing (not even padding) follows it.
     sealed: bool,
+}
+
+/// Where a record staged without its CRC sits: `staged[chunk].buf[pos..pos + used]` (header
+/// and payload, without the alignment zeros).
+#[derive(Debug, Clone, Copy)]
+struct StagedRecord {
+    chunk: usize,
+    pos: usize,
+    used: usize,
 }
 
 struct InFlight {
@@ -430,8 +440,28 @@ impl State {
         }
     }
 
-    /// Encodes one record at the tail. The caller has checked it fits in the tail segment.
+    /// Encodes one record at the tail, CRC included. The caller has checked it fits in the
+    /// tail segment.
     fn put_record(&mut self, index: u64, term: u64, kind: u8, payload: &[u8]) -> u64 {
+        let (offset, at) = self.put_record_without_crc(index, term, kind, payload);
+        let chunk = &mut self.staged[at.chunk];
+        let record = &mut chunk.buf.as_bytes_mut()[at.pos..at.pos + at.used];
+        let register = crc32c::update(MAGIC_CRC_REGISTER, &record[CRC_FROM..]);
+        RecordHeader::seal_crc(record, register);
+        offset
+    }
+
+    /// Encodes one record at the tail with a zero CRC field, and returns its segment offset
+    /// and where it sits in the staging buffers. [`State::seal_crcs`] must fill the CRC in
+    /// before anything reads or writes the record. The caller has checked it fits in the tail
+    /// segment.
+    fn put_record_without_crc(
+        &mut self,
+        index: u64,
+        term: u64,
+        kind: u8,
+        payload: &[u8],
+    ) -> (u64, StagedRecord) {
         let record_bytes = RecordHeader::record_bytes(payload.len());
         let (tail_seq, tail_first) = {
             let c = self.open_chunk();
@@ -445,29 +475,57 @@ impl State {
         debug_assert!(durable <= u64::from(u32::MAX));
         self.reserve(record_bytes);
         let offset = self.tail_offset;
+        let chunk_index = self.staged.len() - 1;
         let chunk = self.open_chunk();
         debug_assert_eq!(chunk.base + chunk.len as u64, offset);
         let at = chunk.len;
         let dst = &mut chunk.buf.as_bytes_mut()[at..at + record_bytes];
         let used = RECORD_HEADER_BYTES + payload.len();
-        dst[RECORD_HEADER_BYTES..used].copy_from_slice(payload);
-        if used < record_bytes {
-            dst[used..].fill(0);
-        }
-        // The CRC reads the copy (still in cache), so the source payload is read only once.
-        RecordHeader::encode_in_place(
-            &mut dst[..used],
+        let header = RecordHeader::without_crc(
             tail_seq,
             tail_first,
             index,
             term,
             kind,
             durable as u32,
+            payload.len(),
         );
+        dst[..RECORD_HEADER_BYTES].copy_from_slice(header.as_bytes());
+        dst[RECORD_HEADER_BYTES..used].copy_from_slice(payload);
+        if used < record_bytes {
+            dst[used..].fill(0);
+        }
         chunk.len += record_bytes;
         self.tail_offset += record_bytes as u64;
         self.staged_bytes += record_bytes;
-        offset
+        (
+            offset,
+            StagedRecord {
+                chunk: chunk_index,
+                pos: at,
+                used,
+            },
+        )
+    }
+
+    /// Fills in the CRCs of `records` (staged by `put_record_without_crc`, at most
+    /// `crc32c::LANES`), computed together: one CRC chain alone leaves the CRC unit idle two
+    /// cycles out of three. Each record is read from the staging buffer it was just copied
+    /// into, still in cache.
+    fn seal_crcs(&mut self, records: &[StagedRecord]) {
+        debug_assert!(records.len() <= crc32c::LANES);
+        let mut registers = [MAGIC_CRC_REGISTER; crc32c::LANES];
+        {
+            let mut inputs: [&[u8]; crc32c::LANES] = [&[]; crc32c::LANES];
+            for (input, r) in inputs.iter_mut().zip(records) {
+                *input = &self.staged[r.chunk].buf.as_bytes()[r.pos + CRC_FROM..r.pos + r.used];
+            }
+            crc32c::update_lanes(&mut registers, &inputs, records.len());
+        }
+        for (r, &register) in records.iter().zip(&registers) {
+            let record = &mut self.staged[r.chunk].buf.as_bytes_mut()[r.pos..r.pos + r.used];
+            RecordHeader::seal_crc(record, register);
+        }
     }
 
     /// Stages the seal record of the tail segment.
@@ -934,14 +992,35 @@ impl Wal {
         // Room for the padding record that ends the round, so the buffer never grows for it.
         st.reserve_batch(remaining_bytes + TAIL_RESERVE_BYTES as usize);
         st.index.reserve(entries.len());
+        // Records are staged without their CRC and checksummed `LANES` at a time, right after
+        // their copy (still in cache). Nothing between here and the last `seal_crcs` can fail
+        // or yield, so no record leaves this function without its CRC.
+        let mut pending = [StagedRecord {
+            chunk: 0,
+            pos: 0,
+            used: 0,
+        }; crc32c::LANES];
+        let mut pending_n = 0;
         for e in entries {
             let record_bytes = RecordHeader::record_bytes(e.payload.len()) as u64;
             let capacity = st.segments.back().map_or(0, |s| s.size_bytes);
             if st.tail_offset + record_bytes + TAIL_RESERVE_BYTES > capacity {
-                self.roll_staged(&mut st, e.index, remaining_bytes + SEAL_BYTES as usize)?;
+                if let Err(err) =
+                    self.roll_staged(&mut st, e.index, remaining_bytes + SEAL_BYTES as usize)
+                {
+                    // The records staged so far stay in the log: give them their CRCs.
+                    st.seal_crcs(&pending[..pending_n]);
+                    return Err(err);
+                }
             }
             remaining_bytes -= record_bytes as usize;
-            let offset = st.put_record(e.index, e.term, e.kind, e.payload);
+            let (offset, at) = st.put_record_without_crc(e.index, e.term, e.kind, e.payload);
+            pending[pending_n] = at;
+            pending_n += 1;
+            if pending_n == crc32c::LANES {
+                st.seal_crcs(&pending);
+                pending_n = 0;
+            }
             let seq = st.open_chunk().seq;
             st.index.push_back(IndexEntry {
                 term: e.term,
@@ -950,6 +1029,7 @@ impl Wal {
                 seq,
             });
         }
+        st.seal_crcs(&pending[..pending_n]);
         st.stage_counter += 1;
         st.stats.appends += 1;
         Ok((first.index..=st.last_index(), st.stage_counter))
