@@ -98,7 +98,11 @@ pub const fn update_const(mut crc: u32, data: &[u8]) -> u32 {
         crc ^= data[i] as u32;
         let mut bit = 0;
         while bit < 8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ POLY } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ POLY
+            } else {
+                crc >> 1
+            };
             bit += 1;
         }
         i += 1;

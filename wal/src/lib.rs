@@ -31,7 +31,9 @@
 //! - One [`Wal`] per group directory, owned by one executor (`!Send`); methods take `&self`
 //!   and may run concurrently as tasks: appends issued while a sync is in flight share the
 //!   next write and fdatasync (group commit). `append` takes entries contiguous from
-//!   `last_index() + 1`; call `truncate_suffix` first to replace a conflicting suffix.
+//!   `last_index() + 1`; call `truncate_suffix` first to replace a conflicting suffix. A
+//!   batch of 128 KiB or more that finds the log idle is written in slices while it is
+//!   encoded; appends issued meanwhile wait for it, then share the next round.
 //! - Every call that returns `Ok` from `append`, `truncate_suffix` or `compact_prefix` is
 //!   durable. Do not drop those futures midway: the log then stops rather than guess.
 //! - Bounds: `segment_bytes` (default 64 MiB, at most 1 GiB), `entry_bytes_max` (8 MiB by
@@ -124,6 +126,10 @@
 //! - Writes cover whole blocks. Only the first write after a recovery that ended inside a
 //!   block rewrites that partial block, with its old bytes unchanged, so a torn write can only
 //!   damage records of the batch being written.
+//! - A large batch may go out as several writes (slices of its records, each ending with a
+//!   padding record) in flight together and covered by one fdatasync. A crash may leave any
+//!   subset of them on disk; their records carry a durable offset at or below the batch's
+//!   start, so whatever is missing or torn among them is a torn tail, as for one write.
 //!
 //! ### `hardstate` (8192 bytes: slot 0 at 0, slot 1 at 4096)
 //! | offset | size | field |

@@ -4,8 +4,8 @@
 //! offset hold a complete, CRC-valid record of the expected segment before anything is used.
 //! Nothing in this file panics on any input.
 
-use zerocopy::little_endian::{U32, U64};
 use crate::crc32c;
+use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 /// `b"TWRC"` read as a little-endian u32: marks the start of a record.
@@ -16,6 +16,10 @@ pub const SEGMENT_MAGIC: u32 = u32::from_le_bytes(*b"TWSG");
 /// checksums records with CRC32C; version 2 had the same 32-byte headers with an IEEE CRC32,
 /// version 1 had 40-byte headers.
 pub const SEGMENT_VERSION: u32 = 3;
+
+/// Why a segment of format version 1 or 2 is refused.
+const OLDER_VERSION: &str = "segment format version 1 or 2 (written by an older release): \
+    this build reads version 3 only; restore the replica from its peers";
 
 /// Size of the record header in bytes.
 pub const RECORD_HEADER_BYTES: usize = 32;
@@ -289,8 +293,7 @@ impl SegmentHeader {
         match header.version.get() {
             SEGMENT_VERSION => {}
             1 | 2 => {
-                return Err("segment format version 1 or 2 (written by an older release): this \
-                            build reads version 3 only; restore the replica from its peers")
+                return Err(OLDER_VERSION);
             }
             _ => return Err("unknown segment format version (this build reads version 3)"),
         }
@@ -421,7 +424,11 @@ mod tests {
     /// look like a torn tail).
     #[test]
     fn older_and_unknown_versions_are_refused_by_name() {
-        for (version, words) in [(1u32, "version 1 or 2"), (2, "version 1 or 2"), (4, "unknown")] {
+        for (version, words) in [
+            (1u32, "version 1 or 2"),
+            (2, "version 1 or 2"),
+            (4, "unknown"),
+        ] {
             let mut h = SegmentHeader::new(9, 100);
             h.version = U32::new(version);
             h.crc = U32::new(crc32fast::hash(&h.as_bytes()[0..24]));

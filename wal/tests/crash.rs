@@ -438,7 +438,10 @@ fn pipelined_batch_with_its_first_slice_lost_is_a_torn_tail_and_earlier_damage_i
         wal.append(&b.iter().map(|e| e.as_ref()).collect::<Vec<_>>())
             .await
             .unwrap();
-        assert!(wal.stats().writes - before >= 2, "the batch went out in slices");
+        assert!(
+            wal.stats().writes - before >= 2,
+            "the batch went out in slices"
+        );
         wal.close().await.unwrap();
     });
     let seg = segments(dir.path());
@@ -475,7 +478,10 @@ fn pipelined_batch_with_its_first_slice_lost_is_a_torn_tail_and_earlier_damage_i
     img[spans[5].0 as usize..spans[5].1 as usize].fill(0);
     let report = reopen(&img).unwrap_or_else(|e| panic!("torn first slice: {e}"));
     assert_eq!(report.torn_at.as_ref().map(|t| t.1), Some(spans[5].0));
-    assert!(report.dropped_bytes >= spans[68].1 - spans[6].0, "{report:?}");
+    assert!(
+        report.dropped_bytes >= spans[68].1 - spans[6].0,
+        "{report:?}"
+    );
     // Damage to the synced batch before it: the slices were written after it was durable.
     let mut img = pristine.clone();
     img[spans[4].0 as usize + RECORD_HEADER_BYTES + 3] ^= 0x10;

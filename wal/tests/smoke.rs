@@ -65,5 +65,9 @@ fn a_version_2_segment_is_refused_not_dropped() {
             Err(e) => panic!("unexpected error: {e}"),
         }
     });
-    assert_eq!(std::fs::read(&seg).unwrap(), img, "the refused file is left untouched");
+    assert_eq!(
+        std::fs::read(&seg).unwrap(),
+        img,
+        "the refused file is left untouched"
+    );
 }
