@@ -4,7 +4,7 @@
 //! For each entry size (128 B, 1 KiB, 16 KiB) and batch size (1, 16, 256) it runs
 //! - `raw`: a plain loop of aligned O_DIRECT writes of the batch's payload bytes (rounded up
 //!   to the DMA alignment) into a preallocated, pre-written file, each followed by fdatasync;
-//! - `wal`: `Wal::append` of the batch (encode, one write, one fdatasync; a batch of 128 KiB
+//! - `wal`: `Wal::append` of the batch (encode, one write, one fdatasync; a batch of 512 KiB
 //!   or more is written in slices while it is encoded), each batch durable before the next
 //!   one starts. Compaction runs as Raft's would after snapshots, so segments
 //!   are recycled (steady state); spare segments are prepared before timing.

@@ -34,7 +34,7 @@
 //! executor's small registered I/O arena, which they would hold forever.
 //!
 //! # Large batches: written while they are encoded
-//! A batch of at least `PIPELINE_MIN_BYTES` (128 KiB) of records that finds the log idle is
+//! A batch of at least `PIPELINE_MIN_BYTES` (512 KiB) of records that finds the log idle is
 //! staged in slices (64 KiB, then four times larger, at most 512 KiB): each slice is handed
 //! to the kernel as soon as it is encoded, ending like any write with a padding record on a
 //! block boundary, and the next slice is encoded while the device writes the previous ones;
@@ -126,9 +126,12 @@ const STAGING_HEADROOM_BYTES: usize = 16 << 10;
 const STAGING_SLACK_WRITTEN_BYTES_MAX: usize =
     STAGING_HEADROOM_BYTES + TAIL_RESERVE_BYTES as usize + 2 * ALIGNMENT_MAX as usize;
 /// Batches of at least this many record bytes are written in slices while they are encoded
-/// ([`Wal::append_pipelined`]); below it one write after encoding is cheaper than the extra
-/// writes (a 128 KiB batch encodes in ~20 us, and every write costs a few us of submission).
-const PIPELINE_MIN_BYTES: usize = 128 << 10;
+/// ([`Wal::append_pipelined`]). Below it one write after encoding is as fast or faster: a
+/// 256 KiB batch encodes in 15-40 us, about what the extra writes cost (a few us of
+/// submission each, more wake-ups, and queueing behind other I/O on a shared device, where
+/// measured 256 KiB batches did clearly worse in slices); 4 MiB take ~0.5 ms to encode,
+/// which slices hide behind the device.
+const PIPELINE_MIN_BYTES: usize = 512 << 10;
 /// The first slice of a pipelined batch: small, so that the device starts early.
 const PIPELINE_SLICE_FIRST_BYTES: usize = 64 << 10;
 /// Slices grow fourfold up to this size: each write costs a few us of submission (pinning
