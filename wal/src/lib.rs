@@ -167,6 +167,7 @@ mod notify;
 mod record;
 mod segment;
 mod snapshot;
+mod stream;
 
 pub use error::{Error, Result};
 pub use hard_state::{HardState, HardStateFile};

@@ -100,6 +100,7 @@ use crate::record::{
 use crate::segment::{
     classify, scan_segment, segment_path, spare_file_name, FileKind, ScannedRecord,
 };
+use crate::stream;
 
 /// Bytes of a seal record (a header without payload).
 const SEAL_BYTES: u64 = RECORD_HEADER_BYTES as u64;
@@ -295,13 +296,16 @@ struct Chunk {
     sealed: bool,
 }
 
-/// Where a record staged without its CRC sits: `staged[chunk].buf[pos..pos + used]` (header
-/// and payload, without the alignment zeros).
+/// A record whose room is reserved at `staged[chunk].buf[pos..pos + record_bytes]` but not
+/// written yet: its header (CRC field still zero) and its payload's source.
+/// [`State::write_records`] checksums and writes it.
 #[derive(Debug, Clone, Copy)]
-struct StagedRecord {
+struct StagedRecord<'a> {
     chunk: usize,
     pos: usize,
-    used: usize,
+    record_bytes: usize,
+    header: [u8; RECORD_HEADER_BYTES],
+    payload: &'a [u8],
 }
 
 struct InFlight {
@@ -588,25 +592,21 @@ impl State {
     /// Encodes one record at the tail, CRC included. The caller has checked it fits in the
     /// tail segment.
     fn put_record(&mut self, index: u64, term: u64, kind: u8, payload: &[u8]) -> u64 {
-        let (offset, at) = self.put_record_without_crc(index, term, kind, payload);
-        let chunk = &mut self.staged[at.chunk];
-        let record = &mut chunk.buf.as_bytes_mut()[at.pos..at.pos + at.used];
-        let register = crc32c::update(MAGIC_CRC_REGISTER, &record[CRC_FROM..]);
-        RecordHeader::seal_crc(record, register);
+        let (offset, mut at) = self.put_record_without_crc(index, term, kind, payload);
+        self.write_records(std::slice::from_mut(&mut at));
         offset
     }
 
-    /// Encodes one record at the tail with a zero CRC field, and returns its segment offset
-    /// and where it sits in the staging buffers. [`State::seal_crcs`] must fill the CRC in
-    /// before anything reads or writes the record. The caller has checked it fits in the tail
-    /// segment.
-    fn put_record_without_crc(
+    /// Reserves room for one record at the tail and returns its segment offset and what
+    /// [`State::write_records`] needs to write it, which must happen before anything reads
+    /// or writes the staging buffer. The caller has checked it fits in the tail segment.
+    fn put_record_without_crc<'p>(
         &mut self,
         index: u64,
         term: u64,
         kind: u8,
-        payload: &[u8],
-    ) -> (u64, StagedRecord) {
+        payload: &'p [u8],
+    ) -> (u64, StagedRecord<'p>) {
         let record_bytes = RecordHeader::record_bytes(payload.len());
         let (tail_seq, tail_first) = {
             let c = self.open_chunk();
@@ -623,23 +623,20 @@ impl State {
         let chunk_index = self.staged.len() - 1;
         let chunk = self.open_chunk();
         debug_assert_eq!(chunk.base + chunk.len as u64, offset);
-        let at = chunk.len;
-        let dst = &mut chunk.buf.as_bytes_mut()[at..at + record_bytes];
-        let used = RECORD_HEADER_BYTES + payload.len();
-        let header = RecordHeader::without_crc(
-            tail_seq,
-            tail_first,
-            index,
-            term,
-            kind,
-            durable as u32,
-            payload.len(),
+        let pos = chunk.len;
+        let mut header = [0u8; RECORD_HEADER_BYTES];
+        header.copy_from_slice(
+            RecordHeader::without_crc(
+                tail_seq,
+                tail_first,
+                index,
+                term,
+                kind,
+                durable as u32,
+                payload.len(),
+            )
+            .as_bytes(),
         );
-        dst[..RECORD_HEADER_BYTES].copy_from_slice(header.as_bytes());
-        dst[RECORD_HEADER_BYTES..used].copy_from_slice(payload);
-        if used < record_bytes {
-            dst[used..].fill(0);
-        }
         chunk.len += record_bytes;
         self.tail_offset += record_bytes as u64;
         self.staged_bytes += record_bytes;
@@ -647,29 +644,32 @@ impl State {
             offset,
             StagedRecord {
                 chunk: chunk_index,
-                pos: at,
-                used,
+                pos,
+                record_bytes,
+                header,
+                payload,
             },
         )
     }
 
-    /// Fills in the CRCs of `records` (staged by `put_record_without_crc`, at most
-    /// `crc32c::LANES`), computed together: one CRC chain alone leaves the CRC unit idle two
-    /// cycles out of three. Each record is read from the staging buffer it was just copied
-    /// into, still in cache.
-    fn seal_crcs(&mut self, records: &[StagedRecord]) {
+    /// Checksums and writes `records` (at most `crc32c::LANES`, reserved by
+    /// `put_record_without_crc`). Their CRCs are computed together (one CRC chain alone
+    /// leaves the CRC unit idle two cycles out of three) from the headers and the payloads'
+    /// sources, which are in cache; then each record is written with streaming stores
+    /// (`stream.rs`): nothing reads the staging buffer here.
+    fn write_records(&mut self, records: &mut [StagedRecord<'_>]) {
         debug_assert!(records.len() <= crc32c::LANES);
         let mut registers = [MAGIC_CRC_REGISTER; crc32c::LANES];
-        {
-            let mut inputs: [&[u8]; crc32c::LANES] = [&[]; crc32c::LANES];
-            for (input, r) in inputs.iter_mut().zip(records) {
-                *input = &self.staged[r.chunk].buf.as_bytes()[r.pos + CRC_FROM..r.pos + r.used];
-            }
-            crc32c::update_lanes(&mut registers, &inputs, records.len());
+        let mut inputs: [&[u8]; crc32c::LANES] = [&[]; crc32c::LANES];
+        for ((input, register), r) in inputs.iter_mut().zip(&mut registers).zip(&*records) {
+            *register = crc32c::update(MAGIC_CRC_REGISTER, &r.header[CRC_FROM..]);
+            *input = r.payload;
         }
-        for (r, &register) in records.iter().zip(&registers) {
-            let record = &mut self.staged[r.chunk].buf.as_bytes_mut()[r.pos..r.pos + r.used];
-            RecordHeader::seal_crc(record, register);
+        crc32c::update_lanes(&mut registers, &inputs, records.len());
+        for (r, &register) in records.iter_mut().zip(&registers) {
+            RecordHeader::seal_crc(&mut r.header, register);
+            let dst = &mut self.staged[r.chunk].buf.as_bytes_mut()[r.pos..r.pos + r.record_bytes];
+            stream::write_record(dst, &r.header, r.payload);
         }
     }
 
@@ -1212,13 +1212,15 @@ impl Wal {
         records_bytes: usize,
     ) -> Result<()> {
         let mut remaining_bytes = records_bytes;
-        // Records are staged without their CRC and checksummed `LANES` at a time, right after
-        // their copy (still in cache). Nothing between here and the last `seal_crcs` can fail
-        // or yield, so no record leaves this function without its CRC.
+        // Records are reserved, then checksummed and written `LANES` at a time. Nothing
+        // between here and the last `write_records` can fail or yield, so no reserved record
+        // is left unwritten.
         let mut pending = [StagedRecord {
             chunk: 0,
             pos: 0,
-            used: 0,
+            record_bytes: 0,
+            header: [0; RECORD_HEADER_BYTES],
+            payload: &[],
         }; crc32c::LANES];
         let mut pending_n = 0;
         for e in entries {
@@ -1228,8 +1230,8 @@ impl Wal {
                 if let Err(err) =
                     self.roll_staged(st, e.index, remaining_bytes + SEAL_BYTES as usize)
                 {
-                    // The records staged so far stay in the log: give them their CRCs.
-                    st.seal_crcs(&pending[..pending_n]);
+                    // The records staged so far stay in the log: write them.
+                    st.write_records(&mut pending[..pending_n]);
                     return Err(err);
                 }
             }
@@ -1238,7 +1240,7 @@ impl Wal {
             pending[pending_n] = at;
             pending_n += 1;
             if pending_n == crc32c::LANES {
-                st.seal_crcs(&pending);
+                st.write_records(&mut pending);
                 pending_n = 0;
             }
             let seq = st.open_chunk().seq;
@@ -1249,7 +1251,7 @@ impl Wal {
                 seq,
             });
         }
-        st.seal_crcs(&pending[..pending_n]);
+        st.write_records(&mut pending[..pending_n]);
         Ok(())
     }
 
@@ -1375,6 +1377,8 @@ impl Wal {
     /// next slice, which may be in flight at the same time.
     async fn start_writes<'a>(&'a self, round: &mut Round<'a>, slice: bool) -> Result<()> {
         let align = self.alignment.get();
+        // Records were written with streaming stores: make them visible to the device.
+        stream::fence();
         // (seq, base, len, carried, buffer) per segment touched. Readers find the bytes in
         // `in_flight` until the writes complete.
         let mut writes = Vec::new();
