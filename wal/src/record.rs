@@ -4,6 +4,7 @@
 //! offset hold a complete, CRC-valid record of the expected segment before anything is used.
 //! Nothing in this file panics on any input.
 
+use crate::crc32c;
 use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
@@ -11,9 +12,14 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 pub const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"TWRC");
 /// `b"TWSG"`: marks a segment header (offset 0 of every segment file).
 pub const SEGMENT_MAGIC: u32 = u32::from_le_bytes(*b"TWSG");
-/// Version of the segment format; a different version is refused, not guessed at. Version 2
-/// has 32-byte record headers (version 1 had 40).
-pub const SEGMENT_VERSION: u32 = 2;
+/// Version of the segment format; a different version is refused, not guessed at. Version 3
+/// checksums records with CRC32C; version 2 had the same 32-byte headers with an IEEE CRC32,
+/// version 1 had 40-byte headers.
+pub const SEGMENT_VERSION: u32 = 3;
+
+/// Why a segment of format version 1 or 2 is refused.
+const OLDER_VERSION: &str = "segment format version 1 or 2 (written by an older release): \
+    this build reads version 3 only; restore the replica from its peers";
 
 /// Size of the record header in bytes.
 pub const RECORD_HEADER_BYTES: usize = 32;
@@ -44,35 +50,16 @@ pub const KIND_PAD: u8 = 253;
 pub const KIND_USER_MAX: u8 = 252;
 
 /// The CRC covers the magic (a constant) and then the contiguous bytes from `CRC_FROM` to the
-/// end of the payload: the encoder hashes that range in one pass, starting from the CRC of
-/// the magic instead of hashing the four magic bytes each time.
-const CRC_FROM: usize = 8;
-const MAGIC_CRC: u32 = crc32_ieee_const(&RECORD_MAGIC.to_le_bytes());
+/// end of the payload: the encoder hashes that range in one pass, starting from the CRC
+/// register after the magic instead of hashing the four magic bytes each time.
+pub const CRC_FROM: usize = 8;
+/// The raw CRC32C register after the magic (initial value `!0`, no final inversion).
+pub const MAGIC_CRC_REGISTER: u32 = crc32c::update_const(!0, &RECORD_MAGIC.to_le_bytes());
 
 const _: () = assert!(std::mem::size_of::<RecordHeader>() == RECORD_HEADER_BYTES);
 const _: () = assert!(RECORD_HEADER_BYTES % RECORD_ALIGN_BYTES == 0);
 const _: () = assert!(std::mem::size_of::<SegmentHeader>() == SEGMENT_HEADER_USED_BYTES);
 const _: () = assert!(SEGMENT_HEADER_BYTES as usize >= SEGMENT_HEADER_USED_BYTES);
-
-/// Bitwise CRC32 (IEEE, reflected, as crc32fast), for constants.
-const fn crc32_ieee_const(bytes: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    let mut i = 0;
-    while i < bytes.len() {
-        crc ^= bytes[i] as u32;
-        let mut bit = 0;
-        while bit < 8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
-            bit += 1;
-        }
-        i += 1;
-    }
-    !crc
-}
 
 /// Fixed 32-byte header in front of every record payload. See the crate docs for the byte
 /// layout. The index is stored relative to the segment's first index (a segment of at most
@@ -81,7 +68,7 @@ const fn crc32_ieee_const(bytes: &[u8]) -> u32 {
 #[repr(C)]
 pub struct RecordHeader {
     pub magic: U32,
-    /// CRC32 (IEEE, crc32fast) over header bytes 0..4 and 8..32, then the payload.
+    /// CRC32C over header bytes 0..4 and 8..32, then the payload.
     pub crc: U32,
     /// Sequence number of the segment this record was written into: records left over from an
     /// older life of a recycled segment file carry a different value and are never accepted.
@@ -134,14 +121,14 @@ impl RecordHeader {
             durable_offset,
             payload.len(),
         );
-        let mut hasher = crc32fast::Hasher::new_with_initial(MAGIC_CRC);
-        hasher.update(&header.as_bytes()[CRC_FROM..]);
-        hasher.update(payload);
-        header.crc = U32::new(hasher.finalize());
+        header.crc = U32::new(header.compute_crc(payload));
         header
     }
 
-    fn without_crc(
+    /// The header with a zero CRC field: the encoder fills the CRC in later
+    /// ([`RecordHeader::seal_crc`]), several records at a time.
+    #[allow(clippy::too_many_arguments)]
+    pub fn without_crc(
         segment_seq: u32,
         segment_first_index: u64,
         index: u64,
@@ -193,16 +180,19 @@ impl RecordHeader {
             payload_len,
         );
         record[..RECORD_HEADER_BYTES].copy_from_slice(header.as_bytes());
-        let mut hasher = crc32fast::Hasher::new_with_initial(MAGIC_CRC);
-        hasher.update(&record[CRC_FROM..]);
-        record[4..8].copy_from_slice(&hasher.finalize().to_le_bytes());
+        let register = crc32c::update(MAGIC_CRC_REGISTER, &record[CRC_FROM..]);
+        Self::seal_crc(record, register);
+    }
+
+    /// Stores the CRC of a record whose raw CRC32C register over `record[CRC_FROM..]` (header
+    /// rest and payload, started from [`MAGIC_CRC_REGISTER`]) is `register`.
+    pub fn seal_crc(record: &mut [u8], register: u32) {
+        record[4..8].copy_from_slice(&(!register).to_le_bytes());
     }
 
     fn compute_crc(&self, payload: &[u8]) -> u32 {
-        let mut hasher = crc32fast::Hasher::new_with_initial(MAGIC_CRC);
-        hasher.update(&self.as_bytes()[CRC_FROM..]);
-        hasher.update(payload);
-        hasher.finalize()
+        let register = crc32c::update(MAGIC_CRC_REGISTER, &self.as_bytes()[CRC_FROM..]);
+        !crc32c::update(register, payload)
     }
 
     /// Total bytes the record occupies in the segment, header and padding included.
@@ -300,8 +290,12 @@ impl SegmentHeader {
         if crc32fast::hash(&header.as_bytes()[0..24]) != header.crc.get() {
             return Err("segment header crc mismatch");
         }
-        if header.version.get() != SEGMENT_VERSION {
-            return Err("unsupported segment version");
+        match header.version.get() {
+            SEGMENT_VERSION => {}
+            1 | 2 => {
+                return Err(OLDER_VERSION);
+            }
+            _ => return Err("unknown segment format version (this build reads version 3)"),
         }
         if header.first_index.get() == 0 {
             return Err("segment first index is 0");
@@ -338,9 +332,19 @@ mod tests {
     }
 
     #[test]
-    fn magic_crc_constant_matches_crc32fast() {
-        assert_eq!(MAGIC_CRC, crc32fast::hash(b"TWRC"));
-        assert_eq!(crc32_ieee_const(b"123456789"), 0xCBF4_3926);
+    fn magic_crc_register_matches_crc32c() {
+        assert_eq!(!MAGIC_CRC_REGISTER, crc32c::checksum(b"TWRC"));
+    }
+
+    /// The CRC is the standard CRC32C of the magic followed by header bytes 8..32 and the
+    /// payload: what a tool in another language computes.
+    #[test]
+    fn record_crc_is_crc32c_of_magic_rest_of_header_and_payload() {
+        let bytes = encode(7, 42, b"hello");
+        let mut covered = bytes[0..4].to_vec();
+        covered.extend_from_slice(&bytes[8..RECORD_HEADER_BYTES + 5]);
+        let crc = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
+        assert_eq!(crc, crc32c::checksum(&covered));
     }
 
     #[test]
@@ -413,5 +417,23 @@ mod tests {
             assert!(SegmentHeader::check(&b).is_err(), "bit {bit} accepted");
         }
         assert!(SegmentHeader::check(&bytes[..10]).is_err());
+    }
+
+    /// Version 2 used the same layout with an IEEE CRC32: its segments are refused with a
+    /// reason that says so, not misread (their records would all fail the CRC32C check and
+    /// look like a torn tail).
+    #[test]
+    fn older_and_unknown_versions_are_refused_by_name() {
+        for (version, words) in [
+            (1u32, "version 1 or 2"),
+            (2, "version 1 or 2"),
+            (4, "unknown"),
+        ] {
+            let mut h = SegmentHeader::new(9, 100);
+            h.version = U32::new(version);
+            h.crc = U32::new(crc32fast::hash(&h.as_bytes()[0..24]));
+            let reason = SegmentHeader::check(h.as_bytes()).expect_err("refused");
+            assert!(reason.contains(words), "version {version}: {reason}");
+        }
     }
 }

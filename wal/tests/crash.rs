@@ -412,3 +412,81 @@ mod open_garbage {
         }
     }
 }
+
+/// A batch large enough to be written in slices while it is encoded (several writes, one
+/// fdatasync): if the crash lost its first slice while later ones landed, recovery drops the
+/// whole batch as a torn tail; damage to the synced batch before it is still corruption.
+#[test]
+fn pipelined_batch_with_its_first_slice_lost_is_a_torn_tail_and_earlier_damage_is_corruption() {
+    let opts = tynamo_wal::WalOptions {
+        segment_bytes: 4 << 20,
+        entry_bytes_max: 8 << 10,
+        staged_bytes_max: 4 << 20,
+        spare_segments_max: 1,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let o = opts.clone();
+    run(move || async move {
+        let wal = Wal::open(&path, o).await.unwrap();
+        let a: Vec<Owned> = (1..=5).map(|i| Owned::new(i, 1, 50)).collect();
+        wal.append(&a.iter().map(|e| e.as_ref()).collect::<Vec<_>>())
+            .await
+            .unwrap();
+        let b: Vec<Owned> = (6..=165).map(|i| Owned::new(i, 2, 4000)).collect();
+        let before = wal.stats().writes;
+        wal.append(&b.iter().map(|e| e.as_ref()).collect::<Vec<_>>())
+            .await
+            .unwrap();
+        assert!(
+            wal.stats().writes - before >= 2,
+            "the batch went out in slices"
+        );
+        wal.close().await.unwrap();
+    });
+    let seg = segments(dir.path());
+    let pristine = std::fs::read(&seg[0]).unwrap();
+    let spans = record_spans(&pristine, 1, 1);
+    assert_eq!(spans.len(), 165);
+    let want: Vec<Owned> = (1..=5).map(|i| Owned::new(i, 1, 50)).collect();
+    let reopen = |img: &[u8]| {
+        std::fs::write(&seg[0], img).unwrap();
+        let path = dir.path().to_path_buf();
+        let o = opts.clone();
+        let want: Vec<(u64, Vec<u8>)> = want.iter().map(|e| (e.index, e.payload.clone())).collect();
+        let (tx, rx) = std::sync::mpsc::channel();
+        run(move || async move {
+            let r = match Wal::open(&path, o).await {
+                Ok(wal) => {
+                    assert_eq!(wal.last_index(), 5);
+                    let got = wal.entries(1, 6, u64::MAX).await.unwrap();
+                    for (g, w) in got.iter().zip(&want) {
+                        assert_eq!((g.index, &g.payload[..]), (w.0, &w.1[..]));
+                    }
+                    let report = wal.recovery_report().clone();
+                    wal.close().await.unwrap();
+                    Ok(report)
+                }
+                Err(e) => Err(e),
+            };
+            tx.send(r).unwrap();
+        });
+        rx.recv().unwrap()
+    };
+    // The first slice lost (its first record zeroed), the later slices on disk.
+    let mut img = pristine.clone();
+    img[spans[5].0 as usize..spans[5].1 as usize].fill(0);
+    let report = reopen(&img).unwrap_or_else(|e| panic!("torn first slice: {e}"));
+    assert_eq!(report.torn_at.as_ref().map(|t| t.1), Some(spans[5].0));
+    assert!(
+        report.dropped_bytes >= spans[164].1 - spans[6].0,
+        "{report:?}"
+    );
+    // Damage to the synced batch before it: the slices were written after it was durable.
+    let mut img = pristine.clone();
+    img[spans[4].0 as usize + RECORD_HEADER_BYTES + 3] ^= 0x10;
+    match reopen(&img) {
+        Err(Error::Corruption { offset, .. }) => assert_eq!(offset, spans[4].0),
+        other => panic!("expected corruption, got {other:?}"),
+    }
+}

@@ -39,3 +39,35 @@ fn append_read_reopen() {
         wal.close().await.unwrap();
     });
 }
+
+/// A segment written by format version 2 (same layout, IEEE CRC32 records) is refused by name
+/// on open: its records would otherwise all fail the CRC32C check and be dropped as a torn tail.
+#[test]
+fn a_version_2_segment_is_refused_not_dropped() {
+    use tynamo_wal::format::SegmentHeader;
+    use zerocopy::IntoBytes;
+    let dir = tempfile::tempdir().unwrap();
+    let mut header = SegmentHeader::new(1, 1);
+    header.version.set(2);
+    header.crc.set(crc32fast::hash(&header.as_bytes()[0..24]));
+    let mut img = vec![0u8; 64 << 10];
+    img[..header.as_bytes().len()].copy_from_slice(header.as_bytes());
+    let seg = dir.path().join("0000000001.wal");
+    std::fs::write(&seg, &img).unwrap();
+    let path = dir.path().to_path_buf();
+    common::run(move || async move {
+        match tynamo_wal::Wal::open(&path, common::small_opts()).await {
+            Err(tynamo_wal::Error::Corruption { offset, reason, .. }) => {
+                assert_eq!(offset, 0);
+                assert!(reason.contains("version 1 or 2"), "{reason}");
+            }
+            Ok(_) => panic!("a version 2 segment was accepted"),
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    });
+    assert_eq!(
+        std::fs::read(&seg).unwrap(),
+        img,
+        "the refused file is left untouched"
+    );
+}
