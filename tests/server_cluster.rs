@@ -352,6 +352,23 @@ fn redis_cli_and_redis_benchmark_work_against_a_three_host_cluster() {
         2,
         "one leader per group: {nodes}"
     );
+    // INFO <section> answers that section only (case-insensitive); no argument and `all`, all.
+    let headers = |args: &[&str]| -> Vec<String> {
+        redis_cli(port, args)
+            .lines()
+            .filter(|l| l.starts_with("# "))
+            .map(|l| l.trim_end().to_string())
+            .collect()
+    };
+    assert_eq!(headers(&["INFO", "raft"]), ["# Raft"]);
+    assert_eq!(
+        headers(&["INFO", "KEYSPACE", "Server"]),
+        ["# Server", "# Keyspace"]
+    );
+    let every = headers(&["INFO"]);
+    assert!(every.len() >= 8, "{every:?}");
+    assert_eq!(headers(&["INFO", "all"]), every);
+    assert!(redis_cli(port, &["INFO", "raft"]).contains("raft_role:"));
 
     let out = Command::new("redis-benchmark")
         .args([

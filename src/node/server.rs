@@ -308,8 +308,8 @@ fn handle(ctx: &CoreCtx, conn: &mut Conn, args: &[Bytes]) -> Pending {
             CommandQuery::Count => now(|o| put_integer(o, 0)),
             _ => now(|o| put_array_len(o, 0)),
         },
-        Command::Info(_) => {
-            let text = info_text(ctx);
+        Command::Info(sections) => {
+            let text = info_sections(info_text(ctx), &sections);
             now(|o| put_text(o, &text, protocol))
         }
         Command::Cluster(sub) => cluster(ctx, sub, protocol),
@@ -1037,6 +1037,39 @@ fn info_text(ctx: &CoreCtx) -> String {
     t
 }
 
+/// What INFO answers for its arguments, as Redis does: no argument, `all`, `everything` or
+/// `default` give every section (ours are few and cheap, so `default` is all of them); otherwise
+/// the named sections, case-insensitively and in the full text's order. A name that matches no
+/// section adds nothing (an empty reply when none matches, as Redis).
+fn info_sections(full: String, wanted: &[Bytes]) -> String {
+    let every = wanted.is_empty()
+        || wanted.iter().any(|w| {
+            ["all", "everything", "default"]
+                .iter()
+                .any(|a| w.eq_ignore_ascii_case(a.as_bytes()))
+        });
+    if every {
+        return full;
+    }
+    let mut out = String::new();
+    let mut keep = false;
+    for line in full.split("\r\n") {
+        if let Some(name) = line.strip_prefix("# ") {
+            keep = wanted
+                .iter()
+                .any(|w| w.eq_ignore_ascii_case(name.as_bytes()));
+            if keep && !out.is_empty() {
+                out.push_str("\r\n");
+            }
+        }
+        if keep && !line.is_empty() {
+            out.push_str(line);
+            out.push_str("\r\n");
+        }
+    }
+    out
+}
+
 /// INFO's `# Raft` and `# Shards` sections for one group replica.
 fn group_sections(entry: &CoreGroup, t: &mut String) {
     let g = entry.group.borrow();
@@ -1101,6 +1134,40 @@ mod tests {
     use crate::controller::StateMachine;
     use crate::node::config::parse_initial_cluster;
     use crate::node::control::ControlPlan;
+
+    #[test]
+    fn info_gives_the_named_sections_case_insensitively_and_every_one_for_all() {
+        let full = "# Server\r\nhost_id:1\r\n\r\n# Raft\r\nraft_role:Leader\r\nterm:3\r\n\r\n\
+                    # Cluster\r\ncluster_enabled:1\r\n\r\n# Keyspace\r\ndb0:keys=0\r\n";
+        let ask = |args: &[&str]| {
+            let args: Vec<Bytes> = args
+                .iter()
+                .map(|a| Bytes::copy_from_slice(a.as_bytes()))
+                .collect();
+            info_sections(full.to_string(), &args)
+        };
+        for every in [
+            &[][..],
+            &["all"],
+            &["EVERYTHING"],
+            &["Default"],
+            &["raft", "all"],
+        ] {
+            assert_eq!(ask(every), full, "{every:?}");
+        }
+        assert_eq!(ask(&["raft"]), "# Raft\r\nraft_role:Leader\r\nterm:3\r\n");
+        assert_eq!(ask(&["RaFt"]), ask(&["raft"]));
+        // Several names: the full text's order, a blank line between sections (as Redis).
+        assert_eq!(
+            ask(&["keyspace", "server"]),
+            "# Server\r\nhost_id:1\r\n\r\n# Keyspace\r\ndb0:keys=0\r\n"
+        );
+        assert_eq!(ask(&["clients"]), "", "an unknown section selects nothing");
+        assert_eq!(
+            ask(&["cluster", "nosuch"]),
+            "# Cluster\r\ncluster_enabled:1\r\n"
+        );
+    }
 
     #[test]
     fn cluster_slots_from_the_bootstrap_configuration_equal_the_static_map() {
