@@ -5,122 +5,32 @@
 //!
 //! Run: `cargo test --test ctl_cluster -- --nocapture`
 
-use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tynamo::resp::frame::Frame;
 
 mod common;
-use common::{free_base, lock, try_call};
+use common::cluster::Cluster;
+use common::{lock, try_call};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 /// Poll interval while waiting for a condition (the condition decides, not the interval).
 const POLL: Duration = Duration::from_millis(50);
 
-struct Cluster {
-    dir: tempfile::TempDir,
-    children: Vec<Child>,
-    base: u16,
-    map: String,
-    extra: Vec<String>,
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+/// Three hosts of two cores, all in `--initial-cluster`.
+fn start_cluster() -> Cluster {
+    Cluster::start(&[2, 2, 2], 3)
 }
 
 impl Cluster {
-    fn start(extra: &[&str]) -> Cluster {
-        let base = free_base(3, 2);
-        let map = (0..3u16)
-            .map(|h| {
-                format!(
-                    "{}=127.0.0.1:{}/127.0.0.1:{}",
-                    h + 1,
-                    base + 100 + 10 * h,
-                    base + 10 * h
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(",");
-        let mut c = Cluster {
-            dir: tempfile::tempdir().unwrap(),
-            children: Vec::new(),
-            base,
-            map,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-        };
-        c.spawn_all();
-        c
-    }
-
-    fn spawn_all(&mut self) {
-        for id in 1..=3 {
-            let log = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(self.dir.path().join(format!("host-{id}.log")))
-                .unwrap();
-            let child = Command::new(env!("CARGO_BIN_EXE_tynamo"))
-                .args(["server", "--id", &id.to_string()])
-                .arg("--data")
-                .arg(self.dir.path().join(format!("host-{id}")))
-                .args(["--initial-cluster", &self.map, "--cores", "2"])
-                .args(["--placement", "unbound"])
-                .args(&self.extra)
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap();
-            self.children.push(child);
-        }
-    }
-
-    /// Kills every host (SIGKILL: nothing unsynced survives) and starts them again.
-    fn restart_all(&mut self) {
-        for mut c in self.children.drain(..) {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        self.spawn_all();
-    }
-
-    fn addr(&self, host: u16, core: u16) -> String {
-        format!("127.0.0.1:{}", self.base + 10 * (host - 1) + core)
-    }
-
-    fn logs(&self) -> String {
-        (1..=3)
-            .map(|id| {
-                std::fs::read_to_string(self.dir.path().join(format!("host-{id}.log")))
-                    .unwrap_or_default()
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-
-    /// Runs `tynamo ctl --cluster <addr> <args>`.
-    fn ctl(&self, addr: &str, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_tynamo"))
-            .args(["ctl", "--cluster", addr, "--timeout-ms", "20000"])
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
     /// `ctl --json <args>` once it succeeds and `ready` holds for its document.
     fn ctl_json_until(&self, addr: &str, args: &[&str], ready: impl Fn(&Value) -> bool) -> Value {
         let start = Instant::now();
         loop {
             let mut all = vec!["--json"];
             all.extend_from_slice(args);
-            let out = self.ctl(addr, &all);
+            let out = self.ctl_at(addr, &all);
             if out.status.success() {
                 let doc: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
                     panic!("--json output does not parse ({e}): {:?}", out.stdout)
@@ -148,7 +58,7 @@ fn call(addr: &str, args: &[&str]) -> Frame {
 #[test]
 fn ctl_status_and_query_answer_from_any_host_as_tables_and_json() {
     let _l = lock();
-    let c = Cluster::start(&[]);
+    let c = start_cluster();
     // The bootstrap configuration: Join of the three hosts (1), then the controller's slots (2).
     let config = c.ctl_json_until(&c.addr(3, 1), &["query"], |d| d["num"] == 2);
     assert_eq!(config["shard_count"], 64);
@@ -204,7 +114,7 @@ fn ctl_status_and_query_answer_from_any_host_as_tables_and_json() {
         assert!(g["term"].as_u64().unwrap() >= 1, "{g}");
         assert!(g["commit"].as_u64().unwrap() >= 1, "{g}");
     }
-    let table = c.ctl(&c.addr(1, 0), &["status"]);
+    let table = c.ctl_at(&c.addr(1, 0), &["status"]);
     assert!(table.status.success());
     let text = String::from_utf8_lossy(&table.stdout);
     assert!(
@@ -213,7 +123,7 @@ fn ctl_status_and_query_answer_from_any_host_as_tables_and_json() {
     );
     assert!(text.contains("configuration 2"), "{text}");
     assert!(text.contains("transfers in flight: none"), "{text}");
-    let table = c.ctl(&c.addr(3, 0), &["query"]);
+    let table = c.ctl_at(&c.addr(3, 0), &["query"]);
     let text = String::from_utf8_lossy(&table.stdout);
     assert!(text.contains("0-31") && text.contains("32-63"), "{text}");
 
@@ -249,7 +159,7 @@ fn ctl_status_and_query_answer_from_any_host_as_tables_and_json() {
     }
 
     // A Leave the controller refuses says why: host 1 runs a controller replica.
-    let out = c.ctl(&c.addr(1, 0), &["leave", "1"]);
+    let out = c.ctl_at(&c.addr(1, 0), &["leave", "1"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -257,14 +167,14 @@ fn ctl_status_and_query_answer_from_any_host_as_tables_and_json() {
         "{err}"
     );
     // A malformed host spec is refused before anything is sent.
-    let out = c.ctl(&c.addr(1, 0), &["join", "4=nonsense"]);
+    let out = c.ctl_at(&c.addr(1, 0), &["join", "4=nonsense"]);
     assert_eq!(out.status.code(), Some(2));
 }
 
 #[test]
 fn a_ctl_change_is_applied_once_however_often_it_is_sent_and_survives_restarts() {
     let _l = lock();
-    let mut c = Cluster::start(&[]);
+    let mut c = start_cluster();
     c.ctl_json_until(&c.addr(1, 0), &["query"], |d| d["num"] == 2);
     // Find the controller leader's core 0 by following the redirect by hand.
     let mut addr = c.addr(1, 1);
@@ -308,7 +218,7 @@ fn a_ctl_change_is_applied_once_however_often_it_is_sent_and_survives_restarts()
         .iter()
         .any(|h| h["id"] == 4 && h["addr"] == "127.0.0.1:1101/127.0.0.1:1001"));
     // Through the tool: a move produces the next configuration; a bad one is refused.
-    let out = c.ctl(&c.addr(3, 1), &["move", "0", "2"]);
+    let out = c.ctl_at(&c.addr(3, 1), &["move", "0", "2"]);
     assert!(
         out.status.success(),
         "{}",
@@ -318,13 +228,13 @@ fn a_ctl_change_is_applied_once_however_often_it_is_sent_and_survives_restarts()
         String::from_utf8_lossy(&out.stdout).trim(),
         "configuration 4"
     );
-    let out = c.ctl(&c.addr(3, 1), &["move", "0", "99"]);
+    let out = c.ctl_at(&c.addr(3, 1), &["move", "0", "99"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("group 99 does not exist"), "{err}");
     // Every host killed and restarted: the controller recovers configuration 4 from its log
     // (the bootstrap does not run again), and the change's session still answers its retry.
-    c.restart_all();
+    c.restart_initial();
     let after = c.ctl_json_until(&c.addr(1, 0), &["query"], |_| true);
     assert_eq!(after["num"], 4);
     assert_eq!(after["shards"][0], 2, "the move survived");

@@ -17,172 +17,22 @@
 //! Run: `cargo test --test join_cluster -- --nocapture`
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 mod common;
-use common::{free_base, lock};
+use common::bench::Bench;
+use common::cluster::Cluster;
+use common::lock;
 
 /// Generous: five multi-core hosts, the bench and the build share 2 CPUs.
 const DEADLINE: Duration = Duration::from_secs(120);
 /// Poll interval while waiting for a condition (the condition decides, not the interval).
 const POLL: Duration = Duration::from_millis(100);
 
-struct Cluster {
-    dir: tempfile::TempDir,
-    /// Running hosts by id.
-    children: BTreeMap<u16, Child>,
-    base: u16,
-    /// Cores of host `id` at `cores[id - 1]`; hosts 1..=initial are in `--initial-cluster`.
-    cores: Vec<u16>,
-    initial: u16,
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for c in self.children.values_mut() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 impl Cluster {
-    /// A cluster of `cores.len()` possible hosts whose first `initial` start now.
-    fn start(cores: &[u16], initial: u16) -> Cluster {
-        let base = free_base(cores.len() as u16, *cores.iter().max().unwrap());
-        let mut c = Cluster {
-            dir: tempfile::tempdir().unwrap(),
-            children: BTreeMap::new(),
-            base,
-            cores: cores.to_vec(),
-            initial,
-        };
-        for id in 1..=initial {
-            c.spawn(id, true);
-        }
-        c
-    }
-
-    fn map(&self) -> String {
-        (1..=self.initial)
-            .map(|h| format!("{h}={}/{}", self.peer(h), self.addr(h, 0)))
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-
-    fn addr(&self, host: u16, core: u16) -> String {
-        format!("127.0.0.1:{}", self.base + 10 * (host - 1) + core)
-    }
-
-    fn peer(&self, host: u16) -> String {
-        format!("127.0.0.1:{}", self.base + 100 + 10 * (host - 1))
-    }
-
-    fn data(&self, id: u16) -> PathBuf {
-        self.dir.path().join(format!("host-{id}"))
-    }
-
-    /// Starts host `id` (again) on its data directory; its log is appended to. A host beyond
-    /// the initial ones runs with `--join` through host 1 when `seed` is set, and with nothing
-    /// but its data directory and addresses when not (a restart).
-    fn spawn(&mut self, id: u16, seed: bool) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join(format!("host-{id}.log")))
-            .unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tynamo"));
-        cmd.args(["server", "--id", &id.to_string()])
-            .arg("--data")
-            .arg(self.data(id))
-            .args(["--cores", &self.cores[usize::from(id - 1)].to_string()])
-            .args(["--placement", "unbound"]);
-        if id <= self.initial {
-            cmd.args(["--initial-cluster", &self.map()]);
-        } else {
-            cmd.args(["--peer-addr", &self.peer(id)])
-                .args(["--client-addr", &self.addr(id, 0)]);
-            if seed {
-                cmd.args(["--join", &self.addr(1, 0)]);
-            }
-        }
-        let child = cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap();
-        self.children.insert(id, child);
-    }
-
-    /// SIGKILL: nothing the host did not fsync survives.
-    fn kill(&mut self, id: u16) {
-        if let Some(mut c) = self.children.remove(&id) {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// `ID=PEER,CLIENT,CORES` for `tynamo ctl join`.
-    fn join_spec(&self, id: u16) -> String {
-        format!(
-            "{id}={},{},{}",
-            self.peer(id),
-            self.addr(id, 0),
-            self.cores[usize::from(id - 1)]
-        )
-    }
-
-    /// Client addresses of every core of the initial hosts (the bench's seeds).
-    fn seeds(&self) -> String {
-        (1..=self.initial)
-            .flat_map(|h| (0..self.cores[usize::from(h - 1)]).map(move |c| (h, c)))
-            .map(|(h, c)| self.addr(h, c))
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-
-    fn logs(&self) -> String {
-        (1..=self.cores.len() as u16)
-            .map(|id| {
-                let text = std::fs::read_to_string(self.dir.path().join(format!("host-{id}.log")))
-                    .unwrap_or_default();
-                format!("--- host {id}\n{text}")
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-
-    fn ctl(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_tynamo"))
-            .args([
-                "ctl",
-                "--cluster",
-                &self.addr(1, 0),
-                "--timeout-ms",
-                "20000",
-            ])
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    /// A change through `tynamo ctl`; returns the configuration it produced.
-    fn change(&self, args: &[&str]) -> u64 {
-        let out = self.ctl(args);
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "ctl {args:?}: {}{text}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        text.trim()
-            .strip_prefix("configuration ")
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("ctl {args:?} printed {text:?}"))
-    }
-
     /// `tynamo ctl status --json` once it answers.
     fn status(&self) -> Option<Value> {
         let out = self.ctl(&["--json", "status"]);
@@ -253,168 +103,6 @@ fn group_dirs(data: &Path) -> Vec<String> {
     dirs
 }
 
-/// The tynamo-bench binary next to the server's (built here if missing: it is another
-/// package of the workspace, which `cargo test` of this one does not build).
-fn bench_binary() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_BIN_EXE_tynamo"))
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "-q", "-p", "tynamo-bench", "--bin", "tynamo-bench"])
-        .status()
-        .unwrap();
-    assert!(status.success(), "cannot build tynamo-bench");
-    dir.join("tynamo-bench")
-}
-
-/// A running tynamo-bench whose stderr lines are collected with the time they arrived.
-struct Bench {
-    child: Child,
-    started: Instant,
-    lines: Arc<Mutex<Vec<(Duration, String)>>>,
-    stdout: Arc<Mutex<String>>,
-}
-
-impl Bench {
-    fn start(seeds: &str, duration_s: u64) -> Bench {
-        let mut child = Command::new(bench_binary())
-            .args(["--cluster", seeds, "--workload", "a", "--verify"])
-            .args(["--keys", "2000", "--connections", "8", "--threads", "1"])
-            .args(["--duration", &format!("{duration_s}s"), "--progress-lines"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let started = Instant::now();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let (l2, err) = (lines.clone(), child.stderr.take().unwrap());
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                l2.lock().unwrap().push((started.elapsed(), line));
-            }
-        });
-        let stdout = Arc::new(Mutex::new(String::new()));
-        let (s2, mut out) = (stdout.clone(), child.stdout.take().unwrap());
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = out.read_to_string(&mut text);
-            *s2.lock().unwrap() = text;
-        });
-        Bench {
-            child,
-            started,
-            lines,
-            stdout,
-        }
-    }
-
-    fn at(&self) -> Duration {
-        self.started.elapsed()
-    }
-
-    /// Waits for `seconds` progress lines that report requests being served (a baseline to
-    /// compare the seconds around the moves with).
-    fn wait_serving(&self, seconds: usize) {
-        let start = Instant::now();
-        loop {
-            let serving = self
-                .lines
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|(_, l)| ops_per_s(l).is_some_and(|r| r > 0.0))
-                .count();
-            if serving >= seconds {
-                return;
-            }
-            assert!(
-                start.elapsed() < DEADLINE,
-                "the bench never served: {:?}",
-                self.lines.lock().unwrap()
-            );
-            std::thread::sleep(POLL);
-        }
-    }
-
-    /// Waits for the bench to end; prints its progress lines with `marks` in time order and
-    /// returns (exit status ok, its stdout).
-    fn finish(mut self, marks: &[(Duration, String)]) -> (bool, String) {
-        let start = Instant::now();
-        let status = loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                break s;
-            }
-            assert!(start.elapsed() < DEADLINE, "the bench did not finish");
-            std::thread::sleep(POLL);
-        };
-        // The reader threads end with the pipes; give them the last lines.
-        let lines_done = Instant::now();
-        while self.stdout.lock().unwrap().is_empty()
-            && lines_done.elapsed() < Duration::from_secs(5)
-        {
-            std::thread::sleep(POLL);
-        }
-        let mut timeline = self.lines.lock().unwrap().clone();
-        timeline.extend(marks.iter().cloned());
-        timeline.sort_by_key(|(t, _)| *t);
-        for (t, line) in &timeline {
-            eprintln!("{:7.2}s  {line}", t.as_secs_f64());
-        }
-        let stdout = self.stdout.lock().unwrap().clone();
-        eprintln!("{stdout}");
-        eprintln!("{}", dip_summary(&timeline, marks));
-        (status.success(), stdout)
-    }
-}
-
-/// The rate of a progress line (`[  1.0s]      5325 ops/s  p50 ...`).
-fn ops_per_s(line: &str) -> Option<f64> {
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let at = words.iter().position(|w| *w == "ops/s")?;
-    words.get(at.checked_sub(1)?)?.parse().ok()
-}
-
-/// One line per move window: the median rate of the seconds before the first mark, and the
-/// lowest rate between each mark and the next.
-fn dip_summary(timeline: &[(Duration, String)], marks: &[(Duration, String)]) -> String {
-    let rates: Vec<(Duration, f64)> = timeline
-        .iter()
-        .filter_map(|(t, l)| Some((*t, ops_per_s(l)?)))
-        .collect();
-    let Some(first) = marks.first() else {
-        return String::new();
-    };
-    let mut before: Vec<f64> = rates
-        .iter()
-        .filter(|(t, _)| *t < first.0)
-        .map(|(_, r)| *r)
-        .collect();
-    before.sort_by(f64::total_cmp);
-    let median = before.get(before.len() / 2).copied().unwrap_or(0.0);
-    let mut out = format!("throughput before the first move: median {median:.0} ops/s");
-    for (i, (at, what)) in marks.iter().enumerate() {
-        let end = marks.get(i + 1).map_or(Duration::MAX, |m| m.0);
-        let window: Vec<f64> = rates
-            .iter()
-            .filter(|(t, _)| *t > *at && *t <= end)
-            .map(|(_, r)| *r)
-            .collect();
-        if let Some(low) = window.iter().copied().min_by(f64::total_cmp) {
-            out.push_str(&format!(
-                "\n  after {what:<40} lowest second {low:.0} ops/s ({:.0}% of before) over {} s",
-                if median > 0.0 {
-                    100.0 * low / median
-                } else {
-                    0.0
-                },
-                window.len()
-            ));
-        }
-    }
-    out
-}
-
 fn assert_bench_clean(ok: bool, summary: &str, c: &Cluster) {
     let result = summary
         .lines()
@@ -441,7 +129,7 @@ fn join_two_hosts_then_leave_one_under_verified_load_loses_nothing() {
     c.spawn(4, true);
     c.spawn(5, true);
 
-    let bench = Bench::start(&c.seeds(), 20);
+    let bench = Bench::start(&c.seeds(), 20, DEADLINE);
     bench.wait_serving(3);
     let mut marks = vec![(bench.at(), "ctl join 4 5".to_string())];
     let joined = c.change(&["join", &c.join_spec(4), &c.join_spec(5)]);
@@ -532,7 +220,7 @@ fn a_joined_host_killed_and_restarted_from_its_data_directory_rejoins_its_group(
     // core 0 and host 2 core 0 (cores that already run the controller and group 1).
     let mut c = Cluster::start(&[1, 1, 1, 3], 3);
     c.wait_settled(2, |s| shard_counts(s) == BTreeMap::from([(1, 64)]));
-    let bench = Bench::start(&c.seeds(), 20);
+    let bench = Bench::start(&c.seeds(), 20, DEADLINE);
     bench.wait_serving(3);
     // The operator adds the host first, then starts it.
     let mut marks = vec![(bench.at(), "ctl join 4 (not running yet)".to_string())];

@@ -14,10 +14,6 @@
 //!
 //! Run: `cargo test --test migration_cluster -- --nocapture`
 
-use std::io::{BufRead, BufReader, Read};
-use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -25,7 +21,9 @@ use tynamo::resp::frame::Frame;
 use tynamo::shard::{key_slot, slot_shard};
 
 mod common;
-use common::{free_base, lock, try_call};
+use common::bench::Bench;
+use common::cluster::Cluster;
+use common::{lock, try_call};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 /// Poll interval while waiting for a condition (the condition decides, not the interval).
@@ -34,88 +32,18 @@ const HOSTS: u16 = 4;
 const CORES: u16 = 2;
 const SHARD_COUNT: u16 = 64;
 
-struct Cluster {
-    dir: tempfile::TempDir,
-    /// By host id - 1; None while the host is killed.
-    children: Vec<Option<Child>>,
-    base: u16,
-    map: String,
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for c in self.children.iter_mut().flatten() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+/// Four hosts of two cores, all in `--initial-cluster`.
+fn start_cluster() -> Cluster {
+    Cluster::start(&[CORES; HOSTS as usize], HOSTS)
 }
 
 impl Cluster {
-    fn start() -> Cluster {
-        let base = free_base(HOSTS, CORES);
-        let map = (0..HOSTS)
-            .map(|h| {
-                format!(
-                    "{}=127.0.0.1:{}/127.0.0.1:{}",
-                    h + 1,
-                    base + 100 + 10 * h,
-                    base + 10 * h
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(",");
-        let mut c = Cluster {
-            dir: tempfile::tempdir().unwrap(),
-            children: (0..HOSTS).map(|_| None).collect(),
-            base,
-            map,
-        };
-        for id in 1..=HOSTS {
-            c.spawn(id);
-        }
-        c
-    }
-
-    /// Starts host `id` (again) on its data directory; its log is appended to.
-    fn spawn(&mut self, id: u16) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join(format!("host-{id}.log")))
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_tynamo"))
-            .args(["server", "--id", &id.to_string()])
-            .arg("--data")
-            .arg(self.dir.path().join(format!("host-{id}")))
-            .args([
-                "--initial-cluster",
-                &self.map,
-                "--cores",
-                &CORES.to_string(),
-            ])
-            .args(["--placement", "unbound"])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.children[usize::from(id - 1)] = Some(child);
-    }
-
-    /// SIGKILL: nothing the host did not fsync survives.
-    fn kill(&mut self, id: u16) {
-        if let Some(mut c) = self.children[usize::from(id - 1)].take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
     /// The host whose core `core` leads its group, once one does.
     fn leader_host(&self, core: u16) -> u16 {
         let start = Instant::now();
         loop {
             for h in 1..=HOSTS {
-                if self.children[usize::from(h - 1)].is_some()
+                if self.running(h)
                     && self
                         .info(h, core)
                         .is_some_and(|i| i.contains("raft_role:Leader"))
@@ -126,42 +54,6 @@ impl Cluster {
             assert!(start.elapsed() < DEADLINE, "no leader on core {core}");
             std::thread::sleep(POLL);
         }
-    }
-
-    fn addr(&self, host: u16, core: u16) -> String {
-        format!("127.0.0.1:{}", self.base + 10 * (host - 1) + core)
-    }
-
-    fn seeds(&self) -> String {
-        (1..=HOSTS)
-            .flat_map(|h| (0..CORES).map(move |c| (h, c)))
-            .map(|(h, c)| self.addr(h, c))
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-
-    fn logs(&self) -> String {
-        (1..=HOSTS)
-            .map(|id| {
-                std::fs::read_to_string(self.dir.path().join(format!("host-{id}.log")))
-                    .unwrap_or_default()
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-
-    fn ctl(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_tynamo"))
-            .args([
-                "ctl",
-                "--cluster",
-                &self.addr(1, 0),
-                "--timeout-ms",
-                "20000",
-            ])
-            .args(args)
-            .output()
-            .unwrap()
     }
 
     /// The latest configuration, as `tynamo ctl query --json` prints it.
@@ -244,113 +136,6 @@ fn info_field(info: &str, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// The tynamo-bench binary next to the server's (built here if missing: it is another
-/// package of the workspace, which `cargo test` of this one does not build).
-fn bench_binary() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_BIN_EXE_tynamo"))
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "-q", "-p", "tynamo-bench", "--bin", "tynamo-bench"])
-        .status()
-        .unwrap();
-    assert!(status.success(), "cannot build tynamo-bench");
-    dir.join("tynamo-bench")
-}
-
-/// A running tynamo-bench whose stderr lines are collected with the time they arrived.
-struct Bench {
-    child: Child,
-    started: Instant,
-    lines: Arc<Mutex<Vec<(Duration, String)>>>,
-    stdout: Arc<Mutex<String>>,
-}
-
-impl Bench {
-    fn start(seeds: &str, duration_s: u64) -> Bench {
-        let mut child = Command::new(bench_binary())
-            .args(["--cluster", seeds, "--workload", "a", "--verify"])
-            .args(["--keys", "2000", "--connections", "8", "--threads", "1"])
-            .args(["--duration", &format!("{duration_s}s"), "--progress-lines"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let started = Instant::now();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let (l2, err) = (lines.clone(), child.stderr.take().unwrap());
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                l2.lock().unwrap().push((started.elapsed(), line));
-            }
-        });
-        let stdout = Arc::new(Mutex::new(String::new()));
-        let (s2, mut out) = (stdout.clone(), child.stdout.take().unwrap());
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = out.read_to_string(&mut text);
-            *s2.lock().unwrap() = text;
-        });
-        Bench {
-            child,
-            started,
-            lines,
-            stdout,
-        }
-    }
-
-    /// Waits for a progress line that reports requests being served.
-    fn wait_serving(&self) {
-        let start = Instant::now();
-        loop {
-            let serving = self
-                .lines
-                .lock()
-                .unwrap()
-                .iter()
-                .any(|(_, l)| ops_per_s(l).is_some_and(|r| r > 0.0));
-            if serving {
-                return;
-            }
-            assert!(
-                start.elapsed() < DEADLINE,
-                "the bench never served: {:?}",
-                self.lines.lock().unwrap()
-            );
-            std::thread::sleep(POLL);
-        }
-    }
-
-    fn finish(mut self) -> (bool, Vec<(Duration, String)>, String) {
-        let start = Instant::now();
-        let status = loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                break s;
-            }
-            assert!(start.elapsed() < DEADLINE, "the bench did not finish");
-            std::thread::sleep(POLL);
-        };
-        // The reader threads end with the pipes; give them the last lines.
-        let lines_done = Instant::now();
-        while self.stdout.lock().unwrap().is_empty()
-            && lines_done.elapsed() < Duration::from_secs(5)
-        {
-            std::thread::sleep(POLL);
-        }
-        let lines = self.lines.lock().unwrap().clone();
-        let stdout = self.stdout.lock().unwrap().clone();
-        (status.success(), lines, stdout)
-    }
-}
-
-/// The rate of a progress line (`[  1.0s]      5325 ops/s  p50 ...`).
-fn ops_per_s(line: &str) -> Option<f64> {
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let at = words.iter().position(|w| *w == "ops/s")?;
-    words.get(at.checked_sub(1)?)?.parse().ok()
-}
-
 /// Shards of group `group` in a configuration document, in shard order.
 fn shards_of(doc: &Value, group: u64) -> Vec<u16> {
     doc["shards"]
@@ -374,15 +159,15 @@ fn key_in_shard(shard: u16) -> String {
 #[test]
 fn moving_shards_under_verified_load_loses_no_write_and_the_old_owner_redirects() {
     let _l = lock();
-    let c = Cluster::start();
+    let c = start_cluster();
     let first = c.latest();
     let first_num = first["num"].as_u64().unwrap();
     let (g1, g2) = (shards_of(&first, 1), shards_of(&first, 2));
     assert_eq!(g1.len() + g2.len(), usize::from(SHARD_COUNT));
     c.wait_settled(first_num, &[g1.len() as u64, g2.len() as u64]);
 
-    let bench = Bench::start(&c.seeds(), 12);
-    bench.wait_serving();
+    let bench = Bench::start(&c.seeds(), 12, DEADLINE);
+    bench.wait_serving(1);
     // Three moves from group 1 to group 2, each its own configuration, issued back to back:
     // the groups take them one number at a time.
     let moved: Vec<u16> = g1.iter().copied().take(3).collect();
@@ -394,7 +179,7 @@ fn moving_shards_under_verified_load_loses_no_write_and_the_old_owner_redirects(
             "move {shard}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        marks.push((bench.started.elapsed(), format!("ctl move {shard} 2")));
+        marks.push((bench.at(), format!("ctl move {shard} 2")));
     }
     let last = c.latest();
     let last_num = last["num"].as_u64().unwrap();
@@ -409,7 +194,7 @@ fn moving_shards_under_verified_load_loses_no_write_and_the_old_owner_redirects(
             (g2.len() + moved.len()) as u64,
         ],
     );
-    marks.push((bench.started.elapsed(), "every move settled".into()));
+    marks.push((bench.at(), "every move settled".into()));
     // `tynamo ctl status` agrees: every local group at the latest configuration, nothing in
     // flight.
     let out = c.ctl(&["status", "--json"]);
@@ -424,17 +209,10 @@ fn moving_shards_under_verified_load_loses_no_write_and_the_old_owner_redirects(
         assert_eq!(g["config_num"], last_num, "{status}");
     }
 
-    let (ok, lines, summary) = bench.finish();
-    let mut timeline: Vec<(Duration, String)> = lines;
-    timeline.extend(marks.iter().cloned());
-    timeline.sort_by_key(|(t, _)| *t);
-    for (t, line) in &timeline {
-        eprintln!("{:7.2}s  {line}", t.as_secs_f64());
-    }
-    eprintln!("{summary}");
+    let (ok, summary) = bench.finish(&marks);
     assert!(
         ok && summary.contains("verify=ok") && summary.contains("mismatches=0"),
-        "tynamo-bench --verify failed:\n{summary}\n{timeline:?}\nlogs:\n{}",
+        "tynamo-bench --verify failed:\n{summary}\nlogs:\n{}",
         c.logs()
     );
 
@@ -491,14 +269,14 @@ fn moving_shards_under_verified_load_loses_no_write_and_the_old_owner_redirects(
 #[test]
 fn a_move_survives_killing_the_old_owners_leader_host_and_restarting_it() {
     let _l = lock();
-    let mut c = Cluster::start();
+    let mut c = start_cluster();
     let first = c.latest();
     let first_num = first["num"].as_u64().unwrap();
     let (g1, g2) = (shards_of(&first, 1), shards_of(&first, 2));
     c.wait_settled(first_num, &[g1.len() as u64, g2.len() as u64]);
 
-    let bench = Bench::start(&c.seeds(), 12);
-    bench.wait_serving();
+    let bench = Bench::start(&c.seeds(), 12, DEADLINE);
+    bench.wait_serving(1);
     let shard = g1[0];
     let old_leader = c.leader_host(0);
     let out = c.ctl(&["move", &shard.to_string(), "2"]);
@@ -510,23 +288,19 @@ fn a_move_survives_killing_the_old_owners_leader_host_and_restarting_it() {
     // The old owner's leader host dies with the move in whatever step it reached; the other
     // replicas elect a leader and finish it, and the host catches up when it is back.
     c.kill(old_leader);
-    let killed_at = bench.started.elapsed();
+    let killed_at = bench.at();
     let new_leader = c.leader_host(0);
     assert_ne!(new_leader, old_leader);
-    c.spawn(old_leader);
+    c.spawn(old_leader, true);
     let num = first_num + 1;
     c.wait_settled(num, &[g1.len() as u64 - 1, g2.len() as u64 + 1]);
-    let settled_at = bench.started.elapsed();
+    let settled_at = bench.at();
 
-    let (ok, lines, summary) = bench.finish();
-    for (t, line) in &lines {
-        eprintln!("{:7.2}s  {line}", t.as_secs_f64());
-    }
-    eprintln!(
-        "killed host {old_leader} at {:.2}s, settled at {:.2}s\n{summary}",
-        killed_at.as_secs_f64(),
-        settled_at.as_secs_f64()
-    );
+    let marks = [
+        (killed_at, format!("host {old_leader} killed")),
+        (settled_at, "settled".to_string()),
+    ];
+    let (ok, summary) = bench.finish(&marks);
     assert!(
         ok && summary.contains("verify=ok") && summary.contains("mismatches=0"),
         "tynamo-bench --verify failed:\n{summary}\nlogs:\n{}",

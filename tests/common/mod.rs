@@ -1,5 +1,6 @@
-//! Shared by the real-process cluster tests (server, ctl, migration): one test at a time per
-//! binary, and a block of free loopback ports for a cluster.
+//! Shared by the real-process cluster tests (server, ctl, migration, join): one test at a time
+//! per binary, a block of free loopback ports for a cluster, a cluster of server processes and
+//! tynamo-bench as load.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -9,6 +10,12 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tynamo::resp::frame::{decode, Frame, Limits};
+
+// Not every test binary that includes this module runs a cluster or a bench.
+#[allow(dead_code)]
+pub mod bench;
+#[allow(dead_code)]
+pub mod cluster;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 static NEXT_BASE: AtomicU64 = AtomicU64::new(0);

@@ -5,13 +5,15 @@
 //! The `tynamo` binary is another package's: it is found next to `tynamo-bench` (a workspace
 //! `cargo test` or `cargo build --bins` puts it there) or at `$TYNAMO_BIN`.
 
-use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+mod common;
+use common::{result_fields, text};
 
 fn tynamo_binary() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("TYNAMO_BIN") {
@@ -31,25 +33,6 @@ fn tynamo_binary() -> Option<PathBuf> {
         sibling.display()
     );
     None
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn result_fields(out: &Output) -> HashMap<String, String> {
-    let stdout = text(&out.stdout);
-    let last = stdout.lines().last().unwrap_or_default();
-    assert!(
-        last.starts_with("RESULT "),
-        "last line is not RESULT: {last:?}\nstderr: {}",
-        text(&out.stderr)
-    );
-    last["RESULT ".len()..]
-        .split(' ')
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
 }
 
 /// What the bench says about its cluster on stderr: the data directory and host 1's port.

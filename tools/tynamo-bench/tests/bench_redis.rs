@@ -1,10 +1,12 @@
 //! tynamo-bench end to end: against real Redis (standalone and Redis Cluster), a server that
 //! lies (serves stale values), one that answers garbage, and an unreachable one.
 
+mod common;
 #[path = "../../../tests/resp_redis_support.rs"]
 mod support;
 
 use bytes::{Bytes, BytesMut};
+use common::{result_fields, text};
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -18,26 +20,6 @@ fn bench(args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("run tynamo-bench")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// The `key=value` pairs of the RESULT line, which must be the last line of stdout.
-fn result_fields(out: &Output) -> HashMap<String, String> {
-    let stdout = text(&out.stdout);
-    let last = stdout.lines().last().unwrap_or_default();
-    assert!(
-        last.starts_with("RESULT "),
-        "last line is not RESULT: {last:?}\nstderr: {}",
-        text(&out.stderr)
-    );
-    last["RESULT ".len()..]
-        .split(' ')
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
 }
 
 #[test]
