@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use tynamo::raft::{Config, Entry, Role, Snapshot};
-use tynamo::sim::{App, Cluster, ClusterConfig, NetConfig};
+use tynamo::sim::{App, Cluster, ClusterConfig, NetConfig, Steps};
 
 /// Applies nothing but a counter: the benchmark measures consensus, not a state machine.
 #[derive(Default)]

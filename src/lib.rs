@@ -17,6 +17,7 @@
 
 pub mod check;
 pub mod client;
+pub(crate) mod codec;
 pub mod controller;
 pub mod kv;
 pub mod node;

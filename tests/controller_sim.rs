@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tynamo::controller::{Command, ControllerApp, HostSpec, Op, Reply};
-use tynamo::sim::{Cluster, ClusterConfig, NetConfig, Outcome, ProposalId};
+use tynamo::sim::{Cluster, ClusterConfig, NetConfig, Outcome, ProposalId, Steps};
 
 const SEEDS: u64 = 60;
 const CLIENTS: u64 = 3;

@@ -16,7 +16,7 @@ use tynamo::sim::kv::{
     check_linearizable, heal_and_drain, KvProfile, KvSim, KvSimConfig, LogOnlyProfile,
     NoSessionCheck, OpMix, ScriptOp, SimProfile,
 };
-use tynamo::sim::{ClusterConfig, NetConfig};
+use tynamo::sim::{ClusterConfig, NetConfig, Steps};
 
 /// `ClusterConfig::sim_raft_config().election_ticks`.
 const ELECTION: u64 = 20;

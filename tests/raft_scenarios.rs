@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 use tynamo::raft::{ConfChange, Config, MessageBody, NodeId, ReadMode, Role};
-use tynamo::sim::{Cluster, ClusterConfig, HashApp, NetConfig, Outcome, ReadOutcome};
+use tynamo::sim::{Cluster, ClusterConfig, HashApp, NetConfig, Outcome, ReadOutcome, Steps};
 
 type Sim = Cluster<HashApp>;
 

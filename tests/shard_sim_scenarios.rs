@@ -14,7 +14,7 @@ use tynamo::sim::kv::check_linearizable;
 use tynamo::sim::shard::{
     finish, run_shard_seed, snapshot_now, Breakage, ScriptOp, ShardOptions, World, WorldConfig,
 };
-use tynamo::sim::{Failure, Faults, NetConfig};
+use tynamo::sim::{Failure, Faults, NetConfig, Steps};
 
 const SETTLE_TICKS_MAX: u64 = 3_000;
 

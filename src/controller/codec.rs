@@ -1,11 +1,14 @@
-//! Bounds-checked little-endian reader and writer for the controller's binary formats
-//! (configurations, commands, replies, snapshots, migration entries).
+//! The controller's binary formats (configurations, commands, replies, snapshots, migration
+//! entries): the shared bounds-checked reader (`crate::codec`) with this format's fields and
+//! error type, and the writer.
 //!
 //! Every read checks the remaining length first and fails with the byte offset; nothing here
 //! panics on any input. Counts are checked against a caller-given maximum before anything is
 //! allocated, so a forged count cannot make a decoder reserve memory the input cannot describe.
 
 use thiserror::Error;
+
+use crate::codec::{from_read_error, ByteReader};
 
 /// Bytes that do not decode. `offset` is relative to the start of the buffer given to the decoder.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -43,67 +46,20 @@ pub enum DecodeError {
     Invalid { offset: usize, reason: String },
 }
 
-pub(crate) struct Reader<'a> {
-    buf: &'a [u8],
-    pos: usize,
-}
+// The shared reader's two failures, in this format's terms.
+from_read_error!(DecodeError);
 
-impl<'a> Reader<'a> {
-    pub(crate) fn new(buf: &'a [u8]) -> Self {
-        Reader { buf, pos: 0 }
-    }
+pub(crate) type Reader<'a> = ByteReader<'a, DecodeError>;
 
-    pub(crate) fn offset(&self) -> usize {
-        self.pos
-    }
-
-    pub(crate) fn remaining(&self) -> usize {
-        self.buf.len() - self.pos
-    }
-
-    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
-        if self.remaining() < n {
-            return Err(DecodeError::Truncated {
-                offset: self.pos,
-                needed_bytes: n - self.remaining(),
-            });
-        }
-        let start = self.pos;
-        self.pos += n;
-        Ok(&self.buf[start..start + n])
-    }
-
-    pub(crate) fn u8(&mut self) -> Result<u8, DecodeError> {
-        Ok(self.take(1)?[0])
-    }
-
-    pub(crate) fn u16(&mut self) -> Result<u16, DecodeError> {
-        let b = self.take(2)?;
-        Ok(u16::from_le_bytes([b[0], b[1]]))
-    }
-
-    pub(crate) fn u32(&mut self) -> Result<u32, DecodeError> {
-        let b = self.take(4)?;
-        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    }
-
-    pub(crate) fn u64(&mut self) -> Result<u64, DecodeError> {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(self.take(8)?);
-        Ok(u64::from_le_bytes(a))
-    }
-
-    pub(crate) fn i64(&mut self) -> Result<i64, DecodeError> {
-        Ok(self.u64()? as i64)
-    }
-
+/// The controller formats' own fields: bounded counts, short texts, long byte strings.
+impl<'a> ByteReader<'a, DecodeError> {
     /// A u32 count in `0..=count_max`.
     pub(crate) fn count(
         &mut self,
         what: &'static str,
         count_max: usize,
     ) -> Result<usize, DecodeError> {
-        let offset = self.pos;
+        let offset = self.offset();
         let count = self.u32()?;
         if count as usize > count_max {
             return Err(DecodeError::TooMany {
@@ -118,7 +74,7 @@ impl<'a> Reader<'a> {
 
     /// A u8-length-prefixed UTF-8 string.
     pub(crate) fn text8(&mut self) -> Result<String, DecodeError> {
-        let offset = self.pos;
+        let offset = self.offset();
         let len = self.u8()? as usize;
         let bytes = self.take(len)?;
         String::from_utf8(bytes.to_vec()).map_err(|_| DecodeError::BadText { offset })
@@ -132,16 +88,6 @@ impl<'a> Reader<'a> {
     ) -> Result<&'a [u8], DecodeError> {
         let len = self.count(what, length_bytes_max)?;
         self.take(len)
-    }
-
-    pub(crate) fn finish(&self) -> Result<(), DecodeError> {
-        if self.remaining() != 0 {
-            return Err(DecodeError::TrailingBytes {
-                offset: self.pos,
-                trailing_bytes: self.remaining(),
-            });
-        }
-        Ok(())
     }
 }
 

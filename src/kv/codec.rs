@@ -1,4 +1,5 @@
-//! Bounds-checked little-endian reader shared by the entry, snapshot and shard-blob decoders.
+//! The reader of the entry, snapshot and shard-blob decoders: the shared bounds-checked reader
+//! (`crate::codec`) with this format's fields and error type.
 //!
 //! Every read checks the remaining length first and returns [`DecodeError::Truncated`] with the
 //! offset; nothing here can panic on any input. Byte fields are returned as `Bytes::slice`s of the
@@ -8,65 +9,41 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::error::DecodeError;
+use crate::codec::{from_read_error, ByteReader};
 
+// The shared reader's two failures, in this format's terms.
+from_read_error!(DecodeError);
+
+/// The shared reader over a `Bytes` buffer, whose byte fields it hands out as slices of it.
 pub(crate) struct Reader<'a> {
-    buf: &'a Bytes,
-    pos: usize,
+    src: &'a Bytes,
+    fields: ByteReader<'a, DecodeError>,
+}
+
+impl<'a> std::ops::Deref for Reader<'a> {
+    type Target = ByteReader<'a, DecodeError>;
+    fn deref(&self) -> &Self::Target {
+        &self.fields
+    }
+}
+
+impl std::ops::DerefMut for Reader<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.fields
+    }
 }
 
 impl<'a> Reader<'a> {
-    pub(crate) fn new(buf: &'a Bytes) -> Self {
-        Reader { buf, pos: 0 }
-    }
-
-    pub(crate) fn offset(&self) -> usize {
-        self.pos
-    }
-
-    pub(crate) fn remaining(&self) -> usize {
-        self.buf.len() - self.pos
-    }
-
-    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
-        if self.remaining() < n {
-            return Err(DecodeError::Truncated {
-                offset: self.pos,
-                needed_bytes: n - self.remaining(),
-            });
+    pub(crate) fn new(src: &'a Bytes) -> Self {
+        Reader {
+            src,
+            fields: ByteReader::new(src),
         }
-        let start = self.pos;
-        self.pos += n;
-        Ok(&self.buf[start..start + n])
-    }
-
-    pub(crate) fn u8(&mut self) -> Result<u8, DecodeError> {
-        Ok(self.take(1)?[0])
-    }
-
-    pub(crate) fn u16(&mut self) -> Result<u16, DecodeError> {
-        let b = self.take(2)?;
-        Ok(u16::from_le_bytes([b[0], b[1]]))
-    }
-
-    pub(crate) fn u32(&mut self) -> Result<u32, DecodeError> {
-        let b = self.take(4)?;
-        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    }
-
-    pub(crate) fn u64(&mut self) -> Result<u64, DecodeError> {
-        let b = self.take(8)?;
-        let mut a = [0u8; 8];
-        a.copy_from_slice(b);
-        Ok(u64::from_le_bytes(a))
-    }
-
-    pub(crate) fn i64(&mut self) -> Result<i64, DecodeError> {
-        Ok(self.u64()? as i64)
     }
 
     /// A `u32` count that must lie in `1..=count_max`.
     pub(crate) fn count(&mut self, count_max: u32) -> Result<u32, DecodeError> {
-        let offset = self.pos;
+        let offset = self.offset();
         let count = self.u32()?;
         if count == 0 || count > count_max {
             return Err(DecodeError::BadCount {
@@ -81,7 +58,7 @@ impl<'a> Reader<'a> {
     /// A `u32` length-prefixed byte string of at most `length_bytes_max` bytes, as a slice of the
     /// input (no copy).
     pub(crate) fn bytes(&mut self, length_bytes_max: u32) -> Result<Bytes, DecodeError> {
-        let offset = self.pos;
+        let offset = self.offset();
         let length = self.u32()?;
         if length > length_bytes_max {
             return Err(DecodeError::LengthTooLarge {
@@ -92,7 +69,7 @@ impl<'a> Reader<'a> {
         }
         let length = length as usize;
         self.take(length)?;
-        Ok(self.buf.slice(self.pos - length..self.pos))
+        Ok(self.src.slice(self.offset() - length..self.offset()))
     }
 
     /// An optional byte string: a flag byte (0 absent, 1 present) then the string.
@@ -100,7 +77,7 @@ impl<'a> Reader<'a> {
         &mut self,
         length_bytes_max: u32,
     ) -> Result<Option<Bytes>, DecodeError> {
-        let offset = self.pos;
+        let offset = self.offset();
         match self.u8()? {
             0 => Ok(None),
             1 => Ok(Some(self.bytes(length_bytes_max)?)),
@@ -109,22 +86,12 @@ impl<'a> Reader<'a> {
     }
 
     pub(crate) fn bool(&mut self) -> Result<bool, DecodeError> {
-        let offset = self.pos;
+        let offset = self.offset();
         match self.u8()? {
             0 => Ok(false),
             1 => Ok(true),
             flag => Err(DecodeError::BadFlag { offset, flag }),
         }
-    }
-
-    pub(crate) fn finish(&self) -> Result<(), DecodeError> {
-        if self.remaining() != 0 {
-            return Err(DecodeError::TrailingBytes {
-                offset: self.pos,
-                trailing_bytes: self.remaining(),
-            });
-        }
-        Ok(())
     }
 }
 

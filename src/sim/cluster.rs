@@ -448,29 +448,6 @@ impl<A: App> Cluster<A> {
         self.expire_clients();
         self.check_tick()
     }
-
-    pub fn run_ticks(&mut self, ticks: u64) -> Result<(), Violation> {
-        for _ in 0..ticks {
-            self.step()?;
-        }
-        Ok(())
-    }
-
-    /// Steps until `cond` holds or `ticks_max` ticks pass; returns whether it held.
-    pub fn run_until(
-        &mut self,
-        ticks_max: u64,
-        mut cond: impl FnMut(&Self) -> bool,
-    ) -> Result<bool, Violation> {
-        for _ in 0..ticks_max {
-            if cond(self) {
-                return Ok(true);
-            }
-            self.step()?;
-        }
-        Ok(cond(self))
-    }
-
     /// Delivers everything due this tick, completes due writes and handles every Ready.
     pub fn settle(&mut self) -> Result<(), Violation> {
         for _ in 0..ROUNDS_PER_TICK_MAX {
@@ -863,5 +840,11 @@ impl<A: App> Cluster<A> {
     /// Number of proposals still waiting.
     pub fn pending_proposals(&self) -> usize {
         self.proposals.len()
+    }
+}
+
+impl<A: App> super::Steps for Cluster<A> {
+    fn step(&mut self) -> Result<(), Violation> {
+        Cluster::step(self)
     }
 }

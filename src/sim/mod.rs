@@ -48,3 +48,36 @@ pub use self::disk::{Completion, SimDisk};
 pub use self::invariants::{Checker, Violation};
 pub use self::network::{NetConfig, NetStats, Network};
 pub use self::run::{run_seed, Failure, Faults, RunOptions, RunSummary, LIVENESS_TICKS_MAX};
+
+/// A simulated world that advances one tick at a time and checks its invariants after each:
+/// the Raft group (`Cluster`), the KV service (`kv::KvSim`) and the sharded service
+/// (`shard::World`) all run the same way.
+pub trait Steps {
+    /// One tick, then the invariant checks.
+    fn step(&mut self) -> Result<(), Violation>;
+
+    fn run_ticks(&mut self, ticks: u64) -> Result<(), Violation> {
+        for _ in 0..ticks {
+            self.step()?;
+        }
+        Ok(())
+    }
+
+    /// Steps until `cond` holds or `ticks_max` ticks pass; returns whether it held.
+    fn run_until(
+        &mut self,
+        ticks_max: u64,
+        mut cond: impl FnMut(&Self) -> bool,
+    ) -> Result<bool, Violation>
+    where
+        Self: Sized,
+    {
+        for _ in 0..ticks_max {
+            if cond(self) {
+                return Ok(true);
+            }
+            self.step()?;
+        }
+        Ok(cond(self))
+    }
+}

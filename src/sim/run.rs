@@ -19,10 +19,11 @@ use rand::Rng;
 
 use crate::raft::{ConfChange, NodeId, ReadMode, Role, TestBreakage};
 
-use super::app::HashApp;
+use super::app::{App, HashApp};
 use super::cluster::{Cluster, ClusterConfig, Outcome};
 use super::invariants::Violation;
 use super::network::NetConfig;
+use super::Steps;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Faults {
@@ -371,8 +372,9 @@ pub fn run_seed(seed: u64, opts: &RunOptions) -> Result<RunSummary, Failure> {
 const NODES_MAX: usize = 7;
 
 /// One single-server change at the leader: promote a learner, remove a surplus voter, or add a
-/// brand new replica as a learner. Refusals (one change pending, learner behind) are fine.
-fn change_membership(c: &mut Cluster<HashApp>, voters_target: usize) {
+/// brand new replica as a learner (it catches up from the log or a snapshot). Refusals (one
+/// change pending, learner behind) are fine. The raft and kv workloads both use it.
+pub(crate) fn change_membership<A: App>(c: &mut Cluster<A>, voters_target: usize) {
     let Some(leader) = c.leader() else { return };
     let Some(conf) = c.raft(leader).map(|r| r.conf().clone()) else {
         return;

@@ -372,29 +372,6 @@ impl<P: KvProfile> KvSim<P> {
         }
         self.cluster.restart(id)
     }
-
-    pub fn run_ticks(&mut self, ticks: u64) -> Result<(), Violation> {
-        for _ in 0..ticks {
-            self.step()?;
-        }
-        Ok(())
-    }
-
-    /// Steps until `cond` holds or `ticks_max` ticks pass; returns whether it held.
-    pub fn run_until(
-        &mut self,
-        ticks_max: u64,
-        mut cond: impl FnMut(&Self) -> bool,
-    ) -> Result<bool, Violation> {
-        for _ in 0..ticks_max {
-            if cond(self) {
-                return Ok(true);
-            }
-            self.step()?;
-        }
-        Ok(cond(self))
-    }
-
     /// One tick: clients act, writes are proposed in per-replica batches, the group runs one
     /// tick, and replicas over the snapshot threshold take a snapshot. A client that sees
     /// something a correct service never does (a write error, a forged stale value, an
@@ -954,4 +931,10 @@ fn record(
         result,
         status,
     })
+}
+
+impl<P: KvProfile> crate::sim::Steps for KvSim<P> {
+    fn step(&mut self) -> Result<(), Violation> {
+        KvSim::step(self)
+    }
 }

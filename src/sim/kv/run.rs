@@ -24,13 +24,13 @@ use super::driver::{KvSim, KvSimConfig, OpMix};
 use crate::check::{
     check_history, write_history, CheckConfig, CheckReport, ClientId, Record, Status, Verdict,
 };
-use crate::raft::{ConfChange, NodeId, ReadMode};
+use crate::raft::{NodeId, ReadMode};
+use crate::sim::run::change_membership;
+use crate::sim::Steps;
 use crate::sim::{ClusterConfig, Failure, Faults, NetConfig, Violation};
 
 /// Ticks after healing within which every client must complete an operation.
 pub const KV_LIVENESS_TICKS_MAX: u64 = 1_000;
-/// Replicas a run may grow to by adding learners.
-const NODES_MAX: usize = 7;
 /// Operations of a failing key printed in a failure message (the rest are counted).
 const FAILURE_OPS_SHOWN_MAX: usize = 40;
 
@@ -381,30 +381,9 @@ fn inject_faults<P: KvProfile>(
         }
     }
     if f.membership && sim.cluster.rng.gen_bool(0.004) {
-        change_membership(sim, voters_target);
+        change_membership(&mut sim.cluster, voters_target);
     }
     Ok(())
-}
-
-/// One single-server change at the leader: promote a learner, remove a surplus voter, or add a
-/// brand new replica as a learner (it catches up from the log or a snapshot).
-fn change_membership<P: KvProfile>(sim: &mut KvSim<P>, voters_target: usize) {
-    let c = &mut sim.cluster;
-    let Some(leader) = c.leader() else { return };
-    let Some(conf) = c.raft(leader).map(|r| r.conf().clone()) else {
-        return;
-    };
-    let change = if let Some(&learner) = conf.learners.first() {
-        ConfChange::PromoteLearner(learner)
-    } else if conf.voters.len() > voters_target {
-        ConfChange::Remove(*conf.voters.choose(&mut c.rng).unwrap_or(&leader))
-    } else if c.nodes.len() < NODES_MAX {
-        let id = c.add_node();
-        ConfChange::AddLearner(id)
-    } else {
-        return;
-    };
-    let _ = c.propose_conf_change(change);
 }
 
 fn partition<P: KvProfile>(sim: &mut KvSim<P>, ids: &[NodeId]) {

@@ -22,6 +22,7 @@ use super::world::{World, WorldConfig, ADMINS_MAX};
 use crate::check::{ClientId, Record, Status};
 use crate::controller::{HostId, HostSpec, Op};
 use crate::sim::kv::{check_linearizable, clients_without_ok_since};
+use crate::sim::Steps;
 use crate::sim::{Failure, Faults, NetConfig, Violation};
 
 /// Ticks after healing within which the world must settle and every client complete an

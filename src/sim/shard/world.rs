@@ -621,29 +621,6 @@ impl World {
         self.take_snapshots()?;
         self.check_invariants()
     }
-
-    pub fn run_ticks(&mut self, ticks: u64) -> Result<(), Violation> {
-        for _ in 0..ticks {
-            self.step()?;
-        }
-        Ok(())
-    }
-
-    /// Steps until `cond` holds or `ticks_max` ticks pass; returns whether it held.
-    pub fn run_until(
-        &mut self,
-        ticks_max: u64,
-        mut cond: impl FnMut(&World) -> bool,
-    ) -> Result<bool, Violation> {
-        for _ in 0..ticks_max {
-            if cond(self) {
-                return Ok(true);
-            }
-            self.step()?;
-        }
-        Ok(cond(self))
-    }
-
     fn send(&mut self, from: Endpoint, to: Endpoint, body: RpcBody) {
         let from_host = self.endpoint_host(from);
         let to_host = self.endpoint_host(to);
@@ -1227,5 +1204,11 @@ pub fn snapshot_now(cluster: &mut Cluster<ShardApp>, id: NodeId) -> Result<bool,
             Ok(false)
         }
         Err(CompactError::NotApplied { .. }) => Ok(false),
+    }
+}
+
+impl crate::sim::Steps for World {
+    fn step(&mut self) -> Result<(), Violation> {
+        World::step(self)
     }
 }
