@@ -119,6 +119,27 @@ impl Cluster {
         .unwrap_or_default()
     }
 
+    /// Host i's log, what its process is doing and whether its client ports accept, for a
+    /// failure message (a host that never finished starting shows there).
+    fn state(&self, i: usize) -> String {
+        let process = match self.hosts[i].child.as_ref() {
+            Some(c) => common::process_state(c.id()),
+            None => "not running".to_string(),
+        };
+        let ports: Vec<String> = (0..self.cores)
+            .map(|c| {
+                let port = self.port(i, c);
+                format!("{port}: {}", common::accepts(&format!("127.0.0.1:{port}")))
+            })
+            .collect();
+        format!(
+            "--- host {}\n{process}\n  client ports accept: {}\n{}",
+            self.hosts[i].id,
+            ports.join(", "),
+            self.log(i)
+        )
+    }
+
     /// INFO of host i core g, if it answers.
     fn info(&self, i: usize, core: u16) -> Option<String> {
         let mut c = Resp::connect(self.port(i, core)).ok()?;
@@ -148,9 +169,9 @@ impl Cluster {
             }
             assert!(
                 start.elapsed() < DEADLINE,
-                "no leader for group {g} within {DEADLINE:?}; logs: {}",
+                "no leader for group {g} within {DEADLINE:?}; hosts: {}",
                 (0..self.hosts.len())
-                    .map(|i| self.log(i))
+                    .map(|i| self.state(i))
                     .collect::<Vec<_>>()
                     .join("\n")
             );

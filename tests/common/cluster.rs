@@ -139,13 +139,24 @@ impl Cluster {
             .join(",")
     }
 
-    /// Every host's log, each under a `--- host N` line.
+    /// Every host's log, each under a `--- host N` line, with what a running host's process is
+    /// doing and whether its core 0 accepts clients (a host that never finished starting
+    /// shows there).
     pub fn logs(&self) -> String {
         (1..=self.cores.len() as u16)
             .map(|id| {
                 let text = std::fs::read_to_string(self.dir.path().join(format!("host-{id}.log")))
                     .unwrap_or_default();
-                format!("--- host {id}\n{text}")
+                let state = match self.children.get(&id) {
+                    Some(c) => format!(
+                        "{}\n  {} accepts clients: {}\n",
+                        super::process_state(c.id()),
+                        self.addr(id, 0),
+                        super::accepts(&self.addr(id, 0))
+                    ),
+                    None => "not running\n".to_string(),
+                };
+                format!("--- host {id}\n{state}{text}")
             })
             .collect::<Vec<_>>()
             .join("\n")

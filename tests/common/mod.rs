@@ -59,6 +59,14 @@ pub fn free_base(hosts: u16, cores: u16) -> u16 {
 
 // Not every test binary that includes this module sends raw requests.
 #[allow(dead_code)]
+/// Whether something accepts connections at `addr` now.
+pub fn accepts(addr: &str) -> bool {
+    addr.parse::<SocketAddr>()
+        .is_ok_and(|a| TcpStream::connect_timeout(&a, Duration::from_millis(500)).is_ok())
+}
+
+// Not every test binary that includes this module sends raw requests.
+#[allow(dead_code)]
 /// One RESP request on a fresh connection.
 pub fn try_call(addr: &str, args: &[&str]) -> std::io::Result<Frame> {
     let addr: SocketAddr = addr.parse().map_err(std::io::Error::other)?;
@@ -81,4 +89,41 @@ pub fn try_call(addr: &str, args: &[&str]) -> std::io::Result<Frame> {
         }
         buf.extend_from_slice(&chunk[..n]);
     }
+}
+
+// Not every test binary that includes this module reports on processes.
+#[allow(dead_code)]
+/// What a server process is doing, for a failure message: each thread's kernel wait channel,
+/// and the files and sockets it holds. A core that never finished starting shows which store
+/// it was opening, and a missing listener shows as a socket that is not there.
+pub fn process_state(pid: u32) -> String {
+    let mut out = format!("process {pid}:");
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"));
+    for t in tasks.into_iter().flatten().flatten() {
+        let dir = t.path();
+        let read = |f: &str| {
+            std::fs::read_to_string(dir.join(f))
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        };
+        out.push_str(&format!(
+            " [{} {} wchan={}]",
+            t.file_name().to_string_lossy(),
+            read("comm"),
+            read("wchan")
+        ));
+    }
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"));
+    let mut held: Vec<String> = fds
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|p| p.display().to_string())
+        .filter(|p| !p.starts_with("anon_inode") && !p.starts_with("/dev/"))
+        .collect();
+    held.sort();
+    out.push_str(&format!("\n  holds: {}", held.join(", ")));
+    out
 }
