@@ -60,6 +60,27 @@ impl<'ring> CompletionQueue<'ring> {
         self.wait_inner(count).map(|_| ())
     }
 
+    /// TynamoDB patch: block until at least `count` CQEs are ready or `timeout` passed (the
+    /// wait's own timer, IORING_ENTER_EXT_ARG: it wakes this thread directly, not through a
+    /// completion). Fails with ETIME when the time is up.
+    pub fn wait_timeout(&mut self, count: u32, timeout: std::time::Duration) -> io::Result<()> {
+        let ts = uring_sys::__kernel_timespec {
+            tv_sec: timeout.as_secs() as i64,
+            tv_nsec: i64::from(timeout.subsec_nanos()),
+        };
+        unsafe {
+            let mut cqe = MaybeUninit::uninit();
+            resultify(uring_sys::io_uring_wait_cqes(
+                self.ring.as_ptr(),
+                cqe.as_mut_ptr(),
+                count as _,
+                &ts,
+                ptr::null(),
+            ))?;
+        }
+        Ok(())
+    }
+
     #[inline(always)]
     fn wait_inner(&mut self, count: u32) -> io::Result<&mut uring_sys::io_uring_cqe> {
         unsafe {

@@ -896,6 +896,9 @@ struct SleepableRing {
     in_kernel: usize,
 }
 
+/// TynamoDB patch: the longest an executor sleeps in one wait (see `SleepableRing::sleep`).
+const SLEEP_BOUND: Duration = Duration::from_millis(100);
+
 impl SleepableRing {
     fn new(
         size: usize,
@@ -1098,13 +1101,22 @@ impl SleepableRing {
                 Err(io::Error::from_raw_os_error(libc::EBUSY))
             } else {
                 // The rings are linked. Goodnight!
+                //
+                // TynamoDB patch: the sleep is bounded. On this machine's kernel (6.18) an
+                // executor now and then stayed asleep here although a completion it waited
+                // for had come (a starting core for 15-120 s, until any signal interrupted
+                // the wait; with or without COOP_TASKRUN, and a timer of its own did not wake
+                // it either). The wait's own timeout wakes the thread directly; it then looks
+                // at every ring again. An idle core wakes every tick anyway, so this costs
+                // nothing there.
                 self.ring
                     .cq()
-                    .wait(1)
+                    .wait_timeout(1, SLEEP_BOUND)
                     .map(|_| 1)
                     .or_else(Reactor::busy_ok)
                     .or_else(Reactor::again_ok)
                     .or_else(Reactor::intr_ok)
+                    .or_else(Reactor::time_ok)
             }
         } else {
             // Can't link rings because we ran out of `CQE`s. Just can't sleep.
@@ -1728,6 +1740,15 @@ impl Reactor {
     fn intr_ok<T: Default>(x: std::io::Error) -> io::Result<T> {
         match x.raw_os_error() {
             Some(libc::EINTR) => Ok(Default::default()),
+            Some(_) => Err(x),
+            None => Err(x),
+        }
+    }
+
+    /// TynamoDB patch: a bounded sleep that ran out of time (`SleepableRing::sleep`).
+    fn time_ok<T: Default>(x: std::io::Error) -> io::Result<T> {
+        match x.raw_os_error() {
+            Some(libc::ETIME) => Ok(Default::default()),
             Some(_) => Err(x),
             None => Err(x),
         }
