@@ -255,7 +255,13 @@ fn take_signals(state: Arc<Mutex<State>>) -> Result<(), String> {
                 continue;
             }
             eprintln!("tynamo-bench: signal {signal}: stopping the local cluster");
-            stop(&mut lock(&state));
+            let mut s = lock(&state);
+            stop(&mut s);
+            // Exit with the lock still held. Stopping the hosts makes the load threads fail
+            // ("cannot connect"), and the main thread then returns its own error, status 2;
+            // but it ends only through `LocalCluster`'s drop, which takes this lock, so it
+            // waits here and the status is always ours, 128 + signal. Released before the
+            // exit, the lock let the main thread exit 2 first now and then (seen under load).
             std::process::exit(128 + signal);
         })
         .map_err(|e| format!("--local: cannot start the signal thread: {e}"))?;
