@@ -50,6 +50,8 @@ pub const BATCH_BYTES_MAX: usize = 1 << 20;
 const READ_TIMEOUT_ELECTIONS: u64 = 2;
 /// Runtime-built entries queued at once: the migration driver has at most one step in flight.
 pub const RAW_WRITES_MAX: usize = 16;
+/// Proposals whose commit time is tracked at once (beyond it some go unmeasured).
+const PROPOSED_AT_MAX: usize = 4096;
 
 /// A one-shot wake-up flag for one waiting task. `notify` before `wait` is not lost.
 #[derive(Default)]
@@ -187,6 +189,9 @@ pub struct GroupStats {
     pub persist_wait_us: Log2Histogram,
     /// Client commands per proposal (leader).
     pub proposal_commands: Log2Histogram,
+    /// From a client proposal to its apply on the leader (replication, both fsyncs, commit),
+    /// microseconds.
+    pub commit_us: Log2Histogram,
     /// Wall time of one loop turn (stepping, proposing, applying, replying), microseconds.
     pub turn_us: Log2Histogram,
     /// Wall time of serialising one local snapshot inside a turn, microseconds.
@@ -207,6 +212,9 @@ pub struct Group<M: Machine = KvMachine> {
     ticks_due: u32,
     now_ticks: u64,
     proposals: BTreeMap<Index, (Term, Slots<M>)>,
+    /// First index and time of each client proposal in flight (leader), oldest first: the
+    /// `commit_us` histogram.
+    proposed_at: VecDeque<(Index, Instant)>,
     reads_waiting: HashMap<u64, (u64, ReadBatch<M>)>,
     reads_ready: Vec<(Index, ReadBatch<M>)>,
     next_ctx: u64,
@@ -260,6 +268,7 @@ impl<M: Machine> Group<M> {
             ticks_due: 0,
             now_ticks: 0,
             proposals: BTreeMap::new(),
+            proposed_at: VecDeque::new(),
             reads_waiting: HashMap::new(),
             reads_ready: Vec::new(),
             next_ctx: 1,
@@ -451,6 +460,9 @@ impl<M: Machine> Group<M> {
                 self.stats.proposals += 1;
                 self.stats.commands_proposed += commands.len() as u64;
                 self.stats.proposal_commands.record(commands.len() as u64);
+                if self.proposed_at.len() < PROPOSED_AT_MAX {
+                    self.proposed_at.push_back((first, Instant::now()));
+                }
                 for (i, s) in slots.into_iter().enumerate() {
                     self.proposals.insert(first + i as u64, (term, s));
                 }
@@ -548,6 +560,15 @@ impl<M: Machine> Group<M> {
             self.outcomes.clear();
             self.machine.apply(e.index, payload, &mut self.outcomes);
             self.stats.entries_applied += 1;
+            while let Some(&(index, at)) = self.proposed_at.front() {
+                if index > e.index {
+                    break;
+                }
+                if index == e.index {
+                    self.stats.commit_us.record(at.elapsed().as_micros() as u64);
+                }
+                self.proposed_at.pop_front();
+            }
             if let Some((term, slots)) = self.proposals.remove(&e.index) {
                 if term == e.term && slots.len() == self.outcomes.len() {
                     for (slot, outcome) in slots.into_iter().zip(self.outcomes.drain(..)) {
@@ -594,6 +615,7 @@ impl<M: Machine> Group<M> {
     fn check_role(&mut self) {
         let leader_now = self.is_leader();
         if self.was_leader && !leader_now {
+            self.proposed_at.clear();
             let leader = self.raw.leader();
             for (_, (_, slots)) in std::mem::take(&mut self.proposals) {
                 for slot in slots {

@@ -1049,7 +1049,7 @@ fn group_sections(entry: &CoreGroup, t: &mut String) {
          persisted_index:{}\r\nsnapshot_index:{}\r\nlast_index:{}\r\nlog_entries:{}\r\nwal_first_index:{}\r\n\
          wal_last_index:{}\r\nwal_size_bytes:{}\r\nwal_fdatasyncs:{}\r\nwal_bytes_written:{}\r\nproposals:{}\r\ncommands_proposed:{}\r\n\
          entries_applied:{}\r\nreads_served:{}\r\nsnapshots_taken:{}\r\nsnapshots_installed:{}\r\npersist_rounds:{}\r\n\
-         persist_round_us:{}\r\npersist_round_entries:{}\r\npersist_wait_us:{}\r\nproposal_commands:{}\r\n\
+         persist_round_us:{}\r\npersist_round_entries:{}\r\npersist_wait_us:{}\r\nproposal_commands:{}\r\ncommit_us:{}\r\n\
          turn_us:{}\r\nsnapshot_take_us:{}\r\n\r\n",
         g.id,
         s.role,
@@ -1077,6 +1077,7 @@ fn group_sections(entry: &CoreGroup, t: &mut String) {
         stats.persist_round_entries.summary(),
         stats.persist_wait_us.summary(),
         stats.proposal_commands.summary(),
+        stats.commit_us.summary(),
         stats.turn_us.summary(),
         stats.snapshot_take_us.summary(),
     );
