@@ -1129,6 +1129,96 @@ mod tests {
         }
     }
 
+    /// Steady write load against a cluster whose persisters take `round_steps` steps per round
+    /// (one round at a time, taking every job queued when it starts, as `persist_loop`), with
+    /// one step per network hop and one client write per step. Returns the mean and the largest
+    /// write latency in steps (submit to reply), after a warm-up.
+    fn pipelined_write_latency(window: usize, round_steps: u64) -> (f64, u64) {
+        let mut gs: Vec<Group> = (1..=3)
+            .map(|id| {
+                let mut cfg = Config::new(id);
+                cfg.election_ticks = 10;
+                cfg.heartbeat_ticks = 2;
+                cfg.max_inflight_msgs = window;
+                let raw = RawNode::new(cfg, InitialState::bootstrap(&[1, 2, 3]), id).unwrap();
+                let kvc = kv::Config::default();
+                let kv = StateMachine::new(kvc.clone(), 0..kvc.shard_count);
+                Group::new(0, raw, KvMachine::new(kv, kvc, 1), 10)
+            })
+            .collect();
+        let l = tick_until_leader(&mut gs, &no_cut, 0);
+        // Per replica: the round in flight (its jobs and the step it completes at).
+        let mut rounds: Vec<Option<(Vec<(WriteMark, Vec<Message>)>, u64)>> = vec![None, None, None];
+        let mut in_flight: Vec<(u64, ReplySlot)> = Vec::new();
+        let mut latencies = Vec::new();
+        let mut wire: Vec<Message> = Vec::new();
+        let steps = 40 * round_steps;
+        for now in 0..steps {
+            for m in std::mem::take(&mut wire) {
+                gs[(m.to - 1) as usize].deliver(m);
+            }
+            in_flight.push((now, gs[l].submit_write(put(&format!("k{now}"), "v"))));
+            for (g, round) in gs.iter_mut().zip(rounds.iter_mut()) {
+                g.turn();
+                if round.as_ref().is_some_and(|(_, at)| *at <= now) {
+                    let (done, _) = round.take().unwrap();
+                    g.persisted(done);
+                    g.turn();
+                }
+                if round.is_none() && !g.jobs.is_empty() {
+                    let done = g
+                        .jobs
+                        .drain(..)
+                        .map(|j| (j.mark, j.persisted_messages))
+                        .collect();
+                    *round = Some((done, now + round_steps));
+                }
+                wire.append(&mut g.outbox);
+            }
+            in_flight.retain(|(at, slot)| match take(slot) {
+                Some(reply) => {
+                    assert_eq!(reply, GroupReply::Done(Outcome::Ok));
+                    if *at >= 10 * round_steps {
+                        latencies.push(now - at);
+                    }
+                    false
+                }
+                None => true,
+            });
+        }
+        assert!(
+            latencies.len() as u64 > 20 * round_steps,
+            "writes were answered"
+        );
+        let mean = latencies.iter().sum::<u64>() as f64 / latencies.len() as f64;
+        (mean, latencies.into_iter().max().unwrap())
+    }
+
+    /// The follower's persister takes every AppendEntries queued when its round starts, so the
+    /// leader's window must be deep enough that entries proposed during a round are already
+    /// queued at the follower when that round ends. With a window of 2 the second slot is
+    /// spent on the first turn's few entries and everything proposed after waits at the leader
+    /// for the first ack, then for the follower's next round: one more persist round of latency
+    /// at every write under load (the 256-connection SET tail).
+    #[test]
+    fn a_deep_window_keeps_writes_within_two_persist_rounds() {
+        let round = 10;
+        let (mean2, max2) = pipelined_write_latency(2, round);
+        let (mean4, max4) = pipelined_write_latency(4, round);
+        let (mean32, max32) = pipelined_write_latency(32, round);
+        eprintln!(
+            "write latency in steps (a persist round is {round} steps, one proposal per step): \
+             window 2: mean {mean2:.1} max {max2}; 4: mean {mean4:.1} max {max4}; \
+             32: mean {mean32:.1} max {max32}"
+        );
+        // A write waits at most for the round in progress, then for its own (plus a few hops).
+        assert!(max32 <= 2 * round + 4, "window 32: max {max32} steps");
+        assert!(
+            max2 > 2 * round + 4 && mean32 + 2.0 < mean2,
+            "window 2: mean {mean2:.1} max {max2}; window 32: mean {mean32:.1} max {max32}"
+        );
+    }
+
     #[test]
     fn writes_before_the_first_configuration_are_refused() {
         let mut gs = following_cluster(kv::Config::default());
