@@ -1148,7 +1148,8 @@ mod tests {
             .collect();
         let l = tick_until_leader(&mut gs, &no_cut, 0);
         // Per replica: the round in flight (its jobs and the step it completes at).
-        let mut rounds: Vec<Option<(Vec<(WriteMark, Vec<Message>)>, u64)>> = vec![None, None, None];
+        type Round = (Vec<(WriteMark, Vec<Message>)>, u64);
+        let mut rounds: Vec<Option<Round>> = vec![None, None, None];
         let mut in_flight: Vec<(u64, ReplySlot)> = Vec::new();
         let mut latencies = Vec::new();
         let mut wire: Vec<Message> = Vec::new();

@@ -73,11 +73,7 @@ impl Log2Histogram {
     /// `n=..,mean=..,p50_le=..,p90_le=..,p99_le=..,p999_le=..,max=..`
     pub fn summary(&self) -> String {
         let mut s = String::new();
-        let mean = if self.total == 0 {
-            0
-        } else {
-            self.sum / self.total
-        };
+        let mean = self.sum.checked_div(self.total).unwrap_or(0);
         let _ = write!(
             s,
             "n={},mean={},p50_le={},p90_le={},p99_le={},p999_le={},max={}",
