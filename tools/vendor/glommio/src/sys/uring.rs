@@ -37,7 +37,7 @@ use crate::{
         self,
         blocking::{BlockingThreadOp, BlockingThreadPool},
         dma_buffer::{BufferStorage, DmaBuffer},
-        membarrier, DirectIo, EnqueuedSource, EnqueuedStatus, InnerSource, IoBuffer,
+        DirectIo, EnqueuedSource, EnqueuedStatus, InnerSource, IoBuffer,
         PollableStatus, Source, SourceType, Statx, TimeSpec64,
     },
     uring_sys::{self, IoRingOp},
@@ -1907,10 +1907,16 @@ impl Reactor {
             // last time until now it could be that something happened in a remote executor
             // that opened up room. If it did we bail on sleep and go process it.
             self.notifier.prepare_to_sleep();
-            // See https://www.scylladb.com/2018/02/15/memory-barriers-seastar-linux/ for
-            // details. This translates to `sys_membarrier()` /
-            // `MEMBARRIER_CMD_PRIVATE_EXPEDITED`
-            membarrier::heavy();
+            // Tynamo patch: a full fence here and one in `SleepNotifier::notify` (the remote
+            // side: after its channel write, before it reads `should_notify`) make the Dekker
+            // pair, so either we see the remote write below or the remote sees that we sleep
+            // and writes our eventfd. Stock glommio used the asymmetric Seastar barrier
+            // (https://www.scylladb.com/2018/02/15/memory-barriers-seastar-linux/): a
+            // `membarrier(PRIVATE_EXPEDITED)` here, which interrupts every CPU running another
+            // thread of this process, on every park. That suits rare sleeps and frequent
+            // cross-executor sends; an executor of a replicated store parks thousands of
+            // times a second and rarely sends across cores, and on a VM each IPI is an exit.
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
             let events = process_remote_channels() + self.flush_syscall_thread();
             if events == 0 {
                 if self.eventfd_src.is_installed().unwrap() {
