@@ -82,7 +82,6 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::Poll;
-use std::time::Duration;
 
 use bytes::Bytes;
 use glommio::io::{DmaBuffer, DmaFile};
@@ -90,7 +89,9 @@ use zerocopy::IntoBytes;
 
 use crate::crc32c;
 use crate::error::{io_err, Error, Result};
-use crate::io::{close_rc, create_zeroed, open_rw, sync_data, sync_dir, write_all, write_all_rc};
+use crate::io::{
+    close_rc, create_zeroed, open_rw, sync_data, sync_dir, write_all, write_all_rc_rushed,
+};
 use crate::notify::Notify;
 use crate::record::{
     align_down_u64, align_up_u64, RecordHeader, SegmentHeader, CRC_FROM, KIND_PAD, KIND_SEAL,
@@ -151,6 +152,13 @@ const SLICE_POOL_BYTES_MAX: usize = 8 << 20;
 const SLICE_POOL_BYTES_MIN: usize = 8 << 10;
 /// Pooled staging buffers kept for reuse.
 const BUFFER_POOL_MAX: usize = 4;
+/// Staging buffers up to this size come from the executor's registered I/O arena when it
+/// has room (glommio's buddy allocator rounds a request up to a power of two, so a larger
+/// one would take most of a 1 MiB arena); the rest from the slice pool or the heap.
+const REGISTERED_BYTES_MAX: usize = 512 << 10;
+/// A round whose records go out in one write issues it with `RWF_DSYNC` instead of a write
+/// followed by an fdatasync.
+const DSYNC_ROUND_WRITES: bool = false;
 /// Largest DMA alignment we support: the segment header block is this big.
 const ALIGNMENT_MAX: u64 = SEGMENT_HEADER_BYTES;
 /// `durable_offset` in record headers is a u32.
@@ -417,6 +425,10 @@ pub struct Wal {
     /// Fault injection for unit tests: the next fdatasync fails.
     #[cfg(test)]
     fail_next_sync: Cell<bool>,
+    /// For unit tests: a pipelined append yields between its slices (in production it does
+    /// when glommio asks for it), so that a test can issue appends while one is half staged.
+    #[cfg(test)]
+    yield_between_slices: Cell<bool>,
 }
 
 struct IoGuard<'a> {
@@ -535,19 +547,28 @@ impl State {
             .filter(|(_, b)| b.len() >= need)
             .min_by_key(|(_, b)| b.len())
             .map(|(i, _)| i);
-        let mut buf = match best {
-            Some(i) => {
+        let aligned = align_up_u64(need as u64, ALIGNMENT_MAX) as usize;
+        // A buffer of the executor's registered arena first: its write is a fixed-buffer
+        // request (no pinning of its pages per write), and its pages are resident. It goes
+        // back to the arena after its write (`give_buffer`), so the arena is held only
+        // while a round is staged or in flight.
+        let registered = if aligned <= REGISTERED_BYTES_MAX {
+            glommio::try_allocate_registered_dma_buffer(aligned)
+        } else {
+            None
+        };
+        let mut buf = match (registered, best) {
+            (Some(b), _) => b,
+            (None, Some(i)) => {
                 let b = self.slice_pool.swap_remove(i);
                 self.slice_pool_bytes -= b.len();
                 b
             }
-            None => {
+            (None, None) => {
                 // From the heap, not the executor's registered I/O arena: a pooled buffer is
                 // kept, and would starve everything else on this executor of that arena.
                 self.slice_allocs += 1;
-                glommio::allocate_dma_buffer_global(
-                    align_up_u64(need as u64, ALIGNMENT_MAX) as usize
-                )
+                glommio::allocate_dma_buffer_global(aligned)
             }
         };
         let chunk = self.open_chunk();
@@ -559,6 +580,10 @@ impl State {
     /// Returns a buffer to a pool: the largest ones to `buffer_pool`, slice-sized ones to
     /// `slice_pool` (the oldest make room). Small ones are freed.
     fn give_buffer(&mut self, buf: DmaBuffer) {
+        if buf.is_registered() {
+            // Back to the executor's arena, which is shared and small: never pooled.
+            return;
+        }
         if buf.len() < POOLED_BYTES_MIN {
             if buf.len() >= SLICE_POOL_BYTES_MIN && buf.len() <= SLICE_POOL_BYTES_MAX {
                 while self.slice_pool.len() >= SLICE_POOL_MAX
@@ -851,6 +876,8 @@ impl Wal {
             report: RecoveryReport::default(),
             #[cfg(test)]
             fail_next_sync: Cell::new(false),
+            #[cfg(test)]
+            yield_between_slices: Cell::new(false),
         };
         wal.finish_open(tail_scan, to_remove, report).await
     }
@@ -1353,11 +1380,15 @@ impl Wal {
                 result = Err(e);
                 break;
             }
-            if !rest.is_empty() {
-                // glommio hands queued I/O to the kernel only when the executor gets back to
-                // its reactor, which a running task never does by itself: a sleep of 1 ns
-                // goes there (submitting the slice) and is over by the time it comes back.
-                glommio::timer::sleep(Duration::from_micros(1)).await;
+            if !last_slice {
+                // The slice is with the kernel already (no reactor turn needed); encoding a
+                // multi-MiB batch takes hundreds of us, so let latency-sensitive tasks run
+                // between slices when glommio asks for it.
+                #[cfg(test)]
+                if self.yield_between_slices.get() {
+                    glommio::executor().yield_task_queue_now().await;
+                }
+                glommio::yield_if_needed().await;
             }
             slice_bytes = (slice_bytes * 4).min(PIPELINE_SLICE_MAX_BYTES);
         }
@@ -1467,7 +1498,8 @@ impl Wal {
             round.last_end = Some(st.written_end);
             round.unsynced = st.unsynced.clone();
         }
-        for (seq, base, len, carried, buf) in writes {
+        let writes_n = writes.len();
+        for (k, (seq, base, len, carried, buf)) in writes.into_iter().enumerate() {
             let (file, path, first_index) = {
                 let st = self.st.borrow();
                 let seg = st.segment(seq).ok_or_else(|| {
@@ -1492,13 +1524,35 @@ impl Wal {
                     f
                 }
             };
+            // The round's last write, with nothing else of this file written and not yet
+            // synced, goes out with RWF_DSYNC: its completion is the round's durability, and
+            // no fdatasync follows (one request instead of two, see `io::write_all_rc_rushed`).
+            let dsync = DSYNC_ROUND_WRITES
+                && !slice
+                && k + 1 == writes_n
+                && len > carried
+                && round.writes.is_empty()
+                && round.unsynced.is_none();
             if len > carried {
                 let n = buf.len() as u64;
                 let (f, p) = (file.clone(), path.clone());
-                let mut write: WriteFuture<'a> =
-                    Box::pin(async move { write_all_rc(&f, &p, buf, base).await });
-                // Polled once here, the write is queued with the reactor; the caller decides
-                // whether to wait for it now or to go on encoding first.
+                #[cfg(test)]
+                let inject = dsync && self.fail_next_sync.replace(false);
+                let mut write: WriteFuture<'a> = Box::pin(async move {
+                    let r = write_all_rc_rushed(&f, &p, buf, base, dsync).await;
+                    #[cfg(test)]
+                    if inject && r.is_ok() {
+                        return Err(Error::SyncFailed {
+                            path: p.clone(),
+                            source: std::io::Error::other("injected RWF_DSYNC write failure"),
+                        });
+                    }
+                    r
+                });
+                // Polled once here, the write is handed to the kernel at once (not at the
+                // executor's next reactor turn, which a task that goes on encoding the next
+                // slice does not reach); the caller decides whether to wait for it now or to
+                // go on encoding first.
                 if let Some(done) = poll_once(&mut write).await {
                     done?;
                 } else {
@@ -1507,9 +1561,12 @@ impl Wal {
                 let mut st = self.st.borrow_mut();
                 st.stats.bytes_written += n;
                 st.stats.writes += 1;
+                if dsync {
+                    st.stats.fdatasyncs += 1;
+                }
             }
             round.last_end = Some((seq, base + len as u64));
-            round.unsynced = Some((file, path));
+            round.unsynced = if dsync { None } else { Some((file, path)) };
         }
         Ok(())
     }
@@ -2167,6 +2224,76 @@ mod tests {
         });
     }
 
+    /// Staging buffers come from the executor's registered arena while it has room (their
+    /// writes are fixed-buffer requests) and go back to it after their write: steady
+    /// batches neither keep arena memory nor allocate on the heap. With the arena taken, they
+    /// come from the slice pool, allocated once and then reused.
+    #[test]
+    fn staging_buffers_come_from_the_registered_arena_and_go_back_to_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().to_path_buf();
+        run(move || async move {
+            let probe = glommio::try_allocate_registered_dma_buffer(4096);
+            assert!(
+                probe.as_ref().is_some_and(|b| b.is_registered()),
+                "this test needs glommio's registered arena (RLIMIT_MEMLOCK too small?)"
+            );
+            drop(probe);
+            let wal = Wal::open(&path, WalOptions::default()).await.expect("open");
+            let payload = vec![0xC3u8; 1 << 10];
+            let append = |n: u64| {
+                let first = wal.last_index() + 1;
+                let entries: Vec<EntryRef<'_>> = (0..n)
+                    .map(|k| EntryRef {
+                        index: first + k,
+                        term: 1,
+                        kind: 0,
+                        payload: &payload[..],
+                    })
+                    .collect();
+                let wal = &wal;
+                async move {
+                    wal.append(&entries).await.expect("append");
+                }
+            };
+            for _ in 0..20 {
+                // 64 records of 1056 bytes: a 68 KiB write.
+                append(64).await;
+                let st = wal.st.borrow();
+                assert_eq!(
+                    st.slice_allocs, 0,
+                    "no heap staging buffer while the arena has room"
+                );
+                assert!(st.slice_pool.is_empty(), "arena buffers are not pooled");
+                drop(st);
+                // Everything but the small buffer of the open chunk went back to the arena.
+                assert!(glommio::try_allocate_registered_dma_buffer(256 << 10).is_some());
+            }
+            // Take the arena (64 KiB pieces until none is left): batches now stage in the
+            // slice pool, one allocation, then the same buffer every time.
+            let mut hog = Vec::new();
+            while let Some(b) = glommio::try_allocate_registered_dma_buffer(64 << 10) {
+                hog.push(b);
+            }
+            assert!(!hog.is_empty());
+            for _ in 0..10 {
+                append(64).await;
+            }
+            let allocs = wal.st.borrow().slice_allocs;
+            assert!(allocs >= 1, "staged on the heap with the arena taken");
+            for _ in 0..10 {
+                append(64).await;
+            }
+            assert_eq!(wal.st.borrow().slice_allocs, allocs, "slice pool reused");
+            drop(hog);
+            let n = wal.last_index();
+            let back = wal.entries(1, n + 1, u64::MAX).await.expect("read");
+            assert_eq!(back.len() as u64, n);
+            assert!(back.iter().all(|e| e.payload[..] == payload[..]));
+            wal.close().await.expect("close");
+        });
+    }
+
     /// A pipelined batch crossing segment boundaries (1 MiB segments, 3 MiB batches of
     /// uneven entries) reads back from memory while in flight and from disk after reopen,
     /// and every write it made ends on a block boundary.
@@ -2243,6 +2370,7 @@ mod tests {
                 .await
                 .expect("open"),
             );
+            wal.yield_between_slices.set(true);
             let big = vec![7u8; 4 << 10];
             let w = wal.clone();
             let b = big.clone();
@@ -2258,7 +2386,7 @@ mod tests {
                 w.append(&entries).await
             });
             // The spawned append runs first: it stages its first slice, hands the write to
-            // the reactor and yields. Here the batch is half staged (so slices really overlap
+            // the kernel and yields (forced here; in production when glommio asks). Here the batch is half staged (so slices really overlap
             // with other work), and an append issued now must wait for the whole batch.
             glommio::executor().yield_task_queue_now().await;
             let staged = wal.last_index();

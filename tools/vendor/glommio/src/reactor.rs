@@ -320,6 +320,11 @@ impl Reactor {
         self.sys.alloc_dma_buffer(size)
     }
 
+    /// TynamoDB patch: see [`crate::try_allocate_registered_dma_buffer`].
+    pub(crate) fn try_alloc_registered_dma_buffer(&self, size: usize) -> Option<DmaBuffer> {
+        self.sys.try_alloc_registered_dma_buffer(size)
+    }
+
     pub(crate) fn write_dma(
         &self,
         raw: RawFd,
@@ -345,6 +350,41 @@ impl Reactor {
         );
         self.sys.write_dma(&source, pos);
         source
+    }
+
+    /// TynamoDB patch: [`Reactor::write_dma`] handed to the kernel at once, optionally with
+    /// `RWF_DSYNC` (see `sys::uring::Reactor::write_dma_dsync` and `submit_now`).
+    pub(crate) fn write_dma_rushed(
+        &self,
+        raw: RawFd,
+        buf: DmaSource,
+        pos: u64,
+        pollable: PollableStatus,
+        dsync: bool,
+    ) -> io::Result<Source> {
+        let stats = StatsCollection {
+            fulfilled: Some(|result, stats, op_count| {
+                if let Ok(result) = result {
+                    stats.file_writes += op_count;
+                    stats.file_bytes_written += *result as u64 * op_count;
+                }
+            }),
+            reused: None,
+            latency: None,
+        };
+
+        let source = self.new_source(
+            raw,
+            SourceType::Write(pollable, IoBuffer::DmaSource(buf)),
+            Some(stats),
+        );
+        if dsync {
+            self.sys.write_dma_dsync(&source, pos);
+        } else {
+            self.sys.write_dma(&source, pos);
+        }
+        self.sys.submit_now(&source)?;
+        Ok(source)
     }
 
     pub(crate) fn copy_file_range(

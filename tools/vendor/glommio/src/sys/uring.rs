@@ -61,6 +61,9 @@ enum UringOpDescriptor {
     Cancel(u64),
     Write(*const u8, usize, u64),
     WriteFixed(*const u8, usize, u64, u32),
+    /// TynamoDB patch: a write with `RWF_DSYNC` (from a registered buffer when the index is
+    /// given); see `Reactor::write_dma_dsync`.
+    WriteDsync(*const u8, usize, u64, Option<u32>),
     ReadFixed(u64, usize),
     Read(u64, usize),
     Open(*const u8, libc::c_int, u32),
@@ -138,6 +141,23 @@ impl UringBufferAllocator {
 
     fn as_bytes(&self) -> &[u8] {
         unsafe { std::slice::from_raw_parts(self.data.as_ptr(), self.size) }
+    }
+
+    /// TynamoDB patch: like `new_buffer`, but `None` instead of a heap buffer when the arena
+    /// has no room, and `None` when the arena is not registered with the rings.
+    fn try_new_registered_buffer(self: &Rc<Self>, size: usize) -> Option<DmaBuffer> {
+        self.uring_buffer_id.get()?;
+        if size == 0 {
+            return None;
+        }
+        let mut alloc = self.allocator.borrow_mut();
+        let data = ptr::NonNull::new(alloc.malloc(size))?;
+        let ub = UringBuffer {
+            allocator: self.clone(),
+            data,
+            uring_buffer_id: self.uring_buffer_id.get(),
+        };
+        Some(DmaBuffer::with_storage(size, BufferStorage::Uring(ub)))
     }
 
     fn new_buffer(self: &Rc<Self>, size: usize) -> Option<DmaBuffer> {
@@ -377,6 +397,15 @@ fn fill_sqe<F>(
             UringOpDescriptor::WriteFixed(ptr, len, pos, buf_index) => {
                 let buf = std::slice::from_raw_parts(ptr, len);
                 sqe.prep_write_fixed(op.fd, buf, pos, buf_index as _);
+            }
+
+            UringOpDescriptor::WriteDsync(ptr, len, pos, buf_index) => {
+                let buf = std::slice::from_raw_parts(ptr, len);
+                match buf_index {
+                    Some(index) => sqe.prep_write_fixed(op.fd, buf, pos, index as _),
+                    None => sqe.prep_write(op.fd, buf, pos),
+                }
+                sqe.raw_mut().cmd_flags.rw_flags = libc::RWF_DSYNC;
             }
 
             UringOpDescriptor::SockSend(ptr, len, flags) => {
@@ -1403,6 +1432,13 @@ impl Reactor {
         poll_ring.alloc_dma_buffer(size)
     }
 
+    /// TynamoDB patch: a buffer of the registered arena, `None` if it has no room or is not
+    /// registered (no heap fallback).
+    pub(crate) fn try_alloc_registered_dma_buffer(&self, size: usize) -> Option<DmaBuffer> {
+        let poll_ring = self.poll_ring.borrow();
+        poll_ring.allocator.try_new_registered_buffer(size)
+    }
+
     pub(crate) fn write_dma(&self, source: &Source, pos: u64) {
         let op = match &*source.source_type() {
             SourceType::Write(
@@ -1421,6 +1457,47 @@ impl Reactor {
             op,
             &mut self.source_map.borrow_mut(),
         );
+    }
+
+    /// TynamoDB patch: [`Reactor::write_dma`] with `RWF_DSYNC`: the write completes once its
+    /// data is durable, as if an fdatasync of the written range had followed it (for O_DIRECT
+    /// the kernel uses FUA, or a cache flush after the write plus any journal commit the
+    /// written range needs).
+    pub(crate) fn write_dma_dsync(&self, source: &Source, pos: u64) {
+        let op = match &*source.source_type() {
+            SourceType::Write(
+                PollableStatus::NonPollable(DirectIo::Disabled),
+                IoBuffer::DmaSource(buf),
+            ) => UringOpDescriptor::WriteDsync(buf.as_ptr(), buf.len(), pos, None),
+            SourceType::Write(_, IoBuffer::DmaSource(buf)) => {
+                UringOpDescriptor::WriteDsync(buf.as_ptr(), buf.len(), pos, buf.uring_buffer_id())
+            }
+            x => panic!("Unexpected source type for write: {:?}", x),
+        };
+        queue_request_into_ring(
+            &mut *self.ring_for_source(source),
+            source,
+            op,
+            &mut self.source_map.borrow_mut(),
+        );
+    }
+
+    /// TynamoDB patch: hands the queued requests of `source`'s ring (cancellations first, as
+    /// the reactor does) to the kernel now, instead of at the executor's next reactor turn,
+    /// which a running task does not reach until it yields. Completions are left for the
+    /// reactor. A full submission queue (`EBUSY`, `EAGAIN`) or a signal is not an error:
+    /// what is left is submitted at the next turn, as without this call.
+    pub(crate) fn submit_now(&self, source: &Source) -> io::Result<()> {
+        let ring = &mut *self.ring_for_source(source);
+        ring.consume_cancellation_queue()
+            .or_else(Reactor::busy_ok)
+            .or_else(Reactor::again_ok)
+            .or_else(Reactor::intr_ok)?;
+        ring.consume_submission_queue()
+            .or_else(Reactor::busy_ok)
+            .or_else(Reactor::again_ok)
+            .or_else(Reactor::intr_ok)?;
+        Ok(())
     }
 
     pub(crate) fn write_buffered(&self, source: &Source, pos: u64) {
