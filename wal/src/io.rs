@@ -34,49 +34,23 @@ pub async fn write_all(file: &DmaFile, path: &Path, buf: DmaBuffer, offset: u64)
     write_all_rc(file, path, Rc::new(buf), offset).await
 }
 
-/// [`write_all`] for a shared buffer (so readers can still see it while it is in flight).
+/// [`write_all`] for a shared buffer (so readers can still see it while it is in flight),
+/// handed to the kernel as soon as this future is first polled, not at the executor's next
+/// reactor turn: the caller may go on encoding while the device writes.
 pub async fn write_all_rc(
     file: &DmaFile,
     path: &Path,
     buf: Rc<DmaBuffer>,
     offset: u64,
 ) -> Result<()> {
-    write_all_rc_rushed(file, path, buf, offset, false).await
-}
-
-/// [`write_all_rc`], with the write handed to the kernel as soon as this future is first
-/// polled (not at the executor's next reactor turn: the caller may go on encoding while the
-/// device writes), and with `dsync` carrying `RWF_DSYNC`, so that its completion means the
-/// written range is durable, as after an fdatasync. An error of a `dsync` write may come
-/// from the sync, so it is reported as [`Error::SyncFailed`]: fatal for the file, never
-/// retried (an fdatasync error is not retryable on Linux, NOTES.md).
-pub async fn write_all_rc_rushed(
-    file: &DmaFile,
-    path: &Path,
-    buf: Rc<DmaBuffer>,
-    offset: u64,
-    dsync: bool,
-) -> Result<()> {
     let align = file.alignment();
     debug_assert_eq!(offset % align, 0);
     debug_assert_eq!(buf.len() as u64 % align, 0);
     let total = buf.len();
-    let err = |pos: u64| {
-        move |e: glommio::GlommioError<()>| {
-            if dsync {
-                Error::SyncFailed {
-                    path: path.to_path_buf(),
-                    source: e.into(),
-                }
-            } else {
-                io_err("write", path, Some(pos))(e)
-            }
-        }
-    };
     let mut done = file
-        .write_rc_at_rushed(buf.clone(), offset, dsync)
+        .write_rc_at_rushed(buf.clone(), offset)
         .await
-        .map_err(err(offset))?;
+        .map_err(io_err("write", path, Some(offset)))?;
     let mut retries = 0;
     while done < total {
         retries += 1;
@@ -89,9 +63,9 @@ pub async fn write_all_rc_rushed(
         rest.as_bytes_mut()
             .copy_from_slice(&buf.as_bytes()[done..total]);
         let n = file
-            .write_rc_at_rushed(Rc::new(rest), pos, dsync)
+            .write_at(rest, pos)
             .await
-            .map_err(err(pos))?;
+            .map_err(io_err("write", path, Some(pos)))?;
         if n == 0 {
             return Err(short_write(path, pos, done, total));
         }

@@ -30,8 +30,12 @@
 //! large) are pooled as well: a fresh multi-MiB heap buffer faults in its pages on every
 //! batch (a quarter of the CPU time of 4 MiB batches); since trimming a `DmaBuffer` is
 //! permanent, such a buffer is written whole when its unused tail is small (at most 40 KiB
-//! of zeros, under 4% of such a write). Pooled buffers come from the heap, not from the
-//! executor's small registered I/O arena, which they would hold forever.
+//! of zeros, under 4% of such a write). A staging buffer below 512 KiB is taken from the
+//! executor's registered I/O arena (`io_memory`) when it has room: its write is then a
+//! fixed-buffer request, as the raw loop's is, without pinning its pages per write, and its
+//! pages are resident. Such a buffer goes back to the arena right after its write, never to
+//! a pool, so the WAL holds arena memory only while a round is staged or in flight. Pooled
+//! buffers (when the arena is full, and batches of 1 MiB or more) come from the heap.
 //!
 //! # Large batches: written while they are encoded
 //! A batch of at least `PIPELINE_MIN_BYTES` (512 KiB) of records that finds the log idle is
@@ -43,8 +47,10 @@
 //! other append stages between the slices (they wait, as during a truncation), so a batch's
 //! records stay contiguous; a crash between the slices leaves a torn tail like any unsynced
 //! write. glommio 0.9 hands queued I/O to the kernel only when the executor returns to its
-//! reactor, which a running task never does by itself: after each slice the append sleeps
-//! for 1 us, which returns to the reactor (submitting the write) and is over by then.
+//! reactor, which a running task never does by itself; every WAL write therefore goes out
+//! through `DmaFile::write_rc_at_rushed` (a patch to the vendored glommio, see
+//! tools/vendor/README.md), which submits it when its future is first polled. Between
+//! slices the append yields only when glommio asks (`yield_if_needed`).
 //!
 //! # Group commit (leader/follower)
 //! `append` encodes its records into the staging buffer at once (in call order, so indexes stay
@@ -89,9 +95,7 @@ use zerocopy::IntoBytes;
 
 use crate::crc32c;
 use crate::error::{io_err, Error, Result};
-use crate::io::{
-    close_rc, create_zeroed, open_rw, sync_data, sync_dir, write_all, write_all_rc_rushed,
-};
+use crate::io::{close_rc, create_zeroed, open_rw, sync_data, sync_dir, write_all, write_all_rc};
 use crate::notify::Notify;
 use crate::record::{
     align_down_u64, align_up_u64, RecordHeader, SegmentHeader, CRC_FROM, KIND_PAD, KIND_SEAL,
@@ -156,9 +160,6 @@ const BUFFER_POOL_MAX: usize = 4;
 /// has room (glommio's buddy allocator rounds a request up to a power of two, so a larger
 /// one would take most of a 1 MiB arena); the rest from the slice pool or the heap.
 const REGISTERED_BYTES_MAX: usize = 512 << 10;
-/// A round whose records go out in one write issues it with `RWF_DSYNC` instead of a write
-/// followed by an fdatasync.
-const DSYNC_ROUND_WRITES: bool = false;
 /// Largest DMA alignment we support: the segment header block is this big.
 const ALIGNMENT_MAX: u64 = SEGMENT_HEADER_BYTES;
 /// `durable_offset` in record headers is a u32.
@@ -1498,8 +1499,7 @@ impl Wal {
             round.last_end = Some(st.written_end);
             round.unsynced = st.unsynced.clone();
         }
-        let writes_n = writes.len();
-        for (k, (seq, base, len, carried, buf)) in writes.into_iter().enumerate() {
+        for (seq, base, len, carried, buf) in writes {
             let (file, path, first_index) = {
                 let st = self.st.borrow();
                 let seg = st.segment(seq).ok_or_else(|| {
@@ -1524,31 +1524,11 @@ impl Wal {
                     f
                 }
             };
-            // The round's last write, with nothing else of this file written and not yet
-            // synced, goes out with RWF_DSYNC: its completion is the round's durability, and
-            // no fdatasync follows (one request instead of two, see `io::write_all_rc_rushed`).
-            let dsync = DSYNC_ROUND_WRITES
-                && !slice
-                && k + 1 == writes_n
-                && len > carried
-                && round.writes.is_empty()
-                && round.unsynced.is_none();
             if len > carried {
                 let n = buf.len() as u64;
                 let (f, p) = (file.clone(), path.clone());
-                #[cfg(test)]
-                let inject = dsync && self.fail_next_sync.replace(false);
-                let mut write: WriteFuture<'a> = Box::pin(async move {
-                    let r = write_all_rc_rushed(&f, &p, buf, base, dsync).await;
-                    #[cfg(test)]
-                    if inject && r.is_ok() {
-                        return Err(Error::SyncFailed {
-                            path: p.clone(),
-                            source: std::io::Error::other("injected RWF_DSYNC write failure"),
-                        });
-                    }
-                    r
-                });
+                let mut write: WriteFuture<'a> =
+                    Box::pin(async move { write_all_rc(&f, &p, buf, base).await });
                 // Polled once here, the write is handed to the kernel at once (not at the
                 // executor's next reactor turn, which a task that goes on encoding the next
                 // slice does not reach); the caller decides whether to wait for it now or to
@@ -1561,12 +1541,9 @@ impl Wal {
                 let mut st = self.st.borrow_mut();
                 st.stats.bytes_written += n;
                 st.stats.writes += 1;
-                if dsync {
-                    st.stats.fdatasyncs += 1;
-                }
             }
             round.last_end = Some((seq, base + len as u64));
-            round.unsynced = if dsync { None } else { Some((file, path)) };
+            round.unsynced = Some((file, path));
         }
         Ok(())
     }

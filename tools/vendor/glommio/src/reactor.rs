@@ -352,15 +352,14 @@ impl Reactor {
         source
     }
 
-    /// TynamoDB patch: [`Reactor::write_dma`] handed to the kernel at once, optionally with
-    /// `RWF_DSYNC` (see `sys::uring::Reactor::write_dma_dsync` and `submit_now`).
+    /// TynamoDB patch: [`Reactor::write_dma`] handed to the kernel at once (see
+    /// `sys::uring::Reactor::submit_now`).
     pub(crate) fn write_dma_rushed(
         &self,
         raw: RawFd,
         buf: DmaSource,
         pos: u64,
         pollable: PollableStatus,
-        dsync: bool,
     ) -> io::Result<Source> {
         let stats = StatsCollection {
             fulfilled: Some(|result, stats, op_count| {
@@ -378,11 +377,7 @@ impl Reactor {
             SourceType::Write(pollable, IoBuffer::DmaSource(buf)),
             Some(stats),
         );
-        if dsync {
-            self.sys.write_dma_dsync(&source, pos);
-        } else {
-            self.sys.write_dma(&source, pos);
-        }
+        self.sys.write_dma(&source, pos);
         self.sys.submit_now(&source)?;
         Ok(source)
     }

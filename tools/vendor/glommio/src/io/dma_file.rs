@@ -373,25 +373,16 @@ impl DmaFile {
     }
 
     /// TynamoDB patch: [`DmaFile::write_rc_at`], with the request handed to the kernel when
-    /// this future is first polled rather than when the executor next returns to its reactor
-    /// (a task that goes on computing after starting a write would otherwise delay it until
-    /// it yields), and with `dsync` the write carries `RWF_DSYNC`: its completion means its
-    /// data is durable, as a write followed by [`DmaFile::fdatasync`] (for the written range)
-    /// would, in one request instead of two. An error of a `dsync` write may come from the
-    /// sync: treat it as a failed fdatasync.
-    pub async fn write_rc_at_rushed(
-        &self,
-        buf: Rc<DmaBuffer>,
-        pos: u64,
-        dsync: bool,
-    ) -> Result<usize> {
+    /// this future is first polled rather than when the executor next returns to its reactor:
+    /// a task that goes on computing after starting a write (encoding the next slice of a
+    /// batch) would otherwise delay the write until it yields.
+    pub async fn write_rc_at_rushed(&self, buf: Rc<DmaBuffer>, pos: u64) -> Result<usize> {
         let source = enhanced_try!(
             self.file.reactor.upgrade().unwrap().write_dma_rushed(
                 self.as_raw_fd(),
                 DmaSource::Shared(buf),
                 pos,
                 self.pollable,
-                dsync,
             ),
             "Writing",
             self.file

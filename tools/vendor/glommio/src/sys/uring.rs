@@ -61,9 +61,6 @@ enum UringOpDescriptor {
     Cancel(u64),
     Write(*const u8, usize, u64),
     WriteFixed(*const u8, usize, u64, u32),
-    /// TynamoDB patch: a write with `RWF_DSYNC` (from a registered buffer when the index is
-    /// given); see `Reactor::write_dma_dsync`.
-    WriteDsync(*const u8, usize, u64, Option<u32>),
     ReadFixed(u64, usize),
     Read(u64, usize),
     Open(*const u8, libc::c_int, u32),
@@ -397,15 +394,6 @@ fn fill_sqe<F>(
             UringOpDescriptor::WriteFixed(ptr, len, pos, buf_index) => {
                 let buf = std::slice::from_raw_parts(ptr, len);
                 sqe.prep_write_fixed(op.fd, buf, pos, buf_index as _);
-            }
-
-            UringOpDescriptor::WriteDsync(ptr, len, pos, buf_index) => {
-                let buf = std::slice::from_raw_parts(ptr, len);
-                match buf_index {
-                    Some(index) => sqe.prep_write_fixed(op.fd, buf, pos, index as _),
-                    None => sqe.prep_write(op.fd, buf, pos),
-                }
-                sqe.raw_mut().cmd_flags.rw_flags = libc::RWF_DSYNC;
             }
 
             UringOpDescriptor::SockSend(ptr, len, flags) => {
@@ -1449,29 +1437,6 @@ impl Reactor {
                 Some(id) => UringOpDescriptor::WriteFixed(buf.as_ptr(), buf.len(), pos, id),
                 None => UringOpDescriptor::Write(buf.as_ptr(), buf.len(), pos),
             },
-            x => panic!("Unexpected source type for write: {:?}", x),
-        };
-        queue_request_into_ring(
-            &mut *self.ring_for_source(source),
-            source,
-            op,
-            &mut self.source_map.borrow_mut(),
-        );
-    }
-
-    /// TynamoDB patch: [`Reactor::write_dma`] with `RWF_DSYNC`: the write completes once its
-    /// data is durable, as if an fdatasync of the written range had followed it (for O_DIRECT
-    /// the kernel uses FUA, or a cache flush after the write plus any journal commit the
-    /// written range needs).
-    pub(crate) fn write_dma_dsync(&self, source: &Source, pos: u64) {
-        let op = match &*source.source_type() {
-            SourceType::Write(
-                PollableStatus::NonPollable(DirectIo::Disabled),
-                IoBuffer::DmaSource(buf),
-            ) => UringOpDescriptor::WriteDsync(buf.as_ptr(), buf.len(), pos, None),
-            SourceType::Write(_, IoBuffer::DmaSource(buf)) => {
-                UringOpDescriptor::WriteDsync(buf.as_ptr(), buf.len(), pos, buf.uring_buffer_id())
-            }
             x => panic!("Unexpected source type for write: {:?}", x),
         };
         queue_request_into_ring(
