@@ -572,3 +572,105 @@ fn a_moved_answer_outlives_a_refreshed_map_that_still_names_the_old_node() {
     assert_eq!(replies, vec![bulk("v"), bulk("v")]);
     assert_eq!(stats.moved, 1);
 }
+
+/// Where the old owner of the tests below sends its ASKs, and how many more times the new owner
+/// bounces a request back with MOVED before it has the slot (`u32::MAX`: never settles).
+static ASK_TO: std::sync::OnceLock<SocketAddr> = std::sync::OnceLock::new();
+static MOVED_BACK_TO: std::sync::OnceLock<SocketAddr> = std::sync::OnceLock::new();
+static BOUNCES_LEFT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+fn slots_of(me: SocketAddr, out: &mut BytesMut) {
+    let reply = format!(
+        "*1\r\n*3\r\n:0\r\n:16383\r\n*2\r\n$9\r\n127.0.0.1\r\n:{}\r\n",
+        me.port()
+    );
+    out.extend_from_slice(reply.as_bytes());
+}
+
+#[test]
+fn redirections_that_bounce_during_a_move_back_off_and_stay_bounded() {
+    use std::sync::atomic::Ordering::SeqCst;
+    // `new` answers ASKING, then MOVED back to `old` until the slot arrives, as a node that has
+    // not yet applied the configuration that gives it the slot does. `old` answers ASK.
+    let new = scripted_server(|_, args| {
+        let mut out = BytesMut::new();
+        match args[0].to_ascii_uppercase().as_slice() {
+            b"ASKING" => frame::put_simple(&mut out, b"OK"),
+            b"GET" => {
+                let left = BOUNCES_LEFT.load(SeqCst);
+                if left == 0 {
+                    frame::put_bulk(&mut out, b"v");
+                } else {
+                    if left != u32::MAX {
+                        BOUNCES_LEFT.store(left - 1, SeqCst);
+                    }
+                    let to = MOVED_BACK_TO.get().unwrap();
+                    let slot = key_slot(&args[1]);
+                    frame::put_error(&mut out, format!("MOVED {slot} {to}").as_bytes());
+                }
+            }
+            _ => frame::put_error(&mut out, b"ERR unknown command"),
+        }
+        out.to_vec()
+    });
+    ASK_TO.set(new).unwrap();
+    let old = scripted_server(|me, args| {
+        let mut out = BytesMut::new();
+        match args[0].to_ascii_uppercase().as_slice() {
+            b"CLUSTER" => slots_of(me, &mut out),
+            b"GET" => {
+                let slot = key_slot(&args[1]);
+                let to = ASK_TO.get().unwrap();
+                frame::put_error(&mut out, format!("ASK {slot} {to}").as_bytes());
+            }
+            _ => frame::put_error(&mut out, b"ERR unknown command"),
+        }
+        out.to_vec()
+    });
+    MOVED_BACK_TO.set(old).unwrap();
+    // 40 bounces are 80 redirections, five times `redirects_max`: the client waits between
+    // runs of them and gets its answer once the move is over.
+    BOUNCES_LEFT.store(40, SeqCst);
+    let (reply, stats) = run(move || async move {
+        let options = ClientOptions {
+            backoff_initial: Duration::from_millis(1),
+            backoff_max: Duration::from_millis(4),
+            exactly_once: false,
+            ..ClientOptions::default()
+        };
+        let mut client = ClusterClient::connect_cluster(&[old], options)
+            .await
+            .unwrap();
+        let reply = client.call(&[b"GET", b"foo"]).await.unwrap();
+        (reply, client.stats())
+    });
+    assert_eq!(reply, bulk("v"));
+    assert_eq!(stats.asked, 41);
+    assert_eq!(stats.moved, 40);
+    // A move that never settles still ends in an error after `attempts_max` waits.
+    BOUNCES_LEFT.store(u32::MAX, SeqCst);
+    let err = run(move || async move {
+        let options = ClientOptions {
+            redirects_max: 4,
+            attempts_max: 3,
+            backoff_initial: Duration::from_millis(1),
+            exactly_once: false,
+            ..ClientOptions::default()
+        };
+        let mut client = ClusterClient::connect_cluster(&[old], options)
+            .await
+            .unwrap();
+        client.call(&[b"GET", b"foo"]).await.unwrap_err()
+    });
+    match err {
+        ClientError::RetriesExhausted {
+            attempts,
+            redirects,
+            ..
+        } => {
+            assert_eq!(attempts, 4);
+            assert_eq!(redirects, 4 * 5);
+        }
+        other => panic!("expected RetriesExhausted, got {other}"),
+    }
+}

@@ -47,7 +47,8 @@ const ASKING_MARK: u32 = u32::MAX;
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
     pub connect: ConnectOptions,
-    /// Most MOVED/ASK redirections followed for one batch.
+    /// Most MOVED/ASK redirections followed in a row for one batch before the client backs off
+    /// as after TRYAGAIN (each back-off counts as one of `attempts_max`).
     pub redirects_max: u32,
     /// Most rounds of re-sending after TRYAGAIN or a lost connection, for one batch. The
     /// defaults (16 rounds, backoff doubling from 10 ms to 500 ms) wait about 5 s in all: a
@@ -448,7 +449,7 @@ impl ClusterClient {
         }
         self.pending.clear();
         self.pending.extend(0..batch.items.len() as u32);
-        let (mut attempts, mut redirects) = (0u32, 0u32);
+        let (mut attempts, mut redirects, mut redirects_waited) = (0u32, 0u32, 0u32);
         let mut backoff = self.options.backoff_initial;
         while !self.pending.is_empty() {
             let (must_wait, stale_map, last) = match self.round(batch, &mut redirects).await {
@@ -475,17 +476,21 @@ impl ClusterClient {
             if self.pending.is_empty() {
                 break;
             }
-            if redirects > self.options.redirects_max
-                || (must_wait && attempts >= self.options.attempts_max)
-            {
+            // Redirections that do not settle (an ASK answered by a node that has not yet
+            // learned of the move, a MOVED to a leader that is stepping down) mean the cluster
+            // is mid-change: wait like after TRYAGAIN instead of failing, so one shard move
+            // costs the client a pause, not an error. The bound on rounds still holds.
+            let bouncing = redirects - redirects_waited > self.options.redirects_max;
+            if (must_wait || bouncing) && attempts >= self.options.attempts_max {
                 return Err(ClientError::RetriesExhausted {
                     attempts: attempts + 1,
                     redirects,
                     last,
                 });
             }
-            if must_wait {
+            if must_wait || bouncing {
                 attempts += 1;
+                redirects_waited = redirects;
                 glommio::timer::sleep(backoff).await;
                 backoff = (backoff * 2).min(self.options.backoff_max);
             }

@@ -580,6 +580,15 @@ fn kv_command(
         return Pending::Now(out);
     }
     if !g.is_leader() {
+        // Sent here by an ASK: the shard is not this node's to claim in the client's slot
+        // map, so point at this group's leader with another ASK. A MOVED would make the
+        // client route the slot to the new group before the move is done, and the old owner
+        // would bounce it straight back.
+        if asking && g.leader() != 0 {
+            if let Some(addr) = ctx.node_addr(own, g.leader()) {
+                return now(|o| put_ask(o, slot, addr));
+            }
+        }
         return not_leader(ctx, own, g.leader(), slot);
     }
     // The leader's applied migration state decides; the KV state machine refuses a write to a
