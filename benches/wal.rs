@@ -12,10 +12,13 @@
 //!   one starts. Compaction runs as Raft's would after snapshots, so segments
 //!   are recycled (steady state); spare segments are prepared before timing.
 //!
-//! It prints a table, latency percentiles from an HdrHistogram, and as its last line
-//! `RESULT key=value ...` with `wal_vs_raw_ratio_<size>_b<batch>` for each cell.
+//! It prints a table (with, per loop, the CPU time of the executor thread per batch: what a
+//! loop costs besides waiting for the device, which the machine's other load disturbs far
+//! less than latency), latency percentiles from an HdrHistogram, and as its last line
+//! `RESULT key=value ...` with `wal_vs_raw_ratio_<size>_b<batch>` (WAL against `raw`, never
+//! against `raw_dsync`) for each cell.
 //!
-//! Run: `cargo bench --bench wal` (about a minute). `WAL_BENCH_SECS=0.3` for a quick run,
+//! Run: `cargo bench --bench wal` (about a minute and a half). `WAL_BENCH_SECS=0.3` for a quick run,
 //! `WAL_BENCH_DIR=/path` to pick the filesystem (default: `target/wal-bench`),
 //! `WAL_BENCH_ONLY=128x16` to run one cell.
 
