@@ -353,14 +353,17 @@ impl Reactor {
     }
 
     /// TynamoDB patch: [`Reactor::write_dma`] handed to the kernel at once (see
-    /// `sys::uring::Reactor::submit_now`).
+    /// `sys::uring::Reactor::submit_now`). If that submission fails, the request stays
+    /// queued (or is in the kernel already) and the reactor's next turn submits it, where an
+    /// error of the ring is reported as it always was: the caller awaits the source either way,
+    /// so a request is never dropped while the kernel may hold it.
     pub(crate) fn write_dma_rushed(
         &self,
         raw: RawFd,
         buf: DmaSource,
         pos: u64,
         pollable: PollableStatus,
-    ) -> io::Result<Source> {
+    ) -> Source {
         let stats = StatsCollection {
             fulfilled: Some(|result, stats, op_count| {
                 if let Ok(result) = result {
@@ -378,8 +381,8 @@ impl Reactor {
             Some(stats),
         );
         self.sys.write_dma(&source, pos);
-        self.sys.submit_now(&source)?;
-        Ok(source)
+        let _ = self.sys.submit_now(&source);
+        source
     }
 
     pub(crate) fn copy_file_range(

@@ -377,16 +377,12 @@ impl DmaFile {
     /// a task that goes on computing after starting a write (encoding the next slice of a
     /// batch) would otherwise delay the write until it yields.
     pub async fn write_rc_at_rushed(&self, buf: Rc<DmaBuffer>, pos: u64) -> Result<usize> {
-        let source = enhanced_try!(
-            self.file.reactor.upgrade().unwrap().write_dma_rushed(
-                self.as_raw_fd(),
-                DmaSource::Shared(buf),
-                pos,
-                self.pollable,
-            ),
-            "Writing",
-            self.file
-        )?;
+        let source = self.file.reactor.upgrade().unwrap().write_dma_rushed(
+            self.as_raw_fd(),
+            DmaSource::Shared(buf),
+            pos,
+            self.pollable,
+        );
         enhanced_try!(source.collect_rw().await, "Writing", self.file).map_err(Into::into)
     }
 

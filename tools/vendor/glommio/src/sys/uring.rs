@@ -1451,7 +1451,8 @@ impl Reactor {
     /// the reactor does) to the kernel now, instead of at the executor's next reactor turn,
     /// which a running task does not reach until it yields. Completions are left for the
     /// reactor. A full submission queue (`EBUSY`, `EAGAIN`) or a signal is not an error:
-    /// what is left is submitted at the next turn, as without this call.
+    /// what is left is submitted at the next turn, as without this call (and so is what an
+    /// error leaves: the caller may ignore it).
     pub(crate) fn submit_now(&self, source: &Source) -> io::Result<()> {
         let ring = &mut *self.ring_for_source(source);
         ring.consume_cancellation_queue()
