@@ -140,6 +140,23 @@ impl UringBufferAllocator {
         unsafe { std::slice::from_raw_parts(self.data.as_ptr(), self.size) }
     }
 
+    /// TynamoDB patch: like `new_buffer`, but `None` instead of a heap buffer when the arena
+    /// has no room, and `None` when the arena is not registered with the rings.
+    fn try_new_registered_buffer(self: &Rc<Self>, size: usize) -> Option<DmaBuffer> {
+        self.uring_buffer_id.get()?;
+        if size == 0 {
+            return None;
+        }
+        let mut alloc = self.allocator.borrow_mut();
+        let data = ptr::NonNull::new(alloc.malloc(size))?;
+        let ub = UringBuffer {
+            allocator: self.clone(),
+            data,
+            uring_buffer_id: self.uring_buffer_id.get(),
+        };
+        Some(DmaBuffer::with_storage(size, BufferStorage::Uring(ub)))
+    }
+
     fn new_buffer(self: &Rc<Self>, size: usize) -> Option<DmaBuffer> {
         let mut alloc = self.allocator.borrow_mut();
         match ptr::NonNull::new(alloc.malloc(size)) {
@@ -1403,6 +1420,13 @@ impl Reactor {
         poll_ring.alloc_dma_buffer(size)
     }
 
+    /// TynamoDB patch: a buffer of the registered arena, `None` if it has no room or is not
+    /// registered (no heap fallback).
+    pub(crate) fn try_alloc_registered_dma_buffer(&self, size: usize) -> Option<DmaBuffer> {
+        let poll_ring = self.poll_ring.borrow();
+        poll_ring.allocator.try_new_registered_buffer(size)
+    }
+
     pub(crate) fn write_dma(&self, source: &Source, pos: u64) {
         let op = match &*source.source_type() {
             SourceType::Write(
@@ -1421,6 +1445,25 @@ impl Reactor {
             op,
             &mut self.source_map.borrow_mut(),
         );
+    }
+
+    /// TynamoDB patch: hands the queued requests of `source`'s ring (cancellations first, as
+    /// the reactor does) to the kernel now, instead of at the executor's next reactor turn,
+    /// which a running task does not reach until it yields. Completions are left for the
+    /// reactor. A full submission queue (`EBUSY`, `EAGAIN`) or a signal is not an error:
+    /// what is left is submitted at the next turn, as without this call (and so is what an
+    /// error leaves: the caller may ignore it).
+    pub(crate) fn submit_now(&self, source: &Source) -> io::Result<()> {
+        let ring = &mut *self.ring_for_source(source);
+        ring.consume_cancellation_queue()
+            .or_else(Reactor::busy_ok)
+            .or_else(Reactor::again_ok)
+            .or_else(Reactor::intr_ok)?;
+        ring.consume_submission_queue()
+            .or_else(Reactor::busy_ok)
+            .or_else(Reactor::again_ok)
+            .or_else(Reactor::intr_ok)?;
+        Ok(())
     }
 
     pub(crate) fn write_buffered(&self, source: &Source, pos: u64) {
