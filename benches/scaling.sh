@@ -17,9 +17,15 @@
 # settled; `join_write_ratio` and `join_c_ratio` are after/before.
 #
 # Environment: DURATION (10s), CONNECTIONS (64), KEYS (10000), VALUE_SIZE (100), THREADS (1),
-# OUT (target/scaling), SKIP_BUILD=1 to use target/release as it is, JOIN_BASE (7401: client
-# port of host 1 of the Join row's cluster; host h uses +10(h-1), peers +100), JOIN=0 to skip
-# the Join row.
+# OUT (target/scaling), SKIP_BUILD=1 to use target/release as it is, BASE (client port of host 1
+# of the 1- and 2-core runs' clusters; default: tynamo-bench picks a free block), JOIN_BASE
+# (BASE + 400, or 7401 without BASE: client port of host 1 of the Join row's cluster; host h
+# uses +10(h-1), peers +100), JOIN=0 to skip the Join row.
+#
+# PROFILE=1: every 1- and 2-core run under `perf stat` (the load generator and its three
+# servers, inherited) and the write runs also under `perf record -g`; prints the CPU, context
+# switches and CPU migrations per operation of each run, and writes $OUT/profile-<run>.txt (the
+# hottest symbols and the share of each thread kind). Needs perf (apt-get install linux-perf).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -30,6 +36,16 @@ VALUE_SIZE=${VALUE_SIZE:-100}
 THREADS=${THREADS:-1}
 OUT=${OUT:-target/scaling}
 BIN=target/release
+BASE=${BASE:-}
+PROFILE=${PROFILE:-0}
+LOCAL_BASE=()
+if [ -n "$BASE" ]; then
+  LOCAL_BASE=(--local-base-port "$BASE")
+fi
+if [ "$PROFILE" = 1 ] && ! command -v perf >/dev/null; then
+  echo "scaling: PROFILE=1 needs perf (apt-get install linux-perf)" >&2
+  exit 2
+fi
 
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
   cargo build --release -p tynamo -p tynamo-bench --bins
@@ -57,12 +73,20 @@ run() {
   shift 2
   local name="${workload}-${cores}core"
   local before after
+  local wrap=()
+  if [ "$PROFILE" = 1 ]; then
+    wrap=(perf stat -x, -e task-clock,context-switches,cpu-migrations -o "$OUT/$name.stat" --)
+    if [ "$workload" = write ]; then
+      wrap+=(perf record -F 999 -o "$OUT/$name.perf" --)
+    fi
+  fi
   before=$(cpu_sample)
   # A non-zero status (1: verification failed, 2: the run could not be done) stops the script.
-  TYNAMO_BIN="$BIN/tynamo" "$BIN/tynamo-bench" --local --local-cores "$cores" \
-    --workload "$workload" --duration "$DURATION" --connections "$CONNECTIONS" \
-    --threads "$THREADS" --keys "$KEYS" --value-size "$VALUE_SIZE" --verify \
-    --json "$OUT/$name.json" "$@" >"$OUT/$name.txt" 2>"$OUT/$name.err"
+  TYNAMO_BIN="$BIN/tynamo" "${wrap[@]}" "$BIN/tynamo-bench" --local --local-cores "$cores" \
+    "${LOCAL_BASE[@]}" --workload "$workload" --duration "$DURATION" \
+    --connections "$CONNECTIONS" --threads "$THREADS" --keys "$KEYS" \
+    --value-size "$VALUE_SIZE" --verify --json "$OUT/$name.json" "$@" \
+    >"$OUT/$name.txt" 2>"$OUT/$name.err"
   after=$(cpu_sample)
   local ops
   ops=$(grep '^RESULT ' "$OUT/$name.txt" | tr ' ' '\n' | sed -n 's/^ops_per_s=//p')
@@ -72,6 +96,37 @@ run() {
                                              printf "%.0f", (t > 0 ? 100 * b / t : 0) }')
   printf 'scaling: %-8s %d core(s)/host  %8s ops/s  machine CPU busy %3s%%\n' \
     "$workload" "$cores" "${OPS[$name]}" "${CPU[$name]}"
+  if [ "$PROFILE" = 1 ]; then
+    profile_summary "$name"
+  fi
+}
+
+# PROFILE=1: per-operation CPU, context switches and migrations of the whole run (the cluster's
+# start and the --load fill included, so these are upper bounds for the measured phase), and
+# for the write runs the hottest symbols and the CPU share of each kind of thread.
+profile_summary() {
+  local name=$1 total
+  total=$(grep '^RESULT ' "$OUT/$name.txt" | tr ' ' '\n' | sed -n 's/^ops=//p')
+  awk -F, -v ops="${total:-0}" -v name="$name" '
+    $3 == "task-clock" { cpu_ms = $1 }
+    $3 == "context-switches" { cs = $1 }
+    $3 == "cpu-migrations" { mig = $1 }
+    END { if (ops > 0) printf "scaling: profile %-12s cpu %.1f us/op, context switches %.2f/op, migrations %.3f/op (%d ops)\n",
+            name, 1000 * cpu_ms / ops, cs / ops, mig / ops, ops }' "$OUT/$name.stat"
+  if [ -f "$OUT/$name.perf" ]; then
+    {
+      echo "# CPU share by thread kind (executors, io_uring workers, load generator) and space"
+      perf report -i "$OUT/$name.perf" --stdio --no-children --sort comm,dso 2>/dev/null |
+        awk '$1 ~ /%$/ { kind = $2; sub(/-[0-9]+$/, "", kind);
+                         space = ($3 ~ /kernel/ ? "kernel" : "user");
+                         share[kind " " space] += $1 }
+             END { for (k in share) printf "%6.2f%%  %s\n", share[k], k }' | sort -rn
+      echo "# CPU share by symbol (>= 0.5%)"
+      perf report -i "$OUT/$name.perf" --stdio --no-children --sort symbol \
+        --percent-limit 0.5 2>/dev/null | grep '%' | sed 's/ *-  *- *$//; s/ *$//'
+    } >"$OUT/profile-$name.txt"
+    echo "scaling: profile $name: $OUT/profile-$name.txt"
+  fi
 }
 
 for cores in 1 2; do
@@ -88,7 +143,11 @@ C_RATIO=$(ratio "${OPS[c-2core]}" "${OPS[c-1core]}")
 echo "scaling: write 2-core/1-core = ${WRITE_RATIO}x, C 2-core/1-core = ${C_RATIO}x (target >= 1.7x with enough CPUs)"
 
 # ----- The Join row ----------------------------------------------------------------------------
-JOIN_BASE=${JOIN_BASE:-7401}
+if [ -n "$BASE" ]; then
+  JOIN_BASE=${JOIN_BASE:-$((BASE + 400))}
+else
+  JOIN_BASE=${JOIN_BASE:-7401}
+fi
 JOIN_DIR=""
 JOIN_PIDS=()
 join_cleanup() {

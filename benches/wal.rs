@@ -4,15 +4,21 @@
 //! For each entry size (128 B, 1 KiB, 16 KiB) and batch size (1, 16, 256) it runs
 //! - `raw`: a plain loop of aligned O_DIRECT writes of the batch's payload bytes (rounded up
 //!   to the DMA alignment) into a preallocated, pre-written file, each followed by fdatasync;
+//! - `raw_dsync`, for reference only (not in the ratio): the same writes through a second
+//!   descriptor opened with O_DSYNC, no fdatasync: one request per batch, whose completion
+//!   means durable (the kernel flushes the device cache after the write, or uses FUA);
 //! - `wal`: `Wal::append` of the batch (encode, one write, one fdatasync; a batch of 512 KiB
 //!   or more is written in slices while it is encoded), each batch durable before the next
 //!   one starts. Compaction runs as Raft's would after snapshots, so segments
 //!   are recycled (steady state); spare segments are prepared before timing.
 //!
-//! It prints a table, latency percentiles from an HdrHistogram, and as its last line
-//! `RESULT key=value ...` with `wal_vs_raw_ratio_<size>_b<batch>` for each cell.
+//! It prints a table (with, per loop, the CPU time of the executor thread per batch: what a
+//! loop costs besides waiting for the device, which the machine's other load disturbs far
+//! less than latency), latency percentiles from an HdrHistogram, and as its last line
+//! `RESULT key=value ...` with `wal_vs_raw_ratio_<size>_b<batch>` (WAL against `raw`, never
+//! against `raw_dsync`) for each cell.
 //!
-//! Run: `cargo bench --bench wal` (about a minute). `WAL_BENCH_SECS=0.3` for a quick run,
+//! Run: `cargo bench --bench wal` (about a minute and a half). `WAL_BENCH_SECS=0.3` for a quick run,
 //! `WAL_BENCH_DIR=/path` to pick the filesystem (default: `target/wal-bench`),
 //! `WAL_BENCH_ONLY=128x16` to run one cell.
 
@@ -38,6 +44,7 @@ struct Cell {
     size: usize,
     batch: usize,
     raw: Run,
+    raw_dsync: Run,
     wal: Run,
 }
 
@@ -45,7 +52,12 @@ struct Cell {
 struct Run {
     entries: u64,
     bytes: u64,
+    /// Batches made durable.
+    batches: u64,
     elapsed_s: f64,
+    /// CPU time of the executor thread (user + system): what the loop costs besides waiting
+    /// for the device, a figure the machine's other load disturbs less than latency.
+    cpu_s: f64,
     latency_us: Histogram<u64>,
 }
 
@@ -54,7 +66,9 @@ impl Run {
         Run {
             entries: 0,
             bytes: 0,
+            batches: 0,
             elapsed_s: 0.0,
+            cpu_s: 0.0,
             latency_us: histogram(),
         }
     }
@@ -66,6 +80,22 @@ impl Run {
     fn mb_per_s(&self) -> f64 {
         self.bytes as f64 / self.elapsed_s.max(1e-9) / 1e6
     }
+
+    fn cpu_us_per_batch(&self) -> f64 {
+        self.cpu_s * 1e6 / self.batches.max(1) as f64
+    }
+}
+
+/// CPU time of the calling thread, in seconds.
+fn thread_cpu_s() -> f64 {
+    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes a `rusage` into the pointer it is given, which points to one.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_THREAD, ru.as_mut_ptr()) };
+    assert_eq!(rc, 0, "getrusage(RUSAGE_THREAD)");
+    // SAFETY: getrusage succeeded, so it initialised the struct (and it started zeroed).
+    let ru = unsafe { ru.assume_init() };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
 /// Each cell alternates this many raw and WAL slices.
@@ -116,7 +146,9 @@ async fn make_raw_file(path: &Path) -> DmaFile {
     file
 }
 
-async fn run_raw(file: &DmaFile, size: usize, batch: usize, secs: f64, run: &mut Run) {
+/// The raw loop: write + fdatasync per batch, or with `dsync` (a descriptor opened with
+/// O_DSYNC) the write alone.
+async fn run_raw(file: &DmaFile, dsync: bool, size: usize, batch: usize, secs: f64, run: &mut Run) {
     let align = file.alignment() as usize;
     let bytes = size * batch;
     let write_bytes = bytes.div_ceil(align) * align;
@@ -126,6 +158,7 @@ async fn run_raw(file: &DmaFile, size: usize, batch: usize, secs: f64, run: &mut
     }
     let buf = Rc::new(buf);
     let run_for = Duration::from_secs_f64(secs);
+    let cpu = thread_cpu_s();
     let start = Instant::now();
     let mut pos = RAW_POS.with(|p| p.get());
     while start.elapsed() < run_for {
@@ -135,15 +168,19 @@ async fn run_raw(file: &DmaFile, size: usize, batch: usize, secs: f64, run: &mut
         let t = Instant::now();
         let n = file.write_rc_at(buf.clone(), pos).await.expect("raw write");
         assert_eq!(n, write_bytes, "short raw write");
-        file.fdatasync().await.expect("raw fdatasync");
+        if !dsync {
+            file.fdatasync().await.expect("raw fdatasync");
+        }
         run.latency_us
             .saturating_record(t.elapsed().as_micros() as u64);
         pos += write_bytes as u64;
         run.entries += batch as u64;
         run.bytes += bytes as u64;
+        run.batches += 1;
     }
     RAW_POS.with(|p| p.set(pos));
     run.elapsed_s += start.elapsed().as_secs_f64();
+    run.cpu_s += thread_cpu_s() - cpu;
 }
 
 thread_local! {
@@ -154,6 +191,7 @@ thread_local! {
 async fn run_wal(wal: &Wal, payload: &[u8], size: usize, batch: usize, secs: f64, run: &mut Run) {
     let run_for = Duration::from_secs_f64(secs);
     let mut entries: Vec<EntryRef<'_>> = Vec::with_capacity(batch);
+    let cpu = thread_cpu_s();
     let start = Instant::now();
     while start.elapsed() < run_for {
         entries.clear();
@@ -174,6 +212,7 @@ async fn run_wal(wal: &Wal, payload: &[u8], size: usize, batch: usize, secs: f64
             .saturating_record(t.elapsed().as_micros() as u64);
         run.entries += batch as u64;
         run.bytes += (batch * size) as u64;
+        run.batches += 1;
         if wal.stats().appends % COMPACT_EVERY_APPENDS == 0 {
             // As Raft would after a snapshot: keep the log short so segments get recycled.
             wal.compact_prefix(wal.last_index().saturating_sub(1))
@@ -182,6 +221,7 @@ async fn run_wal(wal: &Wal, payload: &[u8], size: usize, batch: usize, secs: f64
         }
     }
     run.elapsed_s += start.elapsed().as_secs_f64();
+    run.cpu_s += thread_cpu_s() - cpu;
 }
 
 async fn bench(dir: PathBuf, secs: f64) -> Vec<Cell> {
@@ -197,6 +237,13 @@ async fn bench(dir: PathBuf, secs: f64) -> Vec<Cell> {
     wal.prepare_spares().await.expect("prepare spares");
     let raw_path = dir.join("raw.dat");
     let raw = make_raw_file(&raw_path).await;
+    let raw_dsync = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DSYNC)
+        .dma_open(&raw_path)
+        .await
+        .expect("open raw file with O_DSYNC");
     let payload: Vec<u8> = (0..(1usize << 20)).map(|i| (i * 131 + 17) as u8).collect();
 
     let mut cells = Vec::new();
@@ -212,17 +259,22 @@ async fn bench(dir: PathBuf, secs: f64) -> Vec<Cell> {
             // (the machine is shared): the ratio is then a fair comparison.
             let slice = secs / SLICES as f64;
             let mut raw_run = Run::new();
+            let mut raw_dsync_run = Run::new();
             let mut wal_run = Run::new();
-            run_raw(&raw, size, batch, slice.min(0.2), &mut Run::new()).await;
-            run_wal(&wal, &payload, size, batch, slice.min(0.2), &mut Run::new()).await;
+            let warm = slice.min(0.2);
+            run_raw(&raw, false, size, batch, warm, &mut Run::new()).await;
+            run_raw(&raw_dsync, true, size, batch, warm, &mut Run::new()).await;
+            run_wal(&wal, &payload, size, batch, warm, &mut Run::new()).await;
             for _ in 0..SLICES {
-                run_raw(&raw, size, batch, slice, &mut raw_run).await;
+                run_raw(&raw, false, size, batch, slice, &mut raw_run).await;
+                run_raw(&raw_dsync, true, size, batch, slice, &mut raw_dsync_run).await;
                 run_wal(&wal, &payload, size, batch, slice, &mut wal_run).await;
             }
             let c = Cell {
                 size,
                 batch,
                 raw: raw_run,
+                raw_dsync: raw_dsync_run,
                 wal: wal_run,
             };
             print_cell(&c);
@@ -239,6 +291,7 @@ async fn bench(dir: PathBuf, secs: f64) -> Vec<Cell> {
         stats.bytes_written as f64 / 1e6
     );
     wal.close().await.expect("close wal");
+    raw_dsync.close().await.expect("close raw (O_DSYNC)");
     raw.close().await.expect("close raw");
     let _ = std::fs::remove_dir_all(&dir);
     cells
@@ -254,7 +307,7 @@ fn size_name(size: usize) -> String {
 
 fn print_header() {
     println!(
-        "{:>6} {:>5} | {:>12} {:>9} {:>8} {:>8} | {:>12} {:>9} {:>8} {:>8} | {:>6}",
+        "{:>6} {:>5} | {:>12} {:>9} {:>8} {:>8} | {:>12} {:>9} {:>8} {:>8} | {:>6} | {:>12} {:>8} {:>8} | {:>7} {:>7}",
         "size",
         "batch",
         "raw ent/s",
@@ -265,13 +318,18 @@ fn print_header() {
         "wal MB/s",
         "wal p50",
         "wal p99",
-        "ratio"
+        "ratio",
+        "dsync ent/s",
+        "dsync p50",
+        "dsync p99",
+        "raw cpu",
+        "wal cpu"
     );
 }
 
 fn print_cell(c: &Cell) {
     println!(
-        "{:>6} {:>5} | {:>12.0} {:>9.1} {:>6}us {:>6}us | {:>12.0} {:>9.1} {:>6}us {:>6}us | {:>6.3}",
+        "{:>6} {:>5} | {:>12.0} {:>9.1} {:>6}us {:>6}us | {:>12.0} {:>9.1} {:>6}us {:>6}us | {:>6.3} | {:>12.0} {:>6}us {:>6}us | {:>5.0}us {:>5.0}us",
         size_name(c.size),
         c.batch,
         c.raw.entries_per_s(),
@@ -283,6 +341,11 @@ fn print_cell(c: &Cell) {
         c.wal.latency_us.value_at_quantile(0.5),
         c.wal.latency_us.value_at_quantile(0.99),
         c.wal.entries_per_s() / c.raw.entries_per_s(),
+        c.raw_dsync.entries_per_s(),
+        c.raw_dsync.latency_us.value_at_quantile(0.5),
+        c.raw_dsync.latency_us.value_at_quantile(0.99),
+        c.raw.cpu_us_per_batch(),
+        c.wal.cpu_us_per_batch(),
     );
 }
 
@@ -310,9 +373,13 @@ fn main() {
     println!();
     println!("latency of one append+fdatasync, batch 1 (us):");
     for c in cells.iter().filter(|c| c.batch == 1) {
-        for (name, h) in [("raw", &c.raw.latency_us), ("wal", &c.wal.latency_us)] {
+        for (name, h) in [
+            ("raw", &c.raw.latency_us),
+            ("raw_dsync", &c.raw_dsync.latency_us),
+            ("wal", &c.wal.latency_us),
+        ] {
             println!(
-                "  {:>4} {name}: p50 {:>6} p90 {:>6} p99 {:>6} p99.9 {:>6} max {:>7} (n={})",
+                "  {:>4} {name:>9}: p50 {:>6} p90 {:>6} p99 {:>6} p99.9 {:>6} max {:>7} (n={})",
                 size_name(c.size),
                 h.value_at_quantile(0.5),
                 h.value_at_quantile(0.9),
@@ -341,7 +408,19 @@ fn main() {
         ));
         kv.push(format!("wal_mb_per_s_{key}={:.2}", c.wal.mb_per_s()));
         kv.push(format!("raw_mb_per_s_{key}={:.2}", c.raw.mb_per_s()));
+        kv.push(format!(
+            "raw_dsync_appends_per_s_{key}={:.0}",
+            c.raw_dsync.entries_per_s()
+        ));
         kv.push(format!("wal_vs_raw_ratio_{key}={ratio:.3}"));
+        kv.push(format!(
+            "wal_cpu_us_per_batch_{key}={:.1}",
+            c.wal.cpu_us_per_batch()
+        ));
+        kv.push(format!(
+            "raw_cpu_us_per_batch_{key}={:.1}",
+            c.raw.cpu_us_per_batch()
+        ));
         if c.batch == 1 {
             let w = c.wal.latency_us.value_at_quantile(0.99);
             let r = c.raw.latency_us.value_at_quantile(0.99);

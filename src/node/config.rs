@@ -86,7 +86,14 @@ pub struct ServerConfig {
     pub tick_ms: u64,
     pub heartbeat_ms: u64,
     pub election_ms: u64,
-    /// AppendEntries in flight per follower (pipeline window).
+    /// AppendEntries in flight per follower (pipeline window). Deep on purpose: a follower's
+    /// persister takes every AppendEntries queued when its round starts, so everything the
+    /// leader proposes during a round must already be there when it ends; with a shallow
+    /// window (it was 2) the later proposals wait at the leader for the first ack and then for
+    /// the follower's next round, one persist round more per write under load (the test
+    /// `a_deep_window_keeps_writes_within_two_persist_rounds`). The leader sends at most one
+    /// AppendEntries per follower per loop turn, and the bytes in flight are bounded by
+    /// `max_uncommitted_bytes` and the transport's outbox, not by this count.
     pub inflight_msgs_max: usize,
     /// Entries per AppendEntries.
     pub entries_per_msg_max: usize,
@@ -134,7 +141,7 @@ impl ServerConfig {
             tick_ms: crate::raft::TICK_MS_DEFAULT,
             heartbeat_ms: 100,
             election_ms: 1_000,
-            inflight_msgs_max: 2,
+            inflight_msgs_max: 32,
             entries_per_msg_max: 1024,
             read_mode: ReadMode::Safe,
             shard_count: 64,

@@ -1319,6 +1319,7 @@ pub(crate) async fn group_loop<M: Machine + 'static>(
     let mut fbb = FlatBufferBuilder::new();
     loop {
         wake.wait().await;
+        let started = std::time::Instant::now();
         let (mut messages, snapshot) = {
             let mut gr = group.borrow_mut();
             gr.turn();
@@ -1333,6 +1334,11 @@ pub(crate) async fn group_loop<M: Machine + 'static>(
         };
         let gid = group.borrow().id;
         send_messages(&mut fbb, gid, &mut messages, &senders, &host_of);
+        group
+            .borrow_mut()
+            .stats
+            .turn_us
+            .record(started.elapsed().as_micros() as u64);
         if let Some(snap) = snapshot {
             let (group, snapshots, wal) = (group.clone(), snapshots.clone(), wal.clone());
             glommio::spawn_local(async move {

@@ -14,6 +14,7 @@
 //! - [`migrate`]: each group's migration driver and the group-to-group requests.
 //! - [`server`]: client connections (RESP), routing, replies.
 //! - [`transport`], [`codec`]: peer frames over TCP, flatbuffers messages.
+//! - [`histogram`]: log2 histograms of the runtime's own timings, printed by INFO.
 
 pub mod admin;
 pub mod codec;
@@ -21,6 +22,7 @@ pub mod config;
 pub mod control;
 pub mod executor;
 pub mod group;
+pub mod histogram;
 pub mod join;
 pub mod machine;
 pub mod migrate;

@@ -1081,7 +1081,9 @@ fn group_sections(entry: &CoreGroup, t: &mut String) {
         "# Raft\r\ngroup:{}\r\nraft_role:{:?}\r\nterm:{}\r\nleader:{}\r\ncommit_index:{}\r\napplied_index:{}\r\n\
          persisted_index:{}\r\nsnapshot_index:{}\r\nlast_index:{}\r\nlog_entries:{}\r\nwal_first_index:{}\r\n\
          wal_last_index:{}\r\nwal_size_bytes:{}\r\nwal_fdatasyncs:{}\r\nwal_bytes_written:{}\r\nproposals:{}\r\ncommands_proposed:{}\r\n\
-         entries_applied:{}\r\nreads_served:{}\r\nsnapshots_taken:{}\r\nsnapshots_installed:{}\r\npersist_rounds:{}\r\n\r\n",
+         entries_applied:{}\r\nreads_served:{}\r\nsnapshots_taken:{}\r\nsnapshots_installed:{}\r\npersist_rounds:{}\r\n\
+         persist_round_us:{}\r\npersist_round_entries:{}\r\npersist_wait_us:{}\r\nproposal_commands:{}\r\ncommit_us:{}\r\n\
+         turn_us:{}\r\nsnapshot_take_us:{}\r\n\r\n",
         g.id,
         s.role,
         s.term,
@@ -1104,6 +1106,13 @@ fn group_sections(entry: &CoreGroup, t: &mut String) {
         stats.snapshots_taken,
         stats.snapshots_installed,
         stats.persist_rounds,
+        stats.persist_round_us.summary(),
+        stats.persist_round_entries.summary(),
+        stats.persist_wait_us.summary(),
+        stats.proposal_commands.summary(),
+        stats.commit_us.summary(),
+        stats.turn_us.summary(),
+        stats.snapshot_take_us.summary(),
     );
     let shards = &g.machine().shards;
     let mut phases = [0usize; 4];

@@ -34,7 +34,9 @@ pub async fn write_all(file: &DmaFile, path: &Path, buf: DmaBuffer, offset: u64)
     write_all_rc(file, path, Rc::new(buf), offset).await
 }
 
-/// [`write_all`] for a shared buffer (so readers can still see it while it is in flight).
+/// [`write_all`] for a shared buffer (so readers can still see it while it is in flight),
+/// handed to the kernel as soon as this future is first polled, not at the executor's next
+/// reactor turn: the caller may go on encoding while the device writes.
 pub async fn write_all_rc(
     file: &DmaFile,
     path: &Path,
@@ -45,10 +47,10 @@ pub async fn write_all_rc(
     debug_assert_eq!(offset % align, 0);
     debug_assert_eq!(buf.len() as u64 % align, 0);
     let total = buf.len();
-    let mut done =
-        file.write_rc_at(buf.clone(), offset)
-            .await
-            .map_err(io_err("write", path, Some(offset)))?;
+    let mut done = file
+        .write_rc_at_rushed(buf.clone(), offset)
+        .await
+        .map_err(io_err("write", path, Some(offset)))?;
     let mut retries = 0;
     while done < total {
         retries += 1;

@@ -45,6 +45,11 @@
 //!   roll then reuses a preallocated, already written file instead of writing a segment of
 //!   zeros. Compacted segments are recycled as spares.
 //! - `open` reads segments with blocking `std::fs` reads: it is a startup path.
+//! - A round is staged in the executor's registered I/O arena (`LocalExecutorBuilder::
+//!   io_memory`) when it has room, so that its write is a fixed-buffer request, and the
+//!   buffer goes back to the arena after the write; otherwise in heap buffers the log pools.
+//!   An arena of at least twice the usual round (the server: 1 MiB, the benchmark: 2 MiB)
+//!   keeps most rounds there.
 //! - Recovery's torn-or-corrupt verdict relies on the durable offset each record carries. It
 //!   is taken when the record is staged, so it can lag (records staged while the previous
 //!   sync was in flight carry the older value): damage to the very last synced batch, with

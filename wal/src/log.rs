@@ -30,8 +30,12 @@
 //! large) are pooled as well: a fresh multi-MiB heap buffer faults in its pages on every
 //! batch (a quarter of the CPU time of 4 MiB batches); since trimming a `DmaBuffer` is
 //! permanent, such a buffer is written whole when its unused tail is small (at most 40 KiB
-//! of zeros, under 4% of such a write). Pooled buffers come from the heap, not from the
-//! executor's small registered I/O arena, which they would hold forever.
+//! of zeros, under 4% of such a write). A staging buffer below 512 KiB is taken from the
+//! executor's registered I/O arena (`io_memory`) when it has room: its write is then a
+//! fixed-buffer request, as the raw loop's is, without pinning its pages per write, and its
+//! pages are resident. Such a buffer goes back to the arena right after its write, never to
+//! a pool, so the WAL holds arena memory only while a round is staged or in flight. Pooled
+//! buffers (when the arena is full, and batches of 1 MiB or more) come from the heap.
 //!
 //! # Large batches: written while they are encoded
 //! A batch of at least `PIPELINE_MIN_BYTES` (512 KiB) of records that finds the log idle is
@@ -43,8 +47,10 @@
 //! other append stages between the slices (they wait, as during a truncation), so a batch's
 //! records stay contiguous; a crash between the slices leaves a torn tail like any unsynced
 //! write. glommio 0.9 hands queued I/O to the kernel only when the executor returns to its
-//! reactor, which a running task never does by itself: after each slice the append sleeps
-//! for 1 us, which returns to the reactor (submitting the write) and is over by then.
+//! reactor, which a running task never does by itself; every WAL write therefore goes out
+//! through `DmaFile::write_rc_at_rushed` (a patch to the vendored glommio, see
+//! tools/vendor/README.md), which submits it when its future is first polled. Between
+//! slices the append yields only when glommio asks (`yield_if_needed`).
 //!
 //! # Group commit (leader/follower)
 //! `append` encodes its records into the staging buffer at once (in call order, so indexes stay
@@ -82,7 +88,6 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::Poll;
-use std::time::Duration;
 
 use bytes::Bytes;
 use glommio::io::{DmaBuffer, DmaFile};
@@ -151,6 +156,10 @@ const SLICE_POOL_BYTES_MAX: usize = 8 << 20;
 const SLICE_POOL_BYTES_MIN: usize = 8 << 10;
 /// Pooled staging buffers kept for reuse.
 const BUFFER_POOL_MAX: usize = 4;
+/// Staging buffers up to this size come from the executor's registered I/O arena when it
+/// has room (glommio's buddy allocator rounds a request up to a power of two, so a larger
+/// one would take most of a 1 MiB arena); the rest from the slice pool or the heap.
+const REGISTERED_BYTES_MAX: usize = 512 << 10;
 /// Largest DMA alignment we support: the segment header block is this big.
 const ALIGNMENT_MAX: u64 = SEGMENT_HEADER_BYTES;
 /// `durable_offset` in record headers is a u32.
@@ -417,6 +426,10 @@ pub struct Wal {
     /// Fault injection for unit tests: the next fdatasync fails.
     #[cfg(test)]
     fail_next_sync: Cell<bool>,
+    /// For unit tests: a pipelined append yields between its slices (in production it does
+    /// when glommio asks for it), so that a test can issue appends while one is half staged.
+    #[cfg(test)]
+    yield_between_slices: Cell<bool>,
 }
 
 struct IoGuard<'a> {
@@ -535,19 +548,28 @@ impl State {
             .filter(|(_, b)| b.len() >= need)
             .min_by_key(|(_, b)| b.len())
             .map(|(i, _)| i);
-        let mut buf = match best {
-            Some(i) => {
+        let aligned = align_up_u64(need as u64, ALIGNMENT_MAX) as usize;
+        // A buffer of the executor's registered arena first: its write is a fixed-buffer
+        // request (no pinning of its pages per write), and its pages are resident. It goes
+        // back to the arena after its write (`give_buffer`), so the arena is held only
+        // while a round is staged or in flight.
+        let registered = if aligned <= REGISTERED_BYTES_MAX {
+            glommio::try_allocate_registered_dma_buffer(aligned)
+        } else {
+            None
+        };
+        let mut buf = match (registered, best) {
+            (Some(b), _) => b,
+            (None, Some(i)) => {
                 let b = self.slice_pool.swap_remove(i);
                 self.slice_pool_bytes -= b.len();
                 b
             }
-            None => {
+            (None, None) => {
                 // From the heap, not the executor's registered I/O arena: a pooled buffer is
                 // kept, and would starve everything else on this executor of that arena.
                 self.slice_allocs += 1;
-                glommio::allocate_dma_buffer_global(
-                    align_up_u64(need as u64, ALIGNMENT_MAX) as usize
-                )
+                glommio::allocate_dma_buffer_global(aligned)
             }
         };
         let chunk = self.open_chunk();
@@ -559,6 +581,10 @@ impl State {
     /// Returns a buffer to a pool: the largest ones to `buffer_pool`, slice-sized ones to
     /// `slice_pool` (the oldest make room). Small ones are freed.
     fn give_buffer(&mut self, buf: DmaBuffer) {
+        if buf.is_registered() {
+            // Back to the executor's arena, which is shared and small: never pooled.
+            return;
+        }
         if buf.len() < POOLED_BYTES_MIN {
             if buf.len() >= SLICE_POOL_BYTES_MIN && buf.len() <= SLICE_POOL_BYTES_MAX {
                 while self.slice_pool.len() >= SLICE_POOL_MAX
@@ -851,6 +877,8 @@ impl Wal {
             report: RecoveryReport::default(),
             #[cfg(test)]
             fail_next_sync: Cell::new(false),
+            #[cfg(test)]
+            yield_between_slices: Cell::new(false),
         };
         wal.finish_open(tail_scan, to_remove, report).await
     }
@@ -1353,11 +1381,15 @@ impl Wal {
                 result = Err(e);
                 break;
             }
-            if !rest.is_empty() {
-                // glommio hands queued I/O to the kernel only when the executor gets back to
-                // its reactor, which a running task never does by itself: a sleep of 1 ns
-                // goes there (submitting the slice) and is over by the time it comes back.
-                glommio::timer::sleep(Duration::from_micros(1)).await;
+            if !last_slice {
+                // The slice is with the kernel already (no reactor turn needed); encoding a
+                // multi-MiB batch takes hundreds of us, so let latency-sensitive tasks run
+                // between slices when glommio asks for it.
+                #[cfg(test)]
+                if self.yield_between_slices.get() {
+                    glommio::executor().yield_task_queue_now().await;
+                }
+                glommio::yield_if_needed().await;
             }
             slice_bytes = (slice_bytes * 4).min(PIPELINE_SLICE_MAX_BYTES);
         }
@@ -1497,8 +1529,10 @@ impl Wal {
                 let (f, p) = (file.clone(), path.clone());
                 let mut write: WriteFuture<'a> =
                     Box::pin(async move { write_all_rc(&f, &p, buf, base).await });
-                // Polled once here, the write is queued with the reactor; the caller decides
-                // whether to wait for it now or to go on encoding first.
+                // Polled once here, the write is handed to the kernel at once (not at the
+                // executor's next reactor turn, which a task that goes on encoding the next
+                // slice does not reach); the caller decides whether to wait for it now or to
+                // go on encoding first.
                 if let Some(done) = poll_once(&mut write).await {
                     done?;
                 } else {
@@ -2167,6 +2201,76 @@ mod tests {
         });
     }
 
+    /// Staging buffers come from the executor's registered arena while it has room (their
+    /// writes are fixed-buffer requests) and go back to it after their write: steady
+    /// batches neither keep arena memory nor allocate on the heap. With the arena taken, they
+    /// come from the slice pool, allocated once and then reused.
+    #[test]
+    fn staging_buffers_come_from_the_registered_arena_and_go_back_to_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().to_path_buf();
+        run(move || async move {
+            let probe = glommio::try_allocate_registered_dma_buffer(4096);
+            assert!(
+                probe.as_ref().is_some_and(|b| b.is_registered()),
+                "this test needs glommio's registered arena (RLIMIT_MEMLOCK too small?)"
+            );
+            drop(probe);
+            let wal = Wal::open(&path, WalOptions::default()).await.expect("open");
+            let payload = vec![0xC3u8; 1 << 10];
+            let append = |n: u64| {
+                let first = wal.last_index() + 1;
+                let entries: Vec<EntryRef<'_>> = (0..n)
+                    .map(|k| EntryRef {
+                        index: first + k,
+                        term: 1,
+                        kind: 0,
+                        payload: &payload[..],
+                    })
+                    .collect();
+                let wal = &wal;
+                async move {
+                    wal.append(&entries).await.expect("append");
+                }
+            };
+            for _ in 0..20 {
+                // 64 records of 1056 bytes: a 68 KiB write.
+                append(64).await;
+                let st = wal.st.borrow();
+                assert_eq!(
+                    st.slice_allocs, 0,
+                    "no heap staging buffer while the arena has room"
+                );
+                assert!(st.slice_pool.is_empty(), "arena buffers are not pooled");
+                drop(st);
+                // Everything but the small buffer of the open chunk went back to the arena.
+                assert!(glommio::try_allocate_registered_dma_buffer(256 << 10).is_some());
+            }
+            // Take the arena (64 KiB pieces until none is left): batches now stage in the
+            // slice pool, one allocation, then the same buffer every time.
+            let mut hog = Vec::new();
+            while let Some(b) = glommio::try_allocate_registered_dma_buffer(64 << 10) {
+                hog.push(b);
+            }
+            assert!(!hog.is_empty());
+            for _ in 0..10 {
+                append(64).await;
+            }
+            let allocs = wal.st.borrow().slice_allocs;
+            assert!(allocs >= 1, "staged on the heap with the arena taken");
+            for _ in 0..10 {
+                append(64).await;
+            }
+            assert_eq!(wal.st.borrow().slice_allocs, allocs, "slice pool reused");
+            drop(hog);
+            let n = wal.last_index();
+            let back = wal.entries(1, n + 1, u64::MAX).await.expect("read");
+            assert_eq!(back.len() as u64, n);
+            assert!(back.iter().all(|e| e.payload[..] == payload[..]));
+            wal.close().await.expect("close");
+        });
+    }
+
     /// A pipelined batch crossing segment boundaries (1 MiB segments, 3 MiB batches of
     /// uneven entries) reads back from memory while in flight and from disk after reopen,
     /// and every write it made ends on a block boundary.
@@ -2243,6 +2347,7 @@ mod tests {
                 .await
                 .expect("open"),
             );
+            wal.yield_between_slices.set(true);
             let big = vec![7u8; 4 << 10];
             let w = wal.clone();
             let b = big.clone();
@@ -2258,7 +2363,7 @@ mod tests {
                 w.append(&entries).await
             });
             // The spawned append runs first: it stages its first slice, hands the write to
-            // the reactor and yields. Here the batch is half staged (so slices really overlap
+            // the kernel and yields (forced here; in production when glommio asks). Here the batch is half staged (so slices really overlap
             // with other work), and an append issued now must wait for the whole batch.
             glommio::executor().yield_task_queue_now().await;
             let staged = wal.last_index();

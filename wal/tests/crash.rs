@@ -58,34 +58,31 @@ fn record_spans(bytes: &[u8], seq: u32, first_index: u64) -> Vec<(u64, u64)> {
 }
 
 /// Opens the log and checks it holds exactly `want` (and returns the open result's report).
+async fn reopen_check(dir: &Path, want: &[Owned]) -> Result<tynamo_wal::RecoveryReport, Error> {
+    let wal = Wal::open(dir, small_opts()).await?;
+    assert_eq!(wal.last_index(), want.len() as u64, "recovered count");
+    if !want.is_empty() {
+        let got = wal
+            .entries(1, want.len() as u64 + 1, u64::MAX)
+            .await
+            .unwrap();
+        for (g, w) in got.iter().zip(want) {
+            assert_eq!((g.index, g.term, g.kind), (w.index, w.term, w.kind));
+            assert_eq!(&g.payload[..], &w.payload[..], "payload of {}", w.index);
+        }
+    }
+    let report = wal.recovery_report().clone();
+    wal.close().await.unwrap();
+    Ok(report)
+}
+
+/// [`reopen_check`] on an executor of its own.
 fn reopen_expect(dir: &Path, want: &[Owned]) -> Result<tynamo_wal::RecoveryReport, Error> {
     let path = dir.to_path_buf();
-    let want: Vec<(u64, u64, u8, Vec<u8>)> = want
-        .iter()
-        .map(|e| (e.index, e.term, e.kind, e.payload.clone()))
-        .collect();
+    let want = want.to_vec();
     let (tx, rx) = std::sync::mpsc::channel();
     run(move || async move {
-        let r = match Wal::open(&path, small_opts()).await {
-            Ok(wal) => {
-                assert_eq!(wal.last_index(), want.len() as u64, "recovered count");
-                if !want.is_empty() {
-                    let got = wal
-                        .entries(1, want.len() as u64 + 1, u64::MAX)
-                        .await
-                        .unwrap();
-                    for (g, w) in got.iter().zip(&want) {
-                        assert_eq!((g.index, g.term, g.kind), (w.0, w.1, w.2));
-                        assert_eq!(&g.payload[..], &w.3[..], "payload of {}", w.0);
-                    }
-                }
-                let report = wal.recovery_report().clone();
-                wal.close().await.unwrap();
-                Ok(report)
-            }
-            Err(e) => Err(e),
-        };
-        tx.send(r).unwrap();
+        tx.send(reopen_check(&path, &want).await).unwrap();
     });
     rx.recv().unwrap()
 }
@@ -103,49 +100,45 @@ fn cut_at_every_byte_of_the_last_records_recovers_the_intact_prefix() {
     assert_eq!(spans.len(), SIZES.len());
     let from = spans[SIZES.len() - 3].0;
     let to = spans[SIZES.len() - 1].1 + 8;
-    for cut in from..=to {
-        let mut img = pristine.clone();
-        img[cut as usize..].fill(0);
-        std::fs::write(&seg[0], &img).unwrap();
-        let intact = spans.iter().filter(|(_, end)| *end <= cut).count();
-        let report = reopen_expect(dir.path(), &entries[..intact])
-            .unwrap_or_else(|e| panic!("cut {cut}: {e}"));
-        if let Some((start, end)) = spans.iter().find(|(s, e)| *s + 16 <= cut && cut < *e) {
-            assert!(report.dropped_bytes > 0, "cut {cut}: {report:?}");
-            assert!(
-                report.dropped_bytes <= end - start + 8,
-                "cut {cut}: {report:?}"
-            );
-            assert_eq!(
-                report.torn_at.as_ref().map(|t| t.1),
-                Some(*start),
-                "cut {cut}"
-            );
-        }
-        if cut % 13 == 0 {
-            // The log continues cleanly after the torn tail.
-            let path = dir.path().to_path_buf();
-            let next = Owned::new(intact as u64 + 1, 9, 33);
-            let n2 = Owned::new(intact as u64 + 1, 9, 33);
-            run(move || async move {
+    // One executor for every cut: thousands of executor start-ups (io_uring rings, a blocking
+    // thread each) made this test take tens of minutes on a loaded 2-CPU machine.
+    let (path, seg0) = (dir.path().to_path_buf(), seg[0].clone());
+    let (all, image, at) = (entries.clone(), pristine.clone(), spans.clone());
+    run(move || async move {
+        let (pristine, spans) = (image, at);
+        for cut in from..=to {
+            let mut img = pristine.clone();
+            img[cut as usize..].fill(0);
+            std::fs::write(&seg0, &img).unwrap();
+            let intact = spans.iter().filter(|(_, end)| *end <= cut).count();
+            let report = reopen_check(&path, &all[..intact])
+                .await
+                .unwrap_or_else(|e| panic!("cut {cut}: {e}"));
+            if let Some((start, end)) = spans.iter().find(|(s, e)| *s + 16 <= cut && cut < *e) {
+                assert!(report.dropped_bytes > 0, "cut {cut}: {report:?}");
+                assert!(
+                    report.dropped_bytes <= end - start + 8,
+                    "cut {cut}: {report:?}"
+                );
+                assert_eq!(
+                    report.torn_at.as_ref().map(|t| t.1),
+                    Some(*start),
+                    "cut {cut}"
+                );
+            }
+            if cut % 13 == 0 {
+                // The log continues cleanly after the torn tail.
+                let next = Owned::new(intact as u64 + 1, 9, 33);
                 let wal = Wal::open(&path, small_opts()).await.unwrap();
                 wal.append(&[next.as_ref()]).await.unwrap();
                 wal.close().await.unwrap();
-            });
-            let mut want: Vec<Owned> = entries[..intact]
-                .iter()
-                .map(|e| Owned {
-                    index: e.index,
-                    term: e.term,
-                    kind: e.kind,
-                    payload: e.payload.clone(),
-                })
-                .collect();
-            want.push(n2);
-            let report = reopen_expect(dir.path(), &want).unwrap();
-            assert_eq!(report.dropped_bytes, 0);
+                let mut want: Vec<Owned> = all[..intact].to_vec();
+                want.push(next);
+                let report = reopen_check(&path, &want).await.unwrap();
+                assert_eq!(report.dropped_bytes, 0);
+            }
         }
-    }
+    });
     // A file cut short (not only zeroed) behaves the same.
     let cut = spans[SIZES.len() - 1].0 + 20;
     std::fs::write(&seg[0], &pristine[..cut as usize]).unwrap();

@@ -44,6 +44,7 @@ pub fn payload(index: u64, term: u64, len: usize) -> Vec<u8> {
     v
 }
 
+#[derive(Clone, Debug)]
 pub struct Owned {
     pub index: u64,
     pub term: u64,

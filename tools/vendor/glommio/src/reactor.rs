@@ -320,6 +320,11 @@ impl Reactor {
         self.sys.alloc_dma_buffer(size)
     }
 
+    /// TynamoDB patch: see [`crate::try_allocate_registered_dma_buffer`].
+    pub(crate) fn try_alloc_registered_dma_buffer(&self, size: usize) -> Option<DmaBuffer> {
+        self.sys.try_alloc_registered_dma_buffer(size)
+    }
+
     pub(crate) fn write_dma(
         &self,
         raw: RawFd,
@@ -344,6 +349,39 @@ impl Reactor {
             Some(stats),
         );
         self.sys.write_dma(&source, pos);
+        source
+    }
+
+    /// TynamoDB patch: [`Reactor::write_dma`] handed to the kernel at once (see
+    /// `sys::uring::Reactor::submit_now`). If that submission fails, the request stays
+    /// queued (or is in the kernel already) and the reactor's next turn submits it, where an
+    /// error of the ring is reported as it always was: the caller awaits the source either way,
+    /// so a request is never dropped while the kernel may hold it.
+    pub(crate) fn write_dma_rushed(
+        &self,
+        raw: RawFd,
+        buf: DmaSource,
+        pos: u64,
+        pollable: PollableStatus,
+    ) -> Source {
+        let stats = StatsCollection {
+            fulfilled: Some(|result, stats, op_count| {
+                if let Ok(result) = result {
+                    stats.file_writes += op_count;
+                    stats.file_bytes_written += *result as u64 * op_count;
+                }
+            }),
+            reused: None,
+            latency: None,
+        };
+
+        let source = self.new_source(
+            raw,
+            SourceType::Write(pollable, IoBuffer::DmaSource(buf)),
+            Some(stats),
+        );
+        self.sys.write_dma(&source, pos);
+        let _ = self.sys.submit_now(&source);
         source
     }
 

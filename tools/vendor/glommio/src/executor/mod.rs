@@ -1950,6 +1950,16 @@ pub fn allocate_dma_buffer(size: usize) -> DmaBuffer {
     executor().reactor().alloc_dma_buffer(size)
 }
 
+/// TynamoDB patch: a buffer from the executor's registered I/O arena (`io_memory`), or
+/// `None` when the arena has no room for `size` bytes or its registration with io_uring
+/// failed. Unlike [`allocate_dma_buffer`] it never falls back to the heap, so the caller
+/// knows which kind it holds: a registered buffer is written with a fixed-buffer request
+/// (no page pinning per write) and should be dropped soon after, since it holds part of a
+/// small shared arena.
+pub fn try_allocate_registered_dma_buffer(size: usize) -> Option<DmaBuffer> {
+    executor().reactor().try_alloc_registered_dma_buffer(size)
+}
+
 /// Allocates a buffer that is suitable for using to write to Direct Memory
 /// Access File (DMA). If you do not plan to keep allocated buffer for a long
 /// time please use ['crate::allocate_dma_buffer'] instead.

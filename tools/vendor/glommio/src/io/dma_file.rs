@@ -372,6 +372,20 @@ impl DmaFile {
         enhanced_try!(source.collect_rw().await, "Writing", self.file).map_err(Into::into)
     }
 
+    /// TynamoDB patch: [`DmaFile::write_rc_at`], with the request handed to the kernel when
+    /// this future is first polled rather than when the executor next returns to its reactor:
+    /// a task that goes on computing after starting a write (encoding the next slice of a
+    /// batch) would otherwise delay the write until it yields.
+    pub async fn write_rc_at_rushed(&self, buf: Rc<DmaBuffer>, pos: u64) -> Result<usize> {
+        let source = self.file.reactor.upgrade().unwrap().write_dma_rushed(
+            self.as_raw_fd(),
+            DmaSource::Shared(buf),
+            pos,
+            self.pollable,
+        );
+        enhanced_try!(source.collect_rw().await, "Writing", self.file).map_err(Into::into)
+    }
+
     /// Reads from a specific position in the file and returns the buffer.
     ///
     /// The position must be aligned to for Direct I/O. In most platforms

@@ -113,6 +113,12 @@ impl DmaBuffer {
         }
     }
 
+    /// TynamoDB patch: whether this buffer lies in the executor's registered I/O arena (its
+    /// writes and reads are fixed-buffer requests).
+    pub fn is_registered(&self) -> bool {
+        self.uring_buffer_id().is_some()
+    }
+
     /// Reduce the length of this buffer to be `newsize`. This value must be <= the current
     /// [`len`](#method.len) and is a destructive operation (length cannot be increased).
     /// NOTE: When using this with DmaFile, you have to make sure that `newsize` is properly

@@ -172,6 +172,8 @@ pub(crate) fn sendmsg_syscall(
 }
 
 mod dma_buffer;
+// Tynamo patch: no longer called (see `Reactor::wait`), kept to keep the diff small.
+#[allow(dead_code)]
 mod membarrier;
 pub(crate) mod source;
 pub(crate) mod sysfs;
@@ -306,6 +308,10 @@ impl SleepNotifier {
     }
 
     pub(crate) fn notify(&self, force: bool) {
+        // Tynamo patch: pairs with the fence in `Reactor::wait` after `prepare_to_sleep`
+        // (see there): the caller's write (channel, waker queue, blocking-thread response)
+        // is ordered before the read of `should_notify`.
+        std::sync::atomic::fence(Ordering::SeqCst);
         if self
             .should_notify
             .compare_exchange(true, false, Ordering::Relaxed, Ordering::Relaxed)

@@ -37,7 +37,7 @@ use crate::{
         self,
         blocking::{BlockingThreadOp, BlockingThreadPool},
         dma_buffer::{BufferStorage, DmaBuffer},
-        membarrier, DirectIo, EnqueuedSource, EnqueuedStatus, InnerSource, IoBuffer,
+        DirectIo, EnqueuedSource, EnqueuedStatus, InnerSource, IoBuffer,
         PollableStatus, Source, SourceType, Statx, TimeSpec64,
     },
     uring_sys::{self, IoRingOp},
@@ -138,6 +138,23 @@ impl UringBufferAllocator {
 
     fn as_bytes(&self) -> &[u8] {
         unsafe { std::slice::from_raw_parts(self.data.as_ptr(), self.size) }
+    }
+
+    /// TynamoDB patch: like `new_buffer`, but `None` instead of a heap buffer when the arena
+    /// has no room, and `None` when the arena is not registered with the rings.
+    fn try_new_registered_buffer(self: &Rc<Self>, size: usize) -> Option<DmaBuffer> {
+        self.uring_buffer_id.get()?;
+        if size == 0 {
+            return None;
+        }
+        let mut alloc = self.allocator.borrow_mut();
+        let data = ptr::NonNull::new(alloc.malloc(size))?;
+        let ub = UringBuffer {
+            allocator: self.clone(),
+            data,
+            uring_buffer_id: self.uring_buffer_id.get(),
+        };
+        Some(DmaBuffer::with_storage(size, BufferStorage::Uring(ub)))
     }
 
     fn new_buffer(self: &Rc<Self>, size: usize) -> Option<DmaBuffer> {
@@ -1415,6 +1432,13 @@ impl Reactor {
         poll_ring.alloc_dma_buffer(size)
     }
 
+    /// TynamoDB patch: a buffer of the registered arena, `None` if it has no room or is not
+    /// registered (no heap fallback).
+    pub(crate) fn try_alloc_registered_dma_buffer(&self, size: usize) -> Option<DmaBuffer> {
+        let poll_ring = self.poll_ring.borrow();
+        poll_ring.allocator.try_new_registered_buffer(size)
+    }
+
     pub(crate) fn write_dma(&self, source: &Source, pos: u64) {
         let op = match &*source.source_type() {
             SourceType::Write(
@@ -1433,6 +1457,25 @@ impl Reactor {
             op,
             &mut self.source_map.borrow_mut(),
         );
+    }
+
+    /// TynamoDB patch: hands the queued requests of `source`'s ring (cancellations first, as
+    /// the reactor does) to the kernel now, instead of at the executor's next reactor turn,
+    /// which a running task does not reach until it yields. Completions are left for the
+    /// reactor. A full submission queue (`EBUSY`, `EAGAIN`) or a signal is not an error:
+    /// what is left is submitted at the next turn, as without this call (and so is what an
+    /// error leaves: the caller may ignore it).
+    pub(crate) fn submit_now(&self, source: &Source) -> io::Result<()> {
+        let ring = &mut *self.ring_for_source(source);
+        ring.consume_cancellation_queue()
+            .or_else(Reactor::busy_ok)
+            .or_else(Reactor::again_ok)
+            .or_else(Reactor::intr_ok)?;
+        ring.consume_submission_queue()
+            .or_else(Reactor::busy_ok)
+            .or_else(Reactor::again_ok)
+            .or_else(Reactor::intr_ok)?;
+        Ok(())
     }
 
     pub(crate) fn write_buffered(&self, source: &Source, pos: u64) {
@@ -1928,10 +1971,16 @@ impl Reactor {
             // last time until now it could be that something happened in a remote executor
             // that opened up room. If it did we bail on sleep and go process it.
             self.notifier.prepare_to_sleep();
-            // See https://www.scylladb.com/2018/02/15/memory-barriers-seastar-linux/ for
-            // details. This translates to `sys_membarrier()` /
-            // `MEMBARRIER_CMD_PRIVATE_EXPEDITED`
-            membarrier::heavy();
+            // Tynamo patch: a full fence here and one in `SleepNotifier::notify` (the remote
+            // side: after its channel write, before it reads `should_notify`) make the Dekker
+            // pair, so either we see the remote write below or the remote sees that we sleep
+            // and writes our eventfd. Stock glommio used the asymmetric Seastar barrier
+            // (https://www.scylladb.com/2018/02/15/memory-barriers-seastar-linux/): a
+            // `membarrier(PRIVATE_EXPEDITED)` here, which interrupts every CPU running another
+            // thread of this process, on every park. That suits rare sleeps and frequent
+            // cross-executor sends; an executor of a replicated store parks thousands of
+            // times a second and rarely sends across cores, and on a VM each IPI is an exit.
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
             let events = process_remote_channels() + self.flush_syscall_thread();
             if events == 0 {
                 if self.eventfd_src.is_installed().unwrap() {
