@@ -525,13 +525,7 @@ fn a_moved_answer_outlives_a_refreshed_map_that_still_names_the_old_node() {
     let b = scripted_server(|me, args| {
         let mut out = BytesMut::new();
         match args[0].to_ascii_uppercase().as_slice() {
-            b"CLUSTER" => {
-                let reply = format!(
-                    "*1\r\n*3\r\n:0\r\n:16383\r\n*2\r\n$9\r\n127.0.0.1\r\n:{}\r\n",
-                    me.port()
-                );
-                out.extend_from_slice(reply.as_bytes());
-            }
+            b"CLUSTER" => slots_of(me, &mut out),
             b"GET" => frame::put_bulk(&mut out, b"v"),
             _ => frame::put_error(&mut out, b"ERR unknown command"),
         }
@@ -541,13 +535,7 @@ fn a_moved_answer_outlives_a_refreshed_map_that_still_names_the_old_node() {
     let a = scripted_server(|me, args| {
         let mut out = BytesMut::new();
         match args[0].to_ascii_uppercase().as_slice() {
-            b"CLUSTER" => {
-                let reply = format!(
-                    "*1\r\n*3\r\n:0\r\n:16383\r\n*2\r\n$9\r\n127.0.0.1\r\n:{}\r\n",
-                    me.port()
-                );
-                out.extend_from_slice(reply.as_bytes());
-            }
+            b"CLUSTER" => slots_of(me, &mut out),
             b"GET" => {
                 let slot = key_slot(&args[1]);
                 let to = MOVED_TO.get().unwrap();
@@ -573,12 +561,13 @@ fn a_moved_answer_outlives_a_refreshed_map_that_still_names_the_old_node() {
     assert_eq!(stats.moved, 1);
 }
 
-/// Where the old owner of the tests below sends its ASKs, and how many more times the new owner
+/// Where the old owner of the test below sends its ASKs, and how many more times the new owner
 /// bounces a request back with MOVED before it has the slot (`u32::MAX`: never settles).
 static ASK_TO: std::sync::OnceLock<SocketAddr> = std::sync::OnceLock::new();
 static MOVED_BACK_TO: std::sync::OnceLock<SocketAddr> = std::sync::OnceLock::new();
 static BOUNCES_LEFT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
+/// A `CLUSTER SLOTS` answer that gives every slot to `me`.
 fn slots_of(me: SocketAddr, out: &mut BytesMut) {
     let reply = format!(
         "*1\r\n*3\r\n:0\r\n:16383\r\n*2\r\n$9\r\n127.0.0.1\r\n:{}\r\n",
