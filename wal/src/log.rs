@@ -38,8 +38,9 @@
 //! buffers (when the arena is full, and batches of 1 MiB or more) come from the heap.
 //!
 //! # Large batches: written while they are encoded
-//! A batch of at least `PIPELINE_MIN_BYTES` (512 KiB) of records that finds the log idle is
-//! staged in slices (64 KiB, then four times larger, at most 512 KiB): each slice is handed
+//! A batch of at least `PIPELINE_MIN_BYTES` (192 KiB) of records that finds the log idle is
+//! staged in slices (a third of the batch but 64-128 KiB, then four times larger, at most
+//! 512 KiB): each slice is handed
 //! to the kernel as soon as it is encoded, ending like any write with a padding record on a
 //! block boundary, and the next slice is encoded while the device writes the previous ones;
 //! one fdatasync then covers them all ([`Wal::append_pipelined`]). Copying and checksumming
@@ -132,14 +133,22 @@ const STAGING_HEADROOM_BYTES: usize = 16 << 10;
 const STAGING_SLACK_WRITTEN_BYTES_MAX: usize =
     STAGING_HEADROOM_BYTES + TAIL_RESERVE_BYTES as usize + 2 * ALIGNMENT_MAX as usize;
 /// Batches of at least this many record bytes are written in slices while they are encoded
-/// ([`Wal::append_pipelined`]). Below it one write after encoding is as fast or faster: a
-/// 256 KiB batch encodes in 15-40 us, about what the extra writes cost (a few us of
-/// submission each, more wake-ups, and queueing behind other I/O on a shared device, where
-/// measured 256 KiB batches did clearly worse in slices); 4 MiB take ~0.5 ms to encode,
-/// which slices hide behind the device.
-const PIPELINE_MIN_BYTES: usize = 512 << 10;
-/// The first slice of a pipelined batch: small, so that the device starts early.
-const PIPELINE_SLICE_FIRST_BYTES: usize = 64 << 10;
+/// ([`Wal::append_pipelined`]). Below it one write after encoding is as fast or faster.
+///
+/// Why 192 KiB: a 256 KiB batch takes 25-45 us to encode here, and a write's latency is
+/// mostly a fixed cost per request (about 60 us, plus 0.25 us per KiB), so starting the
+/// device on the first third while the rest is encoded wins more than the second request
+/// costs. A/B on the quiet VM (2026-12-07, WAL benchmark, 1 s per loop, three rounds
+/// each, against the `raw` loop of the same run): 256 x 1 KiB 0.735-0.776 of raw in one
+/// write, 0.821-0.852 in slices of 90 KiB + the rest; 16 x 16 KiB 0.748-0.800 and
+/// 0.828-0.862. First slices of 45 KiB (0.725-0.764) and 64 KiB did worse: the second
+/// request then carries most of the bytes and starts late. (An earlier session measured
+/// 256 KiB batches worse in slices while the shared disk was busy with other work.)
+const PIPELINE_MIN_BYTES: usize = 192 << 10;
+/// The first slice of a pipelined batch: a third of it, so that the device starts early on
+/// a request whose size is worth its fixed cost, within these bounds.
+const PIPELINE_SLICE_FIRST_MIN_BYTES: usize = 64 << 10;
+const PIPELINE_SLICE_FIRST_MAX_BYTES: usize = 128 << 10;
 /// Slices grow fourfold up to this size: each write costs a few us of submission (pinning
 /// its pages, the virtual disk's doorbell), so a 256 KiB batch goes out in two writes and a
 /// 4 MiB one in ten. Below `POOLED_BYTES_MIN`, so slice buffers stay in the slice pool.
@@ -685,6 +694,13 @@ impl State {
     /// (`stream.rs`): nothing reads the staging buffer here.
     fn write_records(&mut self, records: &mut [StagedRecord<'_>]) {
         debug_assert!(records.len() <= crc32c::LANES);
+        if records
+            .iter()
+            .all(|r| r.payload.len() >= stream::FUSED_MIN_BYTES)
+            && self.write_records_fused(records)
+        {
+            return;
+        }
         let mut registers = [MAGIC_CRC_REGISTER; crc32c::LANES];
         let mut inputs: [&[u8]; crc32c::LANES] = [&[]; crc32c::LANES];
         for ((input, register), r) in inputs.iter_mut().zip(&mut registers).zip(&*records) {
@@ -697,6 +713,59 @@ impl State {
             let dst = &mut self.staged[r.chunk].buf.as_bytes_mut()[r.pos..r.pos + r.record_bytes];
             stream::write_record(dst, &r.header, r.payload);
         }
+    }
+
+    /// [`State::write_records`] for long payloads, copied and checksummed in one pass
+    /// (`stream::FUSED_MIN_BYTES`), each header written once its payload's CRC is known.
+    /// `false` if the CPU has no fused path: nothing was written.
+    fn write_records_fused(&mut self, records: &mut [StagedRecord<'_>]) -> bool {
+        const NONE: Option<&mut [u8]> = None;
+        let mut heads = [NONE; crc32c::LANES];
+        let mut lanes: [stream::Lane<'_>; crc32c::LANES] = std::array::from_fn(|_| stream::Lane {
+            dst: &mut [],
+            src: &[],
+            crc: 0,
+        });
+        // Split each record's room off its chunk's buffer: records are in buffer order.
+        let mut n = 0;
+        let mut next = records.iter().peekable();
+        for (ci, chunk) in self.staged.iter_mut().enumerate() {
+            let mut rest: &mut [u8] = chunk.buf.as_bytes_mut();
+            let mut at = 0;
+            while let Some(r) = next.next_if(|r| r.chunk == ci) {
+                let Some(after) = r
+                    .pos
+                    .checked_sub(at)
+                    .and_then(|skip| std::mem::take(&mut rest).get_mut(skip..))
+                else {
+                    return false;
+                };
+                if after.len() < r.record_bytes {
+                    return false;
+                }
+                let (rec, tail) = after.split_at_mut(r.record_bytes);
+                rest = tail;
+                at = r.pos + r.record_bytes;
+                let (head, body) = rec.split_at_mut(RECORD_HEADER_BYTES);
+                heads[n] = Some(head);
+                lanes[n] = stream::Lane {
+                    dst: body,
+                    src: r.payload,
+                    crc: crc32c::update(MAGIC_CRC_REGISTER, &r.header[CRC_FROM..]),
+                };
+                n += 1;
+            }
+        }
+        if n != records.len() || !stream::copy_crc_lanes(&mut lanes[..n]) {
+            return false;
+        }
+        for ((r, l), head) in records.iter_mut().zip(&lanes).zip(heads) {
+            RecordHeader::seal_crc(&mut r.header, l.crc);
+            if let Some(head) = head {
+                stream::write_record(head, &r.header, &[]);
+            }
+        }
+        true
     }
 
     /// Stages the seal record of the tail segment.
@@ -1340,7 +1409,14 @@ impl Wal {
     async fn append_pipelined(&self, entries: &[EntryRef<'_>], bytes_total: usize) -> Result<u64> {
         let mut round = Round::default();
         let mut result = Ok(());
-        let mut slice_bytes = PIPELINE_SLICE_FIRST_BYTES;
+        let records_bytes: usize = entries
+            .iter()
+            .map(|e| RecordHeader::record_bytes(e.payload.len()))
+            .sum();
+        let mut slice_bytes = (records_bytes / 3).clamp(
+            PIPELINE_SLICE_FIRST_MIN_BYTES,
+            PIPELINE_SLICE_FIRST_MAX_BYTES,
+        );
         let mut rest = entries;
         while !rest.is_empty() {
             // The next slice: entries up to `slice_bytes` of records (at least one).
