@@ -32,7 +32,7 @@
 //!   and may run concurrently as tasks: appends issued while a sync is in flight share the
 //!   next write and fdatasync (group commit). `append` takes entries contiguous from
 //!   `last_index() + 1`; call `truncate_suffix` first to replace a conflicting suffix. A
-//!   batch of 512 KiB or more that finds the log idle is written in slices while it is
+//!   batch of 192 KiB or more that finds the log idle is written in slices while it is
 //!   encoded; appends issued meanwhile wait for it, then share the next round.
 //! - Every call that returns `Ok` from `append`, `truncate_suffix` or `compact_prefix` is
 //!   durable. Do not drop those futures midway: the log then stops rather than guess.

@@ -40,8 +40,8 @@
 //! # Large batches: written while they are encoded
 //! A batch of at least `PIPELINE_MIN_BYTES` (192 KiB) of records that finds the log idle is
 //! staged in slices (a third of the batch but 64-128 KiB, then four times larger, at most
-//! 512 KiB): each slice is handed
-//! to the kernel as soon as it is encoded, ending like any write with a padding record on a
+//! 512 KiB): each slice is handed to the kernel as soon as it is encoded, ending like any
+//! write with a padding record on a
 //! block boundary, and the next slice is encoded while the device writes the previous ones;
 //! one fdatasync then covers them all ([`Wal::append_pipelined`]). Copying and checksumming
 //! 4 MiB takes a few hundred us, which the device's time hides instead of adding to it. No
@@ -151,7 +151,7 @@ const PIPELINE_SLICE_FIRST_MIN_BYTES: usize = 64 << 10;
 const PIPELINE_SLICE_FIRST_MAX_BYTES: usize = 128 << 10;
 /// Slices grow fourfold up to this size: each write costs a few us of submission (pinning
 /// its pages, the virtual disk's doorbell), so a 256 KiB batch goes out in two writes and a
-/// 4 MiB one in ten. Below `POOLED_BYTES_MIN`, so slice buffers stay in the slice pool.
+/// 4 MiB one in nine. Below `POOLED_BYTES_MIN`, so slice buffers stay in the slice pool.
 const PIPELINE_SLICE_MAX_BYTES: usize = 512 << 10;
 /// Staging buffers below `POOLED_BYTES_MIN` (a batch's, or a pipelined slice's) are sized
 /// exactly for their records and padding record when they are staged, written whole, and
