@@ -762,7 +762,7 @@ impl State {
         for ((r, l), head) in records.iter_mut().zip(&lanes).zip(heads) {
             RecordHeader::seal_crc(&mut r.header, l.crc);
             if let Some(head) = head {
-                stream::write_record(head, &r.header, &[]);
+                stream::write_record_streaming(head, &r.header, &[]);
             }
         }
         true

@@ -1,28 +1,42 @@
-//! Writing records into a staging buffer with streaming (non-temporal) stores.
+//! Writing records into a staging buffer.
 //!
-//! Why: in the append loop the staging buffer is not in this core's cache when a batch is
-//! encoded (the device read it since its last use, and the core sat idle through the
-//! fdatasync), so ordinary stores first fetch every 64-byte line they write (a read for
-//! ownership). Streaming stores write whole lines without reading them. Measured on this
-//! machine (quiet, 2026-12-07, WAL benchmark loop): staging 256 entries of 1 KiB took 61 us
-//! with ordinary stores and 51 us with streaming stores, 256 entries of 128 B 26 us and
-//! 21 us; the same work in a tight loop with everything in cache takes 17 us and 6 us, so
-//! most of the rest is other cold misses (code, sources, index). The encoder never reads the
-//! staged bytes back (the CRC is computed from the header and the payload's source before
-//! the record is written), so bypassing the cache costs nothing there.
+//! Short records (payload below [`FUSED_MIN_BYTES`]) are checksummed from their sources first,
+//! four at a time (`crc32c::update_lanes`), then copied with ordinary stores
+//! ([`write_record`]). Long ones are copied and checksummed in one pass with streaming
+//! (non-temporal) stores ([`copy_crc_lanes`]), each header written after its payload
+//! ([`write_record_streaming`]). Call [`fence`] before the buffer is handed to the device.
 //!
-//! A record is written 8 bytes at a time (`movnti`): records start at 8-byte aligned offsets
-//! of a 4096-aligned buffer and are padded to 8 bytes, so every store is aligned and the
-//! stores of consecutive records fill whole lines in order, which the write-combining buffers
-//! send to memory as full lines. Call [`fence`] before the buffer is handed to the device.
-//!
-//! Payloads of [`FUSED_MIN_BYTES`] or more take another path, [`copy_crc_lanes`]: up to four
-//! records are copied and checksummed in one pass (32-byte streaming stores, the CRC chains
-//! of the records in lock step), and each header is written after its payload.
+//! Why ordinary stores for short records: an earlier version streamed every record (8-byte
+//! `movnti`), because in the append loop the staging buffer is not in this core's cache when
+//! a batch is encoded (the device read it since its last use): streaming stores skip the read
+//! for ownership, and staging 256 x 1 KiB took 51 us instead of 61 us. Since a 256 KiB batch
+//! goes out in two slices (`log.rs`, `PIPELINE_MIN_BYTES`) the second slice is encoded while
+//! the device writes the first, and what counts is the whole append: with ordinary stores
+//! the WAL benchmark's 1 KiB x 256 cell ran at 1.16-1.20M appends/s against 1.08-1.16M with
+//! streaming stores, 0.86-0.91 of the raw loop against 0.79-0.85, in four alternating rounds
+//! (2026-12-07, quiet machine); 128 B x 256, 1 KiB x 16 and 16 KiB x 16 did not change.
+//! (That the device finishes a write sooner when its bytes are still in this core's cache is
+//! our reading, not something measured directly.) Long records keep streaming stores: 4 MiB
+//! batches do not fit the cache, and ordinary stores did no better for 16 KiB x 16.
 
-/// Writes `header`, then `payload`, then zeros to the end of `dst`. `dst` must be at least
-/// `header.len() + payload.len()` long, a multiple of 8, and `header.len()` a multiple of 8.
+/// Writes `header`, then `payload`, then zeros to the end of `dst` with ordinary stores.
+/// `dst` must be at least `header.len() + payload.len()` long.
 pub fn write_record(dst: &mut [u8], header: &[u8], payload: &[u8]) {
+    let used = header.len() + payload.len();
+    assert!(
+        dst.len() >= used,
+        "record of {used} bytes does not fit {} bytes",
+        dst.len()
+    );
+    dst[..header.len()].copy_from_slice(header);
+    dst[header.len()..used].copy_from_slice(payload);
+    dst[used..].fill(0);
+}
+
+/// [`write_record`] with streaming stores (8 bytes each, `movnti`), for the headers of the
+/// one-pass path: their lines are written with streaming stores too. `dst` must be at least
+/// `header.len() + payload.len()` long, a multiple of 8, and `header.len()` a multiple of 8.
+pub fn write_record_streaming(dst: &mut [u8], header: &[u8], payload: &[u8]) {
     let used = header.len() + payload.len();
     assert!(
         dst.len() >= used && dst.len() % 8 == 0 && header.len() % 8 == 0,
@@ -34,9 +48,7 @@ pub fn write_record(dst: &mut [u8], header: &[u8], payload: &[u8]) {
         x86::write_record(dst, header, payload);
         return;
     }
-    dst[..header.len()].copy_from_slice(header);
-    dst[header.len()..used].copy_from_slice(payload);
-    dst[used..].fill(0);
+    write_record(dst, header, payload);
 }
 
 /// Payloads at least this long are copied and checksummed in one pass
@@ -305,12 +317,17 @@ mod tests {
         // A 4096-aligned buffer, as the staging buffers are, and a misaligned view of it (the
         // portable path).
         let mut backing = vec![0u64; 1024];
-        for len in [0usize, 1, 7, 8, 9, 100, 128, 599] {
+        type Writer = fn(&mut [u8], &[u8], &[u8]);
+        let writers: [Writer; 2] = [write_record, write_record_streaming];
+        for (len, write) in [0usize, 1, 7, 8, 9, 100, 128, 599]
+            .into_iter()
+            .flat_map(|len| writers.map(|w| (len, w)))
+        {
             for (at, extra) in [(0usize, 0usize), (8, 8), (16, 64), (3, 5)] {
                 let size = (32 + len + extra).div_ceil(8) * 8;
                 let bytes: &mut [u8] = zerocopy::IntoBytes::as_mut_bytes(&mut backing[..]);
                 bytes.fill(0xEE);
-                write_record(&mut bytes[at..at + size], &header, &payload[..len]);
+                write(&mut bytes[at..at + size], &header, &payload[..len]);
                 fence();
                 assert_eq!(&bytes[at..at + 32], &header[..], "len {len} at {at}");
                 assert_eq!(&bytes[at + 32..at + 32 + len], &payload[..len]);
