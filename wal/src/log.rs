@@ -690,17 +690,9 @@ impl State {
     /// Checksums and writes `records` (at most `crc32c::LANES`, reserved by
     /// `put_record_without_crc`). Their CRCs are computed together (one CRC chain alone
     /// leaves the CRC unit idle two cycles out of three) from the headers and the payloads'
-    /// sources, which are in cache; then each record is written with streaming stores
-    /// (`stream.rs`): nothing reads the staging buffer here.
+    /// sources, which are in cache; then each record is copied in (`stream.rs`).
     fn write_records(&mut self, records: &mut [StagedRecord<'_>]) {
         debug_assert!(records.len() <= crc32c::LANES);
-        if records
-            .iter()
-            .all(|r| r.payload.len() >= stream::FUSED_MIN_BYTES)
-            && self.write_records_fused(records)
-        {
-            return;
-        }
         let mut registers = [MAGIC_CRC_REGISTER; crc32c::LANES];
         let mut inputs: [&[u8]; crc32c::LANES] = [&[]; crc32c::LANES];
         for ((input, register), r) in inputs.iter_mut().zip(&mut registers).zip(&*records) {
@@ -713,59 +705,6 @@ impl State {
             let dst = &mut self.staged[r.chunk].buf.as_bytes_mut()[r.pos..r.pos + r.record_bytes];
             stream::write_record(dst, &r.header, r.payload);
         }
-    }
-
-    /// [`State::write_records`] for long payloads, copied and checksummed in one pass
-    /// (`stream::FUSED_MIN_BYTES`), each header written once its payload's CRC is known.
-    /// `false` if the CPU has no fused path: nothing was written.
-    fn write_records_fused(&mut self, records: &mut [StagedRecord<'_>]) -> bool {
-        const NONE: Option<&mut [u8]> = None;
-        let mut heads = [NONE; crc32c::LANES];
-        let mut lanes: [stream::Lane<'_>; crc32c::LANES] = std::array::from_fn(|_| stream::Lane {
-            dst: &mut [],
-            src: &[],
-            crc: 0,
-        });
-        // Split each record's room off its chunk's buffer: records are in buffer order.
-        let mut n = 0;
-        let mut next = records.iter().peekable();
-        for (ci, chunk) in self.staged.iter_mut().enumerate() {
-            let mut rest: &mut [u8] = chunk.buf.as_bytes_mut();
-            let mut at = 0;
-            while let Some(r) = next.next_if(|r| r.chunk == ci) {
-                let Some(after) = r
-                    .pos
-                    .checked_sub(at)
-                    .and_then(|skip| std::mem::take(&mut rest).get_mut(skip..))
-                else {
-                    return false;
-                };
-                if after.len() < r.record_bytes {
-                    return false;
-                }
-                let (rec, tail) = after.split_at_mut(r.record_bytes);
-                rest = tail;
-                at = r.pos + r.record_bytes;
-                let (head, body) = rec.split_at_mut(RECORD_HEADER_BYTES);
-                heads[n] = Some(head);
-                lanes[n] = stream::Lane {
-                    dst: body,
-                    src: r.payload,
-                    crc: crc32c::update(MAGIC_CRC_REGISTER, &r.header[CRC_FROM..]),
-                };
-                n += 1;
-            }
-        }
-        if n != records.len() || !stream::copy_crc_lanes(&mut lanes[..n]) {
-            return false;
-        }
-        for ((r, l), head) in records.iter_mut().zip(&lanes).zip(heads) {
-            RecordHeader::seal_crc(&mut r.header, l.crc);
-            if let Some(head) = head {
-                stream::write_record_streaming(head, &r.header, &[]);
-            }
-        }
-        true
     }
 
     /// Stages the seal record of the tail segment.
@@ -1485,8 +1424,6 @@ impl Wal {
     /// next slice, which may be in flight at the same time.
     async fn start_writes<'a>(&'a self, round: &mut Round<'a>, slice: bool) -> Result<()> {
         let align = self.alignment.get();
-        // Records were written with streaming stores: make them visible to the device.
-        stream::fence();
         // (seq, base, len, carried, buffer) per segment touched. Readers find the bytes in
         // `in_flight` until the writes complete.
         let mut writes = Vec::new();
