@@ -26,7 +26,7 @@
 //! against `raw_dsync`) for each cell, and `wal_vs_raw_same_ratio_<size>_b<batch>` (against
 //! `raw_same`, the reference of earlier versions of this benchmark) beside it.
 //!
-//! Run: `cargo bench --bench wal` (about two minutes). `WAL_BENCH_SECS=0.3` for a quick run,
+//! Run: `cargo bench --bench wal` (about 80 s). `WAL_BENCH_SECS=0.3` for a quick run,
 //! `WAL_BENCH_DIR=/path` to pick the filesystem (default: `target/wal-bench`),
 //! `WAL_BENCH_ONLY=128x16` to run one cell.
 
