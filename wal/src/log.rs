@@ -41,9 +41,9 @@
 //! A batch of at least `PIPELINE_MIN_BYTES` (192 KiB) of records that finds the log idle is
 //! staged in slices (a third of the batch but 64-128 KiB, then four times larger, at most
 //! 512 KiB): each slice is handed to the kernel as soon as it is encoded, ending like any
-//! write with a padding record on a
-//! block boundary, and the next slice is encoded while the device writes the previous ones;
-//! one fdatasync then covers them all ([`Wal::append_pipelined`]). Copying and checksumming
+//! write with a padding record on a block boundary, and the next slice is encoded while the
+//! device writes the previous ones; one fdatasync then covers them all
+//! ([`Wal::append_pipelined`]). Copying and checksumming
 //! 4 MiB takes a few hundred us, which the device's time hides instead of adding to it. No
 //! other append stages between the slices (they wait, as during a truncation), so a batch's
 //! records stay contiguous; a crash between the slices leaves a torn tail like any unsynced
@@ -141,9 +141,11 @@ const STAGING_SLACK_WRITTEN_BYTES_MAX: usize =
 /// costs. A/B on the quiet VM (2026-12-07, WAL benchmark, 1 s per loop, three rounds
 /// each, against the `raw` loop of the same run): 256 x 1 KiB 0.735-0.776 of raw in one
 /// write, 0.821-0.852 in slices of 90 KiB + the rest; 16 x 16 KiB 0.748-0.800 and
-/// 0.828-0.862. First slices of 45 KiB (0.725-0.764) and 64 KiB did worse: the second
-/// request then carries most of the bytes and starts late. (An earlier session measured
-/// 256 KiB batches worse in slices while the shared disk was busy with other work.)
+/// 0.828-0.862. In further A/B rounds (four each, 256 x 1 KiB) a first slice of a sixth or
+/// a quarter did worse (the second write then carries most of the bytes and starts late),
+/// and so did a half or two thirds (the device starts late, and it does not overlap the two
+/// writes enough to make up for it). (An earlier session measured 256 KiB batches worse in
+/// slices while the shared disk was busy with other work.)
 const PIPELINE_MIN_BYTES: usize = 192 << 10;
 /// The first slice of a pipelined batch: a third of it, so that the device starts early on
 /// a request whose size is worth its fixed cost, within these bounds.
