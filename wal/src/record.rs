@@ -185,7 +185,7 @@ impl RecordHeader {
     }
 
     /// Stores the CRC of a record whose raw CRC32C register over `record[CRC_FROM..]` (header
-    /// rest and payload, started from [`MAGIC_CRC_REGISTER`]) is `register`.
+    /// rest and payload, started from `MAGIC_CRC_REGISTER`) is `register`.
     pub fn seal_crc(record: &mut [u8], register: u32) {
         record[4..8].copy_from_slice(&(!register).to_le_bytes());
     }
