@@ -127,32 +127,49 @@ fn bench_dir() -> PathBuf {
         })
 }
 
+/// A benchmark step's failure: what failed, on which file, and the error.
+type BenchResult<T> = Result<T, String>;
+
+/// Maps an I/O error to "what path: error".
+fn ctx<'a, E: std::fmt::Display>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(E) -> String + 'a {
+    move |e| format!("{what} {}: {e}", path.display())
+}
+
 fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, LATENCY_US_MAX, 3).expect("histogram bounds")
 }
 
-async fn make_raw_file(path: &Path) -> DmaFile {
+async fn make_raw_file(path: &Path) -> BenchResult<DmaFile> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .dma_open(path)
         .await
-        .expect("open raw file");
+        .map_err(ctx("open", path))?;
     file.pre_allocate(RAW_FILE_BYTES, false)
         .await
-        .expect("fallocate raw file");
+        .map_err(ctx("fallocate", path))?;
     // Written once, like the WAL's segments: no unwritten extents in the measured loop.
     let chunk = 1 << 20;
     let mut pos = 0;
     while pos < RAW_FILE_BYTES {
         let mut buf = glommio::allocate_dma_buffer(chunk);
         buf.as_bytes_mut().fill(0);
-        let n = file.write_at(buf, pos).await.expect("zero raw file");
+        let n = file.write_at(buf, pos).await.map_err(ctx("zero", path))?;
+        if n == 0 {
+            return Err(format!(
+                "zero {}: write at {pos} wrote nothing",
+                path.display()
+            ));
+        }
         pos += n as u64;
     }
-    file.fdatasync().await.expect("sync raw file");
-    file
+    file.fdatasync().await.map_err(ctx("fdatasync", path))?;
+    Ok(file)
 }
 
 /// How a raw loop writes its batches.
@@ -175,7 +192,7 @@ async fn run_raw(
     batch: usize,
     secs: f64,
     run: &mut Run,
-) {
+) -> BenchResult<()> {
     let align = file.alignment() as usize;
     let bytes = size * batch;
     let write_bytes = bytes.div_ceil(align) * align;
@@ -211,10 +228,17 @@ async fn run_raw(
             fill += f.elapsed();
         }
         let t = Instant::now();
-        let n = file.write_rc_at(buf.clone(), pos).await.expect("raw write");
-        assert_eq!(n, write_bytes, "short raw write");
+        let n = file
+            .write_rc_at(buf.clone(), pos)
+            .await
+            .map_err(|e| format!("raw write at {pos}: {e}"))?;
+        if n != write_bytes {
+            return Err(format!("raw write at {pos}: {n} of {write_bytes} bytes"));
+        }
         if kind != Raw::FreshDsync {
-            file.fdatasync().await.expect("raw fdatasync");
+            file.fdatasync()
+                .await
+                .map_err(|e| format!("raw fdatasync: {e}"))?;
         }
         run.latency_us
             .saturating_record(t.elapsed().as_micros() as u64);
@@ -226,6 +250,7 @@ async fn run_raw(
     RAW_POS.with(|p| p.set(pos));
     run.elapsed_s += (start.elapsed() - fill).as_secs_f64();
     run.cpu_s += thread_cpu_s() - cpu - fill.as_secs_f64();
+    Ok(())
 }
 
 thread_local! {
@@ -233,7 +258,14 @@ thread_local! {
     static RAW_POS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
-async fn run_wal(wal: &Wal, payload: &[u8], size: usize, batch: usize, secs: f64, run: &mut Run) {
+async fn run_wal(
+    wal: &Wal,
+    payload: &[u8],
+    size: usize,
+    batch: usize,
+    secs: f64,
+    run: &mut Run,
+) -> BenchResult<()> {
     let run_for = Duration::from_secs_f64(secs);
     let mut entries: Vec<EntryRef<'_>> = Vec::with_capacity(batch);
     let cpu = thread_cpu_s();
@@ -252,7 +284,9 @@ async fn run_wal(wal: &Wal, payload: &[u8], size: usize, batch: usize, secs: f64
             });
         }
         let t = Instant::now();
-        wal.append(&entries).await.expect("wal append");
+        wal.append(&entries)
+            .await
+            .map_err(|e| format!("wal append at {first}: {e}"))?;
         run.latency_us
             .saturating_record(t.elapsed().as_micros() as u64);
         run.entries += batch as u64;
@@ -262,33 +296,38 @@ async fn run_wal(wal: &Wal, payload: &[u8], size: usize, batch: usize, secs: f64
             // As Raft would after a snapshot: keep the log short so segments get recycled.
             wal.compact_prefix(wal.last_index().saturating_sub(1))
                 .await
-                .expect("compact");
+                .map_err(|e| format!("wal compact: {e}"))?;
         }
     }
     run.elapsed_s += start.elapsed().as_secs_f64();
     run.cpu_s += thread_cpu_s() - cpu;
+    Ok(())
 }
 
-async fn bench(dir: PathBuf, secs: f64) -> Vec<Cell> {
+async fn bench(dir: PathBuf, secs: f64) -> BenchResult<Vec<Cell>> {
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("create bench dir");
+    std::fs::create_dir_all(&dir).map_err(ctx("create", &dir))?;
     let wal_dir = dir.join("wal");
     let opts = WalOptions {
         spare_segments_max: 4,
         ..WalOptions::default()
     };
     // Open the WAL first: its open makes glommio probe the device with a non-empty file.
-    let wal = Wal::open(&wal_dir, opts).await.expect("open wal");
-    wal.prepare_spares().await.expect("prepare spares");
+    let wal = Wal::open(&wal_dir, opts)
+        .await
+        .map_err(|e| format!("open wal {}: {e}", wal_dir.display()))?;
+    wal.prepare_spares()
+        .await
+        .map_err(|e| format!("prepare spare segments: {e}"))?;
     let raw_path = dir.join("raw.dat");
-    let raw = make_raw_file(&raw_path).await;
+    let raw = make_raw_file(&raw_path).await?;
     let raw_dsync = OpenOptions::new()
         .read(true)
         .write(true)
         .custom_flags(libc::O_DSYNC)
         .dma_open(&raw_path)
         .await
-        .expect("open raw file with O_DSYNC");
+        .map_err(ctx("open with O_DSYNC", &raw_path))?;
     let payload: Vec<u8> = (0..(1usize << 20)).map(|i| (i * 131 + 17) as u8).collect();
 
     let mut cells = Vec::new();
@@ -309,7 +348,7 @@ async fn bench(dir: PathBuf, secs: f64) -> Vec<Cell> {
             let mut wal_run = Run::new();
             let warm = slice.min(0.2);
             let p = &payload[..];
-            run_raw(&raw, Raw::Fresh, p, size, batch, warm, &mut Run::new()).await;
+            run_raw(&raw, Raw::Fresh, p, size, batch, warm, &mut Run::new()).await?;
             run_raw(
                 &raw_dsync,
                 Raw::FreshDsync,
@@ -319,11 +358,11 @@ async fn bench(dir: PathBuf, secs: f64) -> Vec<Cell> {
                 warm,
                 &mut Run::new(),
             )
-            .await;
-            run_raw(&raw, Raw::Same, p, size, batch, warm, &mut Run::new()).await;
-            run_wal(&wal, p, size, batch, warm, &mut Run::new()).await;
+            .await?;
+            run_raw(&raw, Raw::Same, p, size, batch, warm, &mut Run::new()).await?;
+            run_wal(&wal, p, size, batch, warm, &mut Run::new()).await?;
             for _ in 0..SLICES {
-                run_raw(&raw, Raw::Fresh, p, size, batch, slice, &mut raw_run).await;
+                run_raw(&raw, Raw::Fresh, p, size, batch, slice, &mut raw_run).await?;
                 let dsync_run = &mut raw_dsync_run;
                 run_raw(
                     &raw_dsync,
@@ -334,9 +373,9 @@ async fn bench(dir: PathBuf, secs: f64) -> Vec<Cell> {
                     slice,
                     dsync_run,
                 )
-                .await;
-                run_raw(&raw, Raw::Same, p, size, batch, slice, &mut raw_same_run).await;
-                run_wal(&wal, p, size, batch, slice, &mut wal_run).await;
+                .await?;
+                run_raw(&raw, Raw::Same, p, size, batch, slice, &mut raw_same_run).await?;
+                run_wal(&wal, p, size, batch, slice, &mut wal_run).await?;
             }
             let c = Cell {
                 size,
@@ -359,11 +398,14 @@ async fn bench(dir: PathBuf, secs: f64) -> Vec<Cell> {
         stats.fdatasyncs,
         stats.bytes_written as f64 / 1e6
     );
-    wal.close().await.expect("close wal");
-    raw_dsync.close().await.expect("close raw (O_DSYNC)");
-    raw.close().await.expect("close raw");
+    wal.close().await.map_err(|e| format!("close wal: {e}"))?;
+    raw_dsync
+        .close()
+        .await
+        .map_err(ctx("close (O_DSYNC)", &raw_path))?;
+    raw.close().await.map_err(ctx("close", &raw_path))?;
     let _ = std::fs::remove_dir_all(&dir);
-    cells
+    Ok(cells)
 }
 
 fn size_name(size: usize) -> String {
@@ -439,9 +481,19 @@ fn main() {
         .io_memory(2 << 20)
         .name("wal-bench")
         .spawn(move || bench(dir, secs))
-        .expect("spawn executor")
-        .join()
-        .expect("bench executor");
+        .map_err(|e| format!("start the benchmark's executor: {e}"))
+        .and_then(|h| {
+            h.join()
+                .map_err(|e| format!("the benchmark's executor: {e}"))
+        })
+        .and_then(|r| r);
+    let cells = match cells {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("wal benchmark failed: {e}");
+            std::process::exit(1);
+        }
+    };
 
     println!();
     println!("latency of one append+fdatasync, batch 1 (us):");
