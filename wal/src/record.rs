@@ -156,6 +156,39 @@ impl RecordHeader {
         }
     }
 
+    /// [`RecordHeader::without_crc`] as four little-endian 64-bit words, computed in
+    /// registers: the encoder checksums and stores these directly, so that no load has to
+    /// wait for narrower stores of the header's fields (a failed store-to-load forward
+    /// waits for the whole store buffer, see `State::stage_fitting`). Same arguments.
+    #[inline(always)]
+    pub fn words_without_crc(
+        segment_seq: u32,
+        segment_first_index: u64,
+        index: u64,
+        term: u64,
+        kind: u8,
+        durable_offset: u32,
+        payload_len: usize,
+    ) -> [u64; 4] {
+        debug_assert!(payload_len <= PAYLOAD_BYTES_LIMIT as usize);
+        let index_rel = (index + 1).wrapping_sub(segment_first_index);
+        [
+            u64::from(RECORD_MAGIC),
+            u64::from(segment_seq)
+                | ((payload_len as u64) & 0xFF_FFFF) << 32
+                | u64::from(kind) << 56,
+            term,
+            (index_rel & 0xFFFF_FFFF) | u64::from(durable_offset) << 32,
+        ]
+    }
+
+    /// The first header word with the CRC field set from the raw register over
+    /// `record[CRC_FROM..]` (see [`RecordHeader::seal_crc`]).
+    #[inline(always)]
+    pub fn seal_word0(word0: u64, register: u32) -> u64 {
+        word0 | u64::from(!register) << 32
+    }
+
     /// Writes the header into `record[..RECORD_HEADER_BYTES]`, whose payload already sits at
     /// `record[RECORD_HEADER_BYTES..]` (exactly the payload: `record.len()` is header +
     /// payload), and checksums it in one pass over the copy (still in cache).
@@ -363,6 +396,38 @@ mod tests {
             RecordHeader::check(&bytes, 7, 41, 1024).map(|h| h.index),
             Some(43)
         );
+    }
+
+    #[test]
+    fn header_words_match_the_header_struct() {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..2000 {
+            let first = next() % (1 << 40);
+            let index = first + next() % (1 << 31);
+            let (seq, term, kind) = (next() as u32, next(), next() as u8);
+            let (durable, len) = (next() as u32, (next() % (1 << 24)) as usize);
+            let header = RecordHeader::without_crc(seq, first, index, term, kind, durable, len);
+            let words =
+                RecordHeader::words_without_crc(seq, first, index, term, kind, durable, len);
+            let mut bytes = [0u8; RECORD_HEADER_BYTES];
+            for (b, w) in bytes.chunks_exact_mut(8).zip(words) {
+                b.copy_from_slice(&w.to_le_bytes());
+            }
+            assert_eq!(&bytes[..], header.as_bytes());
+            let register = next() as u32;
+            let mut sealed = header;
+            RecordHeader::seal_crc(sealed.as_mut_bytes(), register);
+            assert_eq!(
+                RecordHeader::seal_word0(words[0], register).to_le_bytes(),
+                sealed.as_bytes()[..8]
+            );
+        }
     }
 
     #[test]

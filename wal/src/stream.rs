@@ -32,6 +32,23 @@ pub fn write_record(dst: &mut [u8], header: &[u8], payload: &[u8]) {
     dst[used..].fill(0);
 }
 
+/// [`write_record`] with the header given as four little-endian words (from
+/// `RecordHeader::words_without_crc`), stored straight from registers.
+#[inline(always)]
+pub fn write_record_words(dst: &mut [u8], header: [u64; 4], payload: &[u8]) {
+    let used = 32 + payload.len();
+    assert!(
+        dst.len() >= used,
+        "record of {used} bytes does not fit {} bytes",
+        dst.len()
+    );
+    for (d, w) in dst[..32].chunks_exact_mut(8).zip(header) {
+        d.copy_from_slice(&w.to_le_bytes());
+    }
+    dst[32..used].copy_from_slice(payload);
+    dst[used..].fill(0);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -47,7 +64,15 @@ mod tests {
                 let size = (32 + len + extra).div_ceil(8) * 8;
                 let bytes: &mut [u8] = zerocopy::IntoBytes::as_mut_bytes(&mut backing[..]);
                 bytes.fill(0xEE);
-                write_record(&mut bytes[at..at + size], &header, &payload[..len]);
+                if at % 2 == 0 {
+                    write_record(&mut bytes[at..at + size], &header, &payload[..len]);
+                } else {
+                    let mut words = [0u64; 4];
+                    for (w, h) in words.iter_mut().zip(header.chunks_exact(8)) {
+                        *w = u64::from_le_bytes(h.try_into().unwrap_or_default());
+                    }
+                    write_record_words(&mut bytes[at..at + size], words, &payload[..len]);
+                }
                 assert_eq!(&bytes[at..at + 32], &header[..], "len {len} at {at}");
                 assert_eq!(&bytes[at + 32..at + 32 + len], &payload[..len]);
                 assert!(bytes[at + 32 + len..at + size].iter().all(|&b| b == 0));
