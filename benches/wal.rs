@@ -14,7 +14,7 @@
 //!   memory the CPU has just written (even rewritten with the same values), which no log can
 //!   have: every append writes new bytes. (Measured with a bare io_uring loop outside glommio
 //!   too, 256 KiB write + fdatasync: p50 147-163 us unchanged, 184-262 us freshly written.)
-//! - `wal`: `Wal::append` of the batch (encode, one write, one fdatasync; a batch of 512 KiB
+//! - `wal`: `Wal::append` of the batch (encode, one write, one fdatasync; a batch of 192 KiB
 //!   or more is written in slices while it is encoded), each batch durable before the next
 //!   one starts. Compaction runs as Raft's would after snapshots, so segments
 //!   are recycled (steady state); spare segments are prepared before timing.
@@ -28,7 +28,8 @@
 //!
 //! Run: `cargo bench --bench wal` (about 80 s). `WAL_BENCH_SECS=0.3` for a quick run,
 //! `WAL_BENCH_DIR=/path` to pick the filesystem (default: `target/wal-bench`),
-//! `WAL_BENCH_ONLY=128x16` to run one cell.
+//! `WAL_BENCH_ONLY=128x16` to run one cell, `WAL_BENCH_SLICES=20` to alternate the loops in
+//! fewer, longer slices (see `SLICES`).
 
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -107,8 +108,19 @@ fn thread_cpu_s() -> f64 {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
-/// Each cell alternates this many raw and WAL slices.
-const SLICES: usize = 20;
+/// Each cell alternates up to this many slices of each loop (10 ms each at the default 2 s
+/// per loop; `WAL_BENCH_SLICES` sets the number for every cell).
+///
+/// Why so many: the machine is shared, and a burst of latency on the host lasts longer than
+/// a 100 ms slice often enough to land on one loop only. With 20 slices, three rounds of the
+/// batch-1 cells gave p99 ratios (WAL over raw) from 0.42 to 2.41 for the same code; with
+/// 200, from 1.05 to 1.14 (2026-12-07). The throughput ratios move less, the same way.
+const SLICES: usize = 200;
+/// Fewer slices for slow batches: a slice holds at least this many batches, as the first
+/// batch of a slice runs with caches the other loops have just used...
+const SLICE_BATCHES_MIN: usize = 20;
+/// ...but never fewer slices than this.
+const SLICES_MIN: usize = 20;
 
 fn secs_per_run() -> f64 {
     std::env::var("WAL_BENCH_SECS")
@@ -332,6 +344,10 @@ async fn bench(dir: PathBuf, secs: f64) -> BenchResult<Vec<Cell>> {
 
     let mut cells = Vec::new();
     let only = std::env::var("WAL_BENCH_ONLY").ok();
+    let slices_env: Option<usize> = std::env::var("WAL_BENCH_SLICES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .filter(|&n| n > 0);
     for &size in &SIZES {
         for &batch in &BATCHES {
             if let Some(o) = &only {
@@ -341,14 +357,23 @@ async fn bench(dir: PathBuf, secs: f64) -> BenchResult<Vec<Cell>> {
             }
             // Alternate short slices of raw and WAL so that both see the same background load
             // (the machine is shared): the ratio is then a fair comparison.
-            let slice = secs / SLICES as f64;
             let mut raw_run = Run::new();
             let mut raw_dsync_run = Run::new();
             let mut raw_same_run = Run::new();
             let mut wal_run = Run::new();
-            let warm = slice.min(0.2);
+            // Each loop warms up once per cell, as long as one slice of the 20-slice default.
+            let warm = (secs / 20.0).min(0.2);
             let p = &payload[..];
-            run_raw(&raw, Raw::Fresh, p, size, batch, warm, &mut Run::new()).await?;
+            let mut warm_raw = Run::new();
+            run_raw(&raw, Raw::Fresh, p, size, batch, warm, &mut warm_raw).await?;
+            // A slice holds at least `SLICE_BATCHES_MIN` batches (16 KiB x 256 takes ~2 ms a
+            // batch), at most `SLICES` slices per cell.
+            let batch_s = warm_raw.elapsed_s / warm_raw.batches.max(1) as f64;
+            let slices = slices_env.unwrap_or_else(|| {
+                let fit = (secs / (SLICE_BATCHES_MIN as f64 * batch_s)) as usize;
+                fit.clamp(SLICES_MIN, SLICES)
+            });
+            let slice = secs / slices as f64;
             run_raw(
                 &raw_dsync,
                 Raw::FreshDsync,
@@ -361,7 +386,7 @@ async fn bench(dir: PathBuf, secs: f64) -> BenchResult<Vec<Cell>> {
             .await?;
             run_raw(&raw, Raw::Same, p, size, batch, warm, &mut Run::new()).await?;
             run_wal(&wal, p, size, batch, warm, &mut Run::new()).await?;
-            for _ in 0..SLICES {
+            for _ in 0..slices {
                 run_raw(&raw, Raw::Fresh, p, size, batch, slice, &mut raw_run).await?;
                 let dsync_run = &mut raw_dsync_run;
                 run_raw(
