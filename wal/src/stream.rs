@@ -1,7 +1,8 @@
 //! Copying records into a staging buffer.
 //!
 //! Records are checksummed from their sources first, four at a time
-//! (`crc32c::update_lanes`), then copied in with ordinary stores ([`write_record`]).
+//! (`crc32c::update_lanes`), then copied in with ordinary stores ([`write_record`], or
+//! [`write_record_words`] when the header is at hand as words in registers).
 //!
 //! Why ordinary stores: earlier versions wrote records with streaming (non-temporal) stores,
 //! 8-byte `movnti` for every record and, for payloads of 4 KiB or more, a one-pass copy and
