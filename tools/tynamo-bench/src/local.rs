@@ -223,6 +223,45 @@ pub fn info_says_leader(text: &str) -> bool {
     text.lines().any(|l| l.trim_end() == "raft_role:Leader")
 }
 
+/// Whether an INFO text says this host serves the whole keyspace: every group it lists has a
+/// known leader and no shard on its way in or out, and the groups serve `shard_count` shards
+/// between them. Right after the elections a host may still answer `-TRYAGAIN` (a follower
+/// that has not heard from its new leader yet; the shards the controller is still handing to
+/// their groups), which a run would count as latency of its first requests: 0.3-0.65 s, the
+/// client's backoff, in about one start in four (2026-12-07).
+pub fn info_says_settled(text: &str) -> bool {
+    let field = |line: &str, name: &str| -> Option<u64> {
+        line.split([':', ','])
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+            .and_then(|v| v.trim_end().parse().ok())
+    };
+    let Some(shards) = text.lines().find_map(|l| {
+        l.trim_end()
+            .strip_prefix("shard_count:")?
+            .parse::<u64>()
+            .ok()
+    }) else {
+        return false;
+    };
+    let (mut groups, mut serving) = (0u32, 0u64);
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("group") && l.contains(":core="))
+    {
+        let leader = field(line, "leader");
+        let in_flight = field(line, "in_flight");
+        let Some(n) = field(line, "serving") else {
+            return false;
+        };
+        if leader.is_none_or(|h| h == 0) || in_flight != Some(0) {
+            return false;
+        }
+        groups += 1;
+        serving += n;
+    }
+    groups > 0 && serving == shards
+}
+
 /// Why SIGINT, SIGTERM and SIGHUP are blocked: see the module comment.
 fn handled_signals() -> libc::sigset_t {
     // SAFETY: sigset_t is plain data; sigemptyset initialises it before sigaddset reads it.
@@ -482,7 +521,14 @@ impl LocalCluster {
                     })
                 })
                 .collect();
-            if led.iter().all(|&l| l) {
+            let settled = led.iter().all(|&l| l)
+                && (1..=HOSTS).all(|h| {
+                    (0..options.cores).all(|c| {
+                        let addr = SocketAddr::from(([127, 0, 0, 1], client_port(base, h, c)));
+                        info(addr).is_some_and(|t| info_says_settled(&t))
+                    })
+                });
+            if settled {
                 eprintln!(
                     "tynamo-bench: local cluster ready in {:.1} s",
                     started.elapsed().as_secs_f64()
@@ -576,5 +622,43 @@ mod tests {
         assert!(info_says_leader(info));
         assert!(!info_says_leader("# Raft\r\nraft_role:Follower\r\n"));
         assert!(!info_says_leader("raft_role:LeaderElect\r\n"));
+    }
+
+    #[test]
+    fn a_settled_host_knows_every_leader_and_serves_every_shard() {
+        let line = |g: u32, leader: u32, serving: u32, in_flight: u32| {
+            format!(
+                "group{g}:core={},role=follower,leader={leader},leader_core=0,term=2,commit=4,\
+                 applied=4,config=2,serving={serving},in_flight={in_flight},retired=0\r\n",
+                g - 1
+            )
+        };
+        let info = |lines: &[String]| {
+            format!(
+                "# Config\r\nshard_count:64\r\n\r\n# Groups\r\n{}\r\n# Cluster\r\n",
+                lines.concat()
+            )
+        };
+        assert!(info_says_settled(&info(&[
+            line(1, 2, 32, 0),
+            line(2, 3, 32, 0)
+        ])));
+        // A group whose leader this host does not know yet.
+        assert!(!info_says_settled(&info(&[
+            line(1, 0, 32, 0),
+            line(2, 3, 32, 0)
+        ])));
+        // Shards still being handed to their group.
+        assert!(!info_says_settled(&info(&[
+            line(1, 2, 32, 0),
+            line(2, 3, 0, 0)
+        ])));
+        assert!(!info_says_settled(&info(&[
+            line(1, 2, 32, 0),
+            line(2, 3, 30, 2)
+        ])));
+        // No groups listed, or no shard count.
+        assert!(!info_says_settled(&info(&[])));
+        assert!(!info_says_settled(&line(1, 2, 64, 0)));
     }
 }
