@@ -172,6 +172,10 @@ impl RecordHeader {
     ) -> [u64; 4] {
         debug_assert!(payload_len <= PAYLOAD_BYTES_LIMIT as usize);
         let index_rel = (index + 1).wrapping_sub(segment_first_index);
+        debug_assert!(
+            index_rel <= u64::from(u32::MAX),
+            "index {index} too far from segment start"
+        );
         [
             u64::from(RECORD_MAGIC),
             u64::from(segment_seq)
