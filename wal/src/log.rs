@@ -634,6 +634,22 @@ impl State {
         offset
     }
 
+    /// The tail segment's sequence number and first index, and the offset below which it is
+    /// durable: what every record header staged now carries.
+    fn tail_context(&mut self) -> (u32, u64, u64) {
+        let (tail_seq, tail_first) = {
+            let c = self.open_chunk();
+            (c.seq, c.first_index)
+        };
+        let durable = if self.durable_offset.0 == tail_seq {
+            self.durable_offset.1
+        } else {
+            SEGMENT_HEADER_BYTES
+        };
+        debug_assert!(durable <= u64::from(u32::MAX));
+        (tail_seq, tail_first, durable)
+    }
+
     /// Reserves room for one record at the tail and returns its segment offset and what
     /// [`State::write_records`] needs to write it, which must happen before anything reads
     /// or writes the staging buffer. The caller has checked it fits in the tail segment.
@@ -645,16 +661,7 @@ impl State {
         payload: &'p [u8],
     ) -> (u64, StagedRecord<'p>) {
         let record_bytes = RecordHeader::record_bytes(payload.len());
-        let (tail_seq, tail_first) = {
-            let c = self.open_chunk();
-            (c.seq, c.first_index)
-        };
-        let durable = if self.durable_offset.0 == tail_seq {
-            self.durable_offset.1
-        } else {
-            SEGMENT_HEADER_BYTES
-        };
-        debug_assert!(durable <= u64::from(u32::MAX));
+        let (tail_seq, tail_first, durable) = self.tail_context();
         self.reserve(record_bytes);
         let offset = self.tail_offset;
         let chunk_index = self.staged.len() - 1;
@@ -699,16 +706,7 @@ impl State {
     /// has just read included, which serializes the copies. Here each header is computed in
     /// registers as whole words, checksummed and stored from there.
     fn stage_fitting(&mut self, entries: &[EntryRef<'_>], records_bytes: usize) {
-        let (tail_seq, tail_first) = {
-            let c = self.open_chunk();
-            (c.seq, c.first_index)
-        };
-        let durable = if self.durable_offset.0 == tail_seq {
-            self.durable_offset.1
-        } else {
-            SEGMENT_HEADER_BYTES
-        };
-        debug_assert!(durable <= u64::from(u32::MAX));
+        let (tail_seq, tail_first, durable) = self.tail_context();
         self.reserve(records_bytes);
         let mut offset = self.tail_offset;
         for e in entries {
