@@ -253,7 +253,7 @@ pub fn info_says_settled(text: &str) -> bool {
         let Some(n) = field(line, "serving") else {
             return false;
         };
-        if leader.is_none_or(|h| h == 0) || in_flight != Some(0) {
+        if matches!(leader, None | Some(0)) || in_flight != Some(0) {
             return false;
         }
         groups += 1;
