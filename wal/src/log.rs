@@ -434,6 +434,8 @@ pub struct Wal {
     st: RefCell<State>,
     notify: Notify,
     report: RecoveryReport,
+    /// A `prepare_spares` is running (`spare_wanted` says no meanwhile).
+    preparing: Cell<bool>,
     /// Fault injection for unit tests: the next fdatasync fails.
     #[cfg(test)]
     fail_next_sync: Cell<bool>,
@@ -963,6 +965,7 @@ impl Wal {
             }),
             notify: Notify::default(),
             report: RecoveryReport::default(),
+            preparing: Cell::new(false),
             #[cfg(test)]
             fail_next_sync: Cell::new(false),
             #[cfg(test)]
@@ -1735,10 +1738,35 @@ impl Wal {
         self.dir.join(spare_file_name(n))
     }
 
+    /// Whether a background [`Wal::prepare_spares`] is due now: no spare is ready or being
+    /// made, and the tail segment is at least half full. Without a spare, the next segment
+    /// roll creates and zeroes a whole segment file on the append path (64 MiB: tens of ms
+    /// during which the log takes no append). Compacted segments become spares, so in a log
+    /// that is compacted this is due about once, before the first roll.
+    pub fn spare_wanted(&self) -> bool {
+        if self.preparing.get() || self.opts.spare_segments_max == 0 {
+            return false;
+        }
+        let st = self.st.borrow();
+        st.spares.is_empty()
+            && st
+                .segments
+                .back()
+                .is_some_and(|s| st.tail_offset.saturating_mul(2) >= s.size_bytes)
+    }
+
     /// Creates zeroed spare segment files until `spare_segments_max` are ready, so that the
     /// next segment rolls do not write a whole segment of zeros on the append path. Call it
     /// from a background task after open and after compactions.
     pub async fn prepare_spares(&self) -> Result<usize> {
+        struct Preparing<'a>(&'a Cell<bool>);
+        impl Drop for Preparing<'_> {
+            fn drop(&mut self) {
+                self.0.set(false);
+            }
+        }
+        self.preparing.set(true);
+        let _preparing = Preparing(&self.preparing);
         let mut made = 0;
         while self.st.borrow().spares.len() < self.opts.spare_segments_max {
             let p = self.new_spare_path();
@@ -2236,6 +2264,61 @@ mod tests {
             Err(Error::InvalidOptions(m)) => assert!(m.contains("entry_bytes_max"), "{m}"),
             other => panic!("expected InvalidOptions, got {other:?}"),
         }
+    }
+
+    /// A spare is wanted once the tail segment is half full and none is ready; the roll then
+    /// takes the prepared spare instead of zeroing a new file.
+    #[test]
+    fn a_spare_is_wanted_past_half_of_the_tail_and_the_roll_takes_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().to_path_buf();
+        run(move || async move {
+            let opts = WalOptions {
+                segment_bytes: 1 << 20,
+                entry_bytes_max: 64 << 10,
+                staged_bytes_max: 1 << 20,
+                spare_segments_max: 1,
+            };
+            let wal = Wal::open(&path, opts).await.expect("open");
+            let payload = vec![0xA5u8; 32 << 10];
+            async fn append_one(wal: &Wal, payload: &[u8]) {
+                let e = [EntryRef {
+                    index: wal.last_index() + 1,
+                    term: 1,
+                    kind: 0,
+                    payload,
+                }];
+                wal.append(&e).await.expect("append");
+            }
+            let spares = |p: &Path| {
+                std::fs::read_dir(p)
+                    .expect("list")
+                    .filter(|e| {
+                        let name = e.as_ref().expect("entry").file_name();
+                        matches!(classify(&name.to_string_lossy()), FileKind::Spare(_))
+                    })
+                    .count()
+            };
+            append_one(&wal, &payload).await;
+            assert!(!wal.spare_wanted(), "the tail segment is nearly empty");
+            while wal.st.borrow().tail_offset * 2 < (1 << 20) {
+                append_one(&wal, &payload).await;
+            }
+            assert!(wal.spare_wanted(), "past half, no spare ready");
+            assert_eq!(wal.prepare_spares().await.expect("prepare"), 1);
+            assert!(!wal.spare_wanted(), "a spare is ready");
+            assert_eq!(spares(&path), 1);
+            let segments = wal.st.borrow().segments.len();
+            while wal.st.borrow().segments.len() == segments {
+                append_one(&wal, &payload).await;
+            }
+            assert_eq!(spares(&path), 0, "the roll took the spare");
+            assert!(!wal.spare_wanted(), "the new tail is nearly empty");
+            let n = wal.last_index();
+            let back = wal.entries(1, n + 1, u64::MAX).await.expect("read");
+            assert_eq!(back.len() as u64, n);
+            wal.close().await.expect("close");
+        });
     }
 
     /// Batches of 4 MiB (the bench's largest) are written in slices while they are encoded,
